@@ -1,0 +1,109 @@
+"""Every error edgefed raises on purpose, in one tree.
+
+::
+
+    EdgeFedError
+    ├── CodecError (ValueError)          bytes that are not a valid message
+    │   ├── PayloadTooLarge              refused before decoding
+    │   ├── SchemaVersionError           a message from an incompatible release
+    │   └── ChunkError                   a chunked transfer that cannot complete
+    ├── TopicError (ValueError)          a topic outside the layout of DESIGN §3
+    ├── TransportError                   the broker connection failed
+    ├── ConfigError (ValueError)         a setting that cannot work
+    └── UpdateRejected                   an update the aggregator will not merge
+        └── StaleUpdate                  ... because it is older than max_staleness
+
+Errors carry their data as attributes so callers never parse messages.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+RejectReason = Literal[
+    "malformed",
+    "too_large",
+    "schema_version",
+    "unknown_client",
+    "wrong_task",
+    "wrong_method",
+    "wrong_shape",
+    "wrong_dtype",
+    "non_finite",
+    "norm_bound",
+    "stale",
+    "future_version",
+    "duplicate",
+    "internal",
+]
+"""Machine-readable reasons a Nack carries (see ``schemas.messages.Ack``)."""
+
+
+class EdgeFedError(Exception):
+    """Root of every error edgefed raises on purpose."""
+
+
+class CodecError(EdgeFedError, ValueError):
+    """Bytes that do not decode to a valid message; nothing partial is ever returned."""
+
+
+class PayloadTooLarge(CodecError):
+    """A payload over the configured limit, refused before any decoding."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class SchemaVersionError(CodecError):
+    """A message whose ``schema_version`` this release does not understand."""
+
+    def __init__(self, found: object, supported: int) -> None:
+        super().__init__(
+            f"schema_version {found!r} is not supported (this release speaks {supported})"
+        )
+        self.found = found
+        self.supported = supported
+
+
+class ChunkError(CodecError):
+    """A chunked transfer that is inconsistent, corrupt or expired."""
+
+    def __init__(self, transfer_id: str, reason: str) -> None:
+        super().__init__(f"transfer {transfer_id}: {reason}")
+        self.transfer_id = transfer_id
+        self.reason = reason
+
+
+class TopicError(EdgeFedError, ValueError):
+    """A topic that is not part of the layout in DESIGN §3."""
+
+
+class TransportError(EdgeFedError):
+    """The broker could not be reached or the connection broke."""
+
+
+class ConfigError(EdgeFedError, ValueError):
+    """A configuration value that cannot work."""
+
+
+class UpdateRejected(EdgeFedError):
+    """An update the aggregator refuses; ``reason`` is what the Nack carries."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: RejectReason = reason
+        self.detail = detail
+
+
+class StaleUpdate(UpdateRejected):
+    """An update whose base version is older than ``max_staleness`` allows."""
+
+    def __init__(self, staleness: int, max_staleness: int) -> None:
+        super().__init__(
+            "stale",
+            f"staleness {staleness} exceeds max_staleness {max_staleness}; refetch the global",
+        )
+        self.staleness = staleness
+        self.max_staleness = max_staleness

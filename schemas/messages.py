@@ -1,0 +1,197 @@
+"""The wire contract: every message edgefed sends, as frozen pydantic models.
+
+Each model has a ``kind`` discriminator and a ``schema_version`` so a receiver can
+tell what it holds and whether it understands it. Tensors are carried as torch
+tensors here; ``schemas.codec`` turns them into msgpack ``{dtype, shape, data}``
+maps without copying. Objects validate when built, so a message that exists is a
+message that is valid.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.errors import RejectReason
+
+SCHEMA_VERSION: Literal[1] = 1
+"""The wire format this release speaks; bump on any incompatible change."""
+
+Method = Literal["lora", "fwdgrad", "kd", "split"]
+LoraMode = Literal["standard", "ffa"]
+AgentState = Literal["online", "waiting", "training", "offline", "cannot_fit"]
+TensorMap = dict[str, torch.Tensor]
+"""Named tensors: adapter weights or deltas, names without the peft adapter suffix."""
+
+NonNegative = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(gt=0)]
+
+
+def new_id() -> str:
+    """A fresh random identifier for updates and transfers."""
+    return uuid.uuid4().hex
+
+
+class WireModel(BaseModel):
+    """Base of every wire object: immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class Message(WireModel):
+    """A top-level message; carries the schema version it was written with."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class ModelRef(WireModel):
+    """Which base model every participant loads: ``tiny``, a packaged name, or a local folder."""
+
+    name: str = Field(min_length=1)
+    revision: str = ""
+
+
+class LoraSpec(WireModel):
+    """The adapter everyone attaches; ``ffa`` freezes A from ``seed`` so merges of B are exact."""
+
+    rank: Positive = 8
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    mode: LoraMode = "standard"
+    seed: int = 0
+
+
+class TrainSpec(WireModel):
+    """Local training hyperparameters a device applies for one update."""
+
+    local_steps: Positive = 5
+    batch_size: Positive = 8
+    seq_len: Positive = 32
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class Task(Message):
+    """What the federation is training now; published retained by the aggregator."""
+
+    kind: Literal["task"] = "task"
+    task_id: str = Field(min_length=1)
+    federation: str = Field(min_length=1)
+    version: NonNegative
+    method: Method = "lora"
+    model: ModelRef
+    lora: LoraSpec = LoraSpec()
+    train: TrainSpec = TrainSpec()
+    dataset: str = "synthetic"
+    max_staleness: NonNegative = 10
+    created_at: float = Field(default_factory=time.time)
+
+
+class GlobalModel(Message):
+    """The global adapter at one version; published retained, chunked when large."""
+
+    kind: Literal["global"] = "global"
+    task_id: str = Field(min_length=1)
+    version: NonNegative
+    tensors: TensorMap
+    created_at: float = Field(default_factory=time.time)
+
+
+class Update(Message):
+    """One device's contribution: a delta of the adapter against ``base_version``."""
+
+    kind: Literal["update"] = "update"
+    update_id: str = Field(default_factory=new_id, min_length=1)
+    client_id: str = Field(min_length=1)
+    task_id: str = Field(min_length=1)
+    base_version: NonNegative
+    num_samples: Positive
+    method: Method = "lora"
+    delta: TensorMap
+    train_loss: float | None = None
+    compute_s: float = Field(default=0.0, ge=0)
+    sent_at: float = Field(default_factory=time.time)
+
+
+class Ack(Message):
+    """The aggregator's answer to one update: accepted, or rejected with a reason."""
+
+    kind: Literal["ack"] = "ack"
+    update_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    accepted: bool
+    reason: RejectReason | None = None
+    detail: str = ""
+    version: NonNegative
+    """The global version after handling the update (the new one when it merged)."""
+    staleness: int | None = None
+    duplicate: bool = False
+
+    @model_validator(mode="after")
+    def _rejection_has_reason(self) -> Ack:
+        if not self.accepted and self.reason is None:
+            raise ValueError("a rejected update must carry a reason")
+        return self
+
+
+class DeviceProfile(WireModel):
+    """What a device tells the federation about itself."""
+
+    name: str = ""
+    memory_budget_mb: float | None = None
+    relative_speed: float | None = Field(default=None, gt=0)
+
+
+class Status(Message):
+    """A device's presence and heartbeat; retained, with last will = offline."""
+
+    kind: Literal["status"] = "status"
+    client_id: str = Field(min_length=1)
+    state: AgentState
+    profile: DeviceProfile = DeviceProfile()
+    plan: dict[str, str | int | float | bool] | None = None
+    base_version: int | None = None
+    updates_sent: NonNegative = 0
+    heartbeat_at: float = Field(default_factory=time.time)
+
+
+class Metrics(Message):
+    """Progress of the global model, for observers and results files."""
+
+    kind: Literal["metrics"] = "metrics"
+    version: NonNegative
+    time_s: float
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    merged_updates: NonNegative = 0
+    rejected_updates: NonNegative = 0
+
+
+class Chunk(Message):
+    """One piece of a payload larger than ``max_payload``; reassembled by ``transfer_id``."""
+
+    kind: Literal["chunk"] = "chunk"
+    transfer_id: str = Field(min_length=1)
+    index: NonNegative
+    total: Positive
+    size: NonNegative
+    """Length of the whole reassembled payload in bytes."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Digest of the whole reassembled payload."""
+    data: bytes
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Chunk:
+        if self.index >= self.total:
+            raise ValueError(f"chunk index {self.index} is not below total {self.total}")
+        return self
+
+
+AnyMessage = Annotated[
+    Task | GlobalModel | Update | Ack | Status | Metrics | Chunk, Field(discriminator="kind")
+]
+MESSAGE_TYPES: tuple[type[Message], ...] = (Task, GlobalModel, Update, Ack, Status, Metrics, Chunk)

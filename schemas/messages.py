@@ -87,6 +87,8 @@ class Task(Message):
     lora: LoraSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
     dataset: str = "synthetic"
+    seed: int = 0
+    """Seed of the shared base model (for models built from a config) and adapter init."""
     max_staleness: NonNegative = 10
     created_at: float = Field(default_factory=time.time)
 

@@ -1,0 +1,61 @@
+"""The results file: what happened to every update and how the global model fared."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """The global model at one version."""
+
+    version: int
+    time_s: float
+    eval_loss: float | None
+    eval_accuracy: float | None
+    merged_updates: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRecord:
+    """One received update and what the aggregator did with it."""
+
+    client_id: str
+    update_id: str
+    base_version: int
+    staleness: int
+    bytes: int
+    accepted: bool
+    reason: str | None
+    version_after: int
+    time_s: float
+
+
+@dataclass(slots=True)
+class Results:
+    """Accumulates records while the aggregator runs; written as one JSON file."""
+
+    config: dict[str, Any]
+    history: list[VersionRecord] = field(default_factory=list)
+    updates: list[UpdateRecord] = field(default_factory=list)
+    merges: dict[str, int] = field(default_factory=dict)
+    """How many times each update id was folded into a global (must be exactly 1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return {
+            "config": self.config,
+            "history": [asdict(record) for record in self.history],
+            "updates": [asdict(record) for record in self.updates],
+            "merges": self.merges,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the results file (whole, then rename, so readers never see half of it)."""
+        target = Path(path)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        tmp.replace(target)

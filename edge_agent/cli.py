@@ -1,0 +1,34 @@
+"""``edgefed agent``: run one edge agent against a broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from edge_agent.agent import run_agent
+from edge_agent.config import AgentConfig
+from edgefed.config import load_settings
+from edgefed.transport import broker_for
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the agent until it has sent ``--max-updates`` updates (or forever)."""
+    config = load_settings(
+        AgentConfig,
+        args.config,
+        federation=args.federation,
+        client_id=args.client_id,
+        data=args.data,
+        max_updates=args.max_updates or None,
+    )
+
+    async def main() -> None:
+        async with broker_for(args.broker) as url:
+            report = await run_agent(config, url=url)
+        print(
+            f"{report.client_id}: {report.updates_sent} updates, {report.accepted} accepted, "
+            f"rejected {dict(report.rejected)}, last version {report.last_version}"
+        )
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,30 @@
+"""Settings of one edge agent, read from ``agent.toml`` and the command line."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from edgefed.config import Settings
+from schemas.messages import DeviceProfile
+
+
+class AgentConfig(Settings):
+    """Everything one device needs to take part in a federation."""
+
+    federation: str
+    client_id: str
+    data: str
+    """Where the local training data is: a file, or ``synthetic:n=...,seed=...``."""
+    profile: DeviceProfile = DeviceProfile()
+    seed: int = 0
+    """Seed of this device's local batch order."""
+    slowdown: float = Field(default=1.0, ge=1.0)
+    """Emulates a slower device: after each fit, wait (slowdown - 1) x the fit's compute time."""
+    max_updates: int = Field(default=0, ge=0)
+    """Stop after this many answered updates (0 = run until stopped)."""
+    ack_timeout_s: float = Field(default=30.0, gt=0)
+    """Re-send an unanswered update (same update_id, so never merged twice) after this long."""
+    max_resends: int = Field(default=5, ge=0)
+    max_payload: int = Field(default=256 * 1024, ge=4096)
+    trainer: dict[str, float | str] = Field(default_factory=dict)
+    """Method-specific trainer options (e.g. optimizer, grad_clip for lora)."""

@@ -193,8 +193,7 @@ def coordinate_median(maps: Sequence[TensorMap]) -> TensorMap:
 
 
 def trimmed_mean(maps: Sequence[TensorMap], *, trim_ratio: float) -> TensorMap:
-    """Return the coordinate-wise mean after dropping the ``floor(trim_ratio * n)`` lowest and
-    highest values of each coordinate.
+    """Return the coordinate-wise mean without the ``floor(trim_ratio * n)`` extremes at each end.
 
     With few maps nothing may be dropped: three maps need ``trim_ratio >= 1/3`` to drop one
     value from each end. Weights do not apply.

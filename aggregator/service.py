@@ -14,6 +14,8 @@ import logging
 import time
 from collections import OrderedDict
 
+from peft import PeftModel
+
 from aggregator.config import AggregatorConfig
 from aggregator.results import Results, UpdateRecord, VersionRecord
 from aggregator.strategies import make_strategy
@@ -64,7 +66,8 @@ class AggregatorService:
         self._merged_count = 0
         self._rejected_count = 0
         self._started = time.monotonic()
-        self._advanced = asyncio.Event()
+        self.published_version = -1
+        self._published = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the task and the first global are published."""
 
@@ -99,7 +102,7 @@ class AggregatorService:
     def _finished(self) -> bool:
         return 0 < self.config.max_versions <= self.version
 
-    def _build_model(self) -> object:
+    def _build_model(self) -> PeftModel:
         base = build_model(self.config.model, seed=self.config.seed)
         return attach_lora(base, self.config.lora)
 
@@ -135,6 +138,9 @@ class AggregatorService:
         for old in [v for v in self._chunks_published if v < version]:
             for index in range(self._chunks_published.pop(old)):
                 await self._transport.clear_retained(topics.global_model(fed, old, index))
+        self.published_version = version
+        self._published.set()
+        self._published = asyncio.Event()
         await self._evaluate_and_report()
 
     async def _evaluate_and_report(self) -> None:
@@ -260,13 +266,11 @@ class AggregatorService:
         self._globals[self.version] = new_global
         while len(self._globals) > self.config.max_staleness + 1:
             self._globals.popitem(last=False)
-        self._advanced.set()
-        self._advanced = asyncio.Event()
 
     async def wait_for_version(self, version: int) -> None:
-        """Return once the global version is at least ``version``."""
-        while self.version < version:
-            await self._advanced.wait()
+        """Return once a global of at least ``version`` is published (retained)."""
+        while self.published_version < version:
+            await self._published.wait()
 
     def _record(self, update: Update, size: int, staleness: int, ack: Ack) -> None:
         self.results.updates.append(

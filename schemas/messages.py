@@ -72,7 +72,7 @@ class TrainSpec(WireModel):
     local_steps: Positive = 5
     batch_size: Positive = 8
     seq_len: Positive = 32
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=5e-3, gt=0)
 
 
 class Task(Message):

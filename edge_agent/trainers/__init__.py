@@ -1,0 +1,77 @@
+"""Local training methods behind one ``Trainer`` protocol, looked up by method name."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from peft import PeftModel
+
+from edge_agent.trainers.base import FitResult, Trainer
+from edge_agent.trainers.lora import LoraConfig, LoraTrainer
+from schemas.errors import ConfigError
+
+__all__ = [
+    "TRAINERS",
+    "FitResult",
+    "LoraConfig",
+    "LoraTrainer",
+    "Trainer",
+    "TrainerEntry",
+    "make_trainer",
+    "register_trainer",
+]
+
+
+@dataclass(frozen=True)
+class TrainerEntry:
+    """How to build one method's trainer: its config dataclass and a factory."""
+
+    config_type: type[Any]
+    factory: Callable[[PeftModel, Any], Trainer]
+
+
+TRAINERS: dict[str, TrainerEntry] = {}
+"""Method name -> entry; filled by :func:`register_trainer`."""
+
+_PLANNED = ("fwdgrad", "kd", "split")
+
+
+def register_trainer(
+    method: str, config_type: type[Any], factory: Callable[[PeftModel, Any], Trainer]
+) -> None:
+    """Make ``method`` available to :func:`make_trainer`.
+
+    Raises:
+        ConfigError: ``method`` is registered already or ``config_type`` is not a dataclass.
+    """
+    if method in TRAINERS:
+        raise ConfigError(f"a trainer for {method!r} is registered already")
+    if not dataclasses.is_dataclass(config_type):
+        raise ConfigError(f"trainer config for {method!r} must be a dataclass")
+    TRAINERS[method] = TrainerEntry(config_type=config_type, factory=factory)
+
+
+def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
+    """Build the trainer for ``method`` on ``model``; ``config`` fills its config dataclass.
+
+    Raises:
+        ConfigError: Unknown or not yet implemented method, or an invalid config option.
+    """
+    entry = TRAINERS.get(method)
+    if entry is None:
+        if method in _PLANNED:
+            raise ConfigError(
+                f"method {method!r} has no trainer yet; available: {sorted(TRAINERS)}"
+            )
+        raise ConfigError(f"unknown method {method!r}; available: {sorted(TRAINERS)}")
+    fields = {f.name for f in dataclasses.fields(entry.config_type)}
+    unknown = sorted(config.keys() - fields)
+    if unknown:
+        raise ConfigError(f"{method} trainer has no option(s) {unknown}; options: {sorted(fields)}")
+    return entry.factory(model, entry.config_type(**config))
+
+
+register_trainer("lora", LoraConfig, LoraTrainer)

@@ -1,0 +1,209 @@
+"""Checks an update must pass before any strategy sees it (DESIGN §5, §8).
+
+Checks run from cheapest to dearest, so metadata problems are reported without touching the
+tensors: who sent it, for which task and method, against which version, then the tensors'
+names and shapes, dtypes, finiteness and finally their norm. The first failing check raises
+:class:`~schemas.errors.UpdateRejected` whose ``reason`` goes into the nack and whose
+``detail`` tells the device what exactly was wrong. The update's tensors are never mutated;
+the accepted delta is a fresh float32 copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from aggregator import ops
+from schemas.errors import ConfigError, StaleUpdate, UpdateRejected
+from schemas.messages import Method, TensorMap, Update
+
+NormAction = Literal["clip", "reject"]
+"""What to do with an update whose norm exceeds ``max_update_norm``."""
+
+DEFAULT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+"""Delta dtypes accepted unless a policy says otherwise (what the codec's compression emits)."""
+
+_NAME_LIMIT = 5
+
+
+def _listing(items: Iterable[str]) -> str:
+    shown = list(items)
+    more = len(shown) - _NAME_LIMIT
+    text = ", ".join(shown[:_NAME_LIMIT])
+    return f"{text} (+{more} more)" if more > 0 else text
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    """Limits an update must respect; built once from the aggregator's settings.
+
+    Attributes:
+        max_staleness: Updates with ``current_version - base_version`` above this are nacked.
+        max_update_norm: Bound on the delta's global L2 norm; None disables the check.
+        norm_action: ``clip`` scales an oversized delta down to the bound (robust against
+            a single outlier, keeps honest work); ``reject`` nacks it.
+        allowed_dtypes: Floating dtypes a delta may use on the wire.
+        known_clients: Client ids allowed to contribute; None accepts anyone.
+    """
+
+    max_staleness: int = 10
+    max_update_norm: float | None = None
+    norm_action: NormAction = "clip"
+    allowed_dtypes: frozenset[torch.dtype] = DEFAULT_DTYPES
+    known_clients: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a policy that cannot work, before any update meets it."""
+        if (
+            isinstance(self.max_staleness, bool)
+            or not isinstance(self.max_staleness, int)
+            or self.max_staleness < 0
+        ):
+            raise ConfigError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
+        if self.max_update_norm is not None and (
+            not math.isfinite(self.max_update_norm) or self.max_update_norm <= 0
+        ):
+            raise ConfigError(
+                f"max_update_norm must be a positive number or None, got {self.max_update_norm!r}"
+            )
+        if self.norm_action not in ("clip", "reject"):
+            raise ConfigError(f"norm_action must be 'clip' or 'reject', got {self.norm_action!r}")
+        dtypes = frozenset(self.allowed_dtypes)
+        if not dtypes or not all(
+            isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes
+        ):
+            raise ConfigError(
+                f"allowed_dtypes must be a non-empty set of floating dtypes, got {dtypes!r}"
+            )
+        object.__setattr__(self, "allowed_dtypes", dtypes)
+        if self.known_clients is not None:
+            object.__setattr__(self, "known_clients", frozenset(self.known_clients))
+
+
+@dataclass(frozen=True)
+class ValidatedDelta:
+    """An update's delta that passed every check, ready for a strategy.
+
+    Attributes:
+        delta: Fresh float32 tensors (clipped when ``clipped`` is True).
+        staleness: ``current_version - base_version``.
+        norm: Global L2 norm of the delta as received, before any clipping.
+        clipped: Whether the delta was scaled down to ``max_update_norm``.
+    """
+
+    delta: TensorMap
+    staleness: int
+    norm: float
+    clipped: bool
+
+
+def _check_shapes(delta: TensorMap, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(shapes) - set(delta))
+    unexpected = sorted(set(delta) - set(shapes))
+    mismatched = [
+        f"{name} is {tuple(delta[name].shape)}, expected {tuple(shapes[name])}"
+        for name in sorted(set(shapes) & set(delta))
+        if tuple(delta[name].shape) != tuple(shapes[name])
+    ]
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing tensors {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_listing(mismatched)}")
+    if problems:
+        raise UpdateRejected("wrong_shape", "; ".join(problems))
+
+
+def _check_dtypes(delta: TensorMap, allowed: frozenset[torch.dtype]) -> None:
+    bad = [
+        f"{name} is {tensor.dtype}"
+        if tensor.dtype not in allowed
+        else f"{name} has layout {tensor.layout}"
+        for name, tensor in sorted(delta.items())
+        if tensor.dtype not in allowed or tensor.layout != torch.strided
+    ]
+    if bad:
+        names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in allowed))
+        raise UpdateRejected("wrong_dtype", f"{_listing(bad)}; allowed: dense tensors of {names}")
+
+
+def _check_finite(delta: TensorMap) -> None:
+    bad: list[str] = []
+    for name, tensor in sorted(delta.items()):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if nan or inf:
+            bad.append(f"{name} has {nan} NaN and {inf} inf values")
+    if bad:
+        raise UpdateRejected("non_finite", _listing(bad))
+
+
+def validate_update(
+    update: Update,
+    *,
+    task_id: str,
+    method: Method,
+    current_version: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    policy: ValidationPolicy,
+) -> ValidatedDelta:
+    """Check an update against the running task and the policy, in a fixed order.
+
+    Order: unknown_client, wrong_task, wrong_method, future_version, stale, wrong_shape,
+    wrong_dtype, non_finite, norm_bound.
+
+    Args:
+        update: The decoded update; its tensors are only read.
+        task_id: The task the aggregator runs now.
+        method: The method that task uses.
+        current_version: The global version now.
+        shapes: Expected name → shape of the delta (the global adapter's layout).
+        policy: The limits to enforce.
+
+    Returns:
+        The float32 delta (clipped if the policy says so), its staleness and norm.
+
+    Raises:
+        StaleUpdate: If the update is older than ``policy.max_staleness``.
+        UpdateRejected: For every other failed check, with the reason and a detail.
+    """
+    if policy.known_clients is not None and update.client_id not in policy.known_clients:
+        raise UpdateRejected("unknown_client", f"client {update.client_id!r} is not registered")
+    if update.task_id != task_id:
+        raise UpdateRejected(
+            "wrong_task", f"update is for task {update.task_id!r}, the current task is {task_id!r}"
+        )
+    if update.method != method:
+        raise UpdateRejected(
+            "wrong_method",
+            f"update was trained with {update.method!r}, the current task uses {method!r}",
+        )
+    if update.base_version > current_version:
+        raise UpdateRejected(
+            "future_version",
+            f"base_version {update.base_version} is ahead of the current version {current_version}",
+        )
+    staleness = current_version - update.base_version
+    if staleness > policy.max_staleness:
+        raise StaleUpdate(staleness, policy.max_staleness)
+    _check_shapes(update.delta, shapes)
+    _check_dtypes(update.delta, policy.allowed_dtypes)
+    _check_finite(update.delta)
+    norm = ops.global_norm(update.delta)
+    bound = policy.max_update_norm
+    if bound is None or norm <= bound:
+        return ValidatedDelta(
+            delta=ops.clone(update.delta), staleness=staleness, norm=norm, clipped=False
+        )
+    if policy.norm_action == "reject":
+        raise UpdateRejected(
+            "norm_bound", f"update norm {norm:.6g} exceeds max_update_norm {bound:.6g}"
+        )
+    clipped, _ = ops.clip_by_norm(update.delta, max_norm=bound)
+    return ValidatedDelta(delta=clipped, staleness=staleness, norm=norm, clipped=True)

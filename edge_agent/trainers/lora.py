@@ -1,0 +1,143 @@
+"""FedLLM-style local training: backprop through a peft LoRA adapter (DESIGN §6 ``lora``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from peft import PeftModel
+
+from edge_agent.trainers.base import FitResult
+from edgefed.data import TokenBatch, TokenDataset
+from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
+from schemas.errors import ConfigError
+from schemas.messages import Method, TensorMap, TrainSpec
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Device-side optimiser settings; the learning rate comes from the task's ``TrainSpec``.
+
+    Attributes:
+        optimizer: ``adamw`` (default) or plain ``sgd``.
+        weight_decay: Decoupled for AdamW, L2 for SGD; it pulls the adapter towards
+            zero, not towards the global, so keep it small.
+        momentum: SGD momentum (ignored by AdamW).
+        betas: AdamW moment decay rates.
+        grad_clip: Max global grad norm per step; ``None`` disables clipping.
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(
+                f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+
+def _endless_batches(
+    data: TokenDataset, batch_size: int, generator: torch.Generator
+) -> Iterator[TokenBatch]:
+    """Shuffled epochs back to back, so ``local_steps`` may exceed one pass."""
+    while True:
+        yield from data.batches(batch_size, generator=generator)
+
+
+class LoraTrainer:
+    """Backprop LoRA training on a model built by ``edgefed.modeling.attach_lora``.
+
+    The trainer owns no state between fits: each fit loads the global adapter and builds
+    a fresh optimiser. Carrying AdamW moments across rounds would mix in directions
+    measured at an older, possibly much staler, global point, make the result depend
+    on which versions this device happened to see, and be lost on every restart; a
+    stateless fit is a pure function of (global, data, spec, seed).
+    """
+
+    method: ClassVar[Method] = "lora"
+
+    def __init__(self, model: PeftModel, config: LoraConfig | None = None) -> None:
+        """Wrap ``model``; its adapter must come from ``attach_lora``."""
+        adapter_parameters(model)  # fails early if the model has no edgefed adapter
+        self.model = model
+        self.config = config or LoraConfig()
+
+    def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def fit(
+        self, global_adapter: TensorMap, data: TokenDataset, spec: TrainSpec, *, seed: int
+    ) -> FitResult:
+        """Run ``spec.local_steps`` steps from ``global_adapter``; return the delta.
+
+        Sequences longer than ``spec.seq_len`` are cut to it. Batch order comes from a
+        generator seeded with ``seed``; when the adapter has dropout, the global torch
+        RNG is seeded too (inside a fork, restored afterwards), which is reproducible
+        only while no other thread draws from it at the same time.
+
+        Raises:
+            ConfigError: ``global_adapter`` does not fit the model.
+        """
+        started = time.perf_counter()
+        model = self.model
+        set_adapter(model, global_adapter)
+        params = adapter_parameters(model)
+        device = next(iter(params.values())).device
+        optimizer = self._optimizer(list(params.values()), spec.lr)
+        batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
+        visited = 0
+        losses: list[float] = []
+        was_training = model.training
+        uses_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        with ExitStack() as stack:
+            if uses_dropout:
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+                torch.manual_seed(seed)
+            model.train()
+            try:
+                for _ in range(spec.local_steps):
+                    batch = next(batches)
+                    input_ids = batch.input_ids[:, : spec.seq_len].to(device)
+                    labels = batch.labels[:, : spec.seq_len].to(device)
+                    loss = model(input_ids=input_ids, labels=labels).loss
+                    loss.backward()
+                    if self.config.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+                    visited += len(batch)
+            finally:
+                model.train(was_training)
+        trained = get_adapter(model)
+        delta = {
+            name: trained[name] - global_adapter[name].detach().to("cpu", torch.float32)
+            for name in trained
+        }
+        return FitResult(
+            delta=delta,
+            num_samples=min(visited, len(data)),  # whole epochs: distinct rows seen
+            train_loss=math.fsum(losses) / len(losses),
+            compute_s=time.perf_counter() - started,
+            steps=len(losses),
+        )

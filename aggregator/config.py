@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from aggregator.strategies.fedbuff import RobustMode
 from edgefed.config import Settings
+from edgefed.connection import MqttSettings
+from edgefed.privacy import PrivacySettings
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
 StrategyName = Literal["fedasync", "fedbuff"]
@@ -23,6 +26,24 @@ class StrategySettings(Settings):
     alpha: float = Field(default=0.6, gt=0, le=1)
     buffer_size: int = Field(default=3, gt=0)
     server_lr: float = Field(default=1.0, gt=0)
+    robust: RobustMode = "mean"
+    """FedBuff only: reduce the buffer by weighted ``mean``, or coordinate-wise ``median`` or
+    ``trimmed_mean``, so a few poisoned updates cannot drag the global (DESIGN §5)."""
+    trim_ratio: float = Field(default=0.2, ge=0, lt=0.5)
+    """``trimmed_mean``: fraction of values dropped at each end of every coordinate."""
+
+
+class FwdGradSettings(Settings):
+    """Forward-gradient updates: how many perturbations to ask for and to rebuild (DESIGN §6)."""
+
+    variance_threshold: float | None = Field(default=None, gt=0)
+    """Keep the merged gradient estimate's variance under this by raising or lowering the
+    perturbations per step asked of devices (in Task and Ack); None keeps the task's K."""
+    min_perturbations: int = Field(default=4, ge=1)
+    max_perturbations: int = Field(default=256, ge=1)
+    """Bounds on the K the controller asks for."""
+    max_update_perturbations: int = Field(default=65_536, ge=1)
+    """Most perturbations one seed update may ask the aggregator to regenerate."""
 
 
 class AggregatorConfig(Settings):
@@ -31,17 +52,45 @@ class AggregatorConfig(Settings):
     federation: str
     task_id: str = "task-1"
     method: Method = "lora"
+    accept_methods: tuple[Method, ...] = ()
+    """Methods accepted besides ``method``: those whose result is a delta of the same adapter
+    (lora, fwdgrad) can share one federation."""
     model: ModelRef = ModelRef(name="tiny")
     lora: LoraSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
     strategy: StrategySettings = StrategySettings()
+    fwdgrad: FwdGradSettings = FwdGradSettings()
     seed: int = 0
     """Seed of the shared base model and adapter initialisation."""
     max_staleness: int = Field(default=10, ge=0)
     max_update_norm: float | None = Field(default=None, gt=0)
+    """Per-update L2 norm bound: a scaled-up (poisoned or diverged) delta is clipped to it or,
+    with ``norm_action = "reject"``, nacked (reason ``norm_bound``). None: no bound."""
     norm_action: Literal["clip", "reject"] = "clip"
+    dataset: str = "synthetic"
+    """What the federation trains on, announced in the task (agents size a classifier's head
+    from it); agents bring their own part of it."""
     eval_data: str = "synthetic:n=256,seed=999"
     eval_every: int = Field(default=1, ge=1)
     max_versions: int = Field(default=0, ge=0)
     """Stop after this many versions (0 = run until stopped)."""
     max_payload: int = Field(default=256 * 1024, ge=4096)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    """Largest update accepted (all chunks together), refused before any decoding."""
+    known_clients: frozenset[str] | None = None
+    """Client ids allowed to contribute; None accepts any client."""
+    checkpoint_dir: str | None = None
+    """Folder of crash-safe checkpoints; the service resumes from it. None: memory only."""
+    checkpoint_every: int = Field(default=1, ge=1)
+    """Buffered (not yet merged) accepted updates per checkpoint; a merge always checkpoints."""
+    checkpoint_max_delay_s: float = Field(default=1.0, gt=0)
+    """Longest an ack of a buffered update waits for its checkpoint."""
+    audit_log: str | None = None
+    """JSONL audit log; defaults to ``audit.jsonl`` in ``checkpoint_dir`` when that is set."""
+    mqtt: MqttSettings = MqttSettings()
+    """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
+    signing_key: str | None = None
+    """PEM Ed25519 private key: every published global is signed with it (edgefed.signing)."""
+    privacy: PrivacySettings | None = None
+    """Central client-level DP (FedBuff, ``robust = "mean"``): updates clipped to
+    ``clip_norm``, Gaussian noise on every merged buffer; (ε, δ) reported in the results."""

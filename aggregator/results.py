@@ -43,6 +43,8 @@ class Results:
     updates: list[UpdateRecord] = field(default_factory=list)
     merges: dict[str, int] = field(default_factory=dict)
     """How many times each update id was folded into a global (must be exactly 1)."""
+    privacy: dict[str, Any] | None = None
+    """Central DP: noise multiplier, clip norm, releases and the (ε, δ) estimate."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -51,6 +53,7 @@ class Results:
             "history": [asdict(record) for record in self.history],
             "updates": [asdict(record) for record in self.updates],
             "merges": self.merges,
+            "privacy": self.privacy,
         }
 
     def save(self, path: str | Path) -> None:

@@ -10,22 +10,31 @@ answered and dropped; it never stops the service or touches its state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from pathlib import Path
 
 from peft import PeftModel
 
+from aggregator.audit import AUDIT_FILE, Decision, MergeEntry, UpdateEntry
+from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
+from aggregator.durability import Ledger, answers_to_keep
+from aggregator.fwdgrad import PerturbationController, expand_seeds, perturbations_per_step
+from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
-from aggregator.strategies import make_strategy
+from aggregator.strategies import Strategy, make_strategy
 from aggregator.validation import ValidationPolicy, validate_update
 from edgefed.data import TokenDataset, evaluate, load_data
+from edgefed.datasets import num_labels
 from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.signing import GlobalSigner
 from edgefed.transport import BadDelivery, Delivery, Transport
 from schemas import topics
-from schemas.errors import PayloadTooLarge, RejectReason, TopicError, UpdateRejected
-from schemas.messages import Ack, GlobalModel, Metrics, Task, TensorMap, Update
+from schemas.errors import ConfigError, PayloadTooLarge, RejectReason, TopicError, UpdateRejected
+from schemas.messages import Ack, GlobalModel, Metrics, Status, Task, TensorMap, Update
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +48,52 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig, transport: Transport) -> None:
         self.config = config
         self._transport = transport
-        params = (
+        params: dict[str, float | str] = (
             {"alpha": config.strategy.alpha}
             if config.strategy.name == "fedasync"
             else {
                 "buffer_size": float(config.strategy.buffer_size),
                 "server_lr": config.strategy.server_lr,
+                "trim_ratio": config.strategy.trim_ratio,
             }
         )
-        self._strategy = make_strategy(
+        if config.strategy.name == "fedbuff" or config.strategy.robust != "mean":
+            params["robust"] = config.strategy.robust  # fedasync refuses anything but mean
+        self._strategy: Strategy = make_strategy(
             config.strategy.name,
             staleness=config.strategy.staleness,
             staleness_params=config.strategy.staleness_params,
             **params,
         )
+        max_update_norm = config.max_update_norm
+        if config.privacy is not None:  # DP's sensitivity bound needs every update clipped
+            self._strategy = PrivateFedBuff(self._strategy, config.privacy)
+            max_update_norm = min(
+                max_update_norm or config.privacy.clip_norm, config.privacy.clip_norm
+            )
+        self._signer = (
+            GlobalSigner.from_file(config.signing_key) if config.signing_key is not None else None
+        )
         self._policy = ValidationPolicy(
             max_staleness=config.max_staleness,
-            max_update_norm=config.max_update_norm,
+            max_update_norm=max_update_norm,
             norm_action=config.norm_action,
+            known_clients=config.known_clients,
+            allowed_methods=frozenset({config.method, *config.accept_methods}),
         )
+        fwd = config.fwdgrad
+        self._perturbations = (
+            None
+            if fwd.variance_threshold is None
+            else PerturbationController(
+                threshold=fwd.variance_threshold,
+                initial=config.train.perturbations,
+                minimum=fwd.min_perturbations,
+                maximum=fwd.max_perturbations,
+                merge_size=config.strategy.buffer_size if config.strategy.name == "fedbuff" else 1,
+            )
+        )
+        """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
         self.version = 0
         self.results = Results(config=config.model_dump(mode="json"))
         self._globals: OrderedDict[int, TensorMap] = OrderedDict()
@@ -70,6 +106,37 @@ class AggregatorService:
         self._published = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the task and the first global are published."""
+        self._rejections: Counter[str] = Counter()
+        self._stateful: dict[str, Stateful] = {"strategy": self._strategy}
+        if self._perturbations is not None:
+            self._stateful["perturbations"] = self._perturbations
+        self._lock = asyncio.Lock()
+        audit = config.audit_log
+        if audit is None and config.checkpoint_dir is not None:
+            audit = str(Path(config.checkpoint_dir) / AUDIT_FILE)
+        self._ledger = Ledger(
+            checkpoint_dir=config.checkpoint_dir, audit_path=audit, every=config.checkpoint_every
+        )
+
+    def register_state(self, key: str, part: Stateful) -> None:
+        """Checkpoint ``part`` under ``key`` with the rest of the state; call before ``run``.
+
+        Raises:
+            ConfigError: ``key`` is taken.
+        """
+        if key in self._stateful:
+            raise ConfigError(f"state {key!r} is already registered")
+        self._stateful[key] = part
+
+    @property
+    def strategy(self) -> Strategy:
+        """The merge strategy, for metrics and tests; change it only through updates."""
+        return self._strategy
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        """Rejected updates so far, by reason (also in every Metrics message)."""
+        return dict(self._rejections)
 
     @property
     def current(self) -> TensorMap:
@@ -78,32 +145,66 @@ class AggregatorService:
 
     async def run(self) -> Results:
         """Publish the task and global, then merge updates until ``max_versions``."""
+        if not self.ready.is_set():
+            await self.start()
+        holding = self.config.checkpoint_every > 1 and not self._finished()
+        flusher = asyncio.create_task(self._commit_held_later()) if holding else None
+        try:
+            if not self._finished():
+                async for delivery in self._transport.deliveries():
+                    await self.handle(delivery)
+                    if self._finished():
+                        break
+            async with self._lock:
+                if self._ledger.held:
+                    await self._commit()
+        finally:
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            self._ledger.close()
+            if isinstance(self._strategy, PrivateFedBuff):
+                self.results.privacy = self._strategy.accountant.report()
+        return self.results
+
+    async def start(self) -> None:
+        """Resume from the latest checkpoint (if any), then publish the task and global."""
         fed = self.config.federation
         model = await asyncio.to_thread(self._build_model)
         self._model = model
         self._shapes = adapter_shapes(model)
         self._eval_data: TokenDataset = load_data(
-            self.config.eval_data, seq_len=self.config.train.seq_len
+            self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
-        self._globals[0] = get_adapter(model)
-        self._started = time.monotonic()
-        await self._transport.subscribe(topics.update_filter(fed))
-        await self._publish_version()
+        try:
+            self._resume(get_adapter(model))
+            self._started = time.monotonic()
+            await self._transport.subscribe(topics.update_filter(fed))
+            if self._perturbations is not None:  # device speeds come with their status
+                await self._transport.subscribe(topics.status_filter(fed))
+            await self._publish_version()
+        except BaseException:
+            self._ledger.close()
+            raise
         self.ready.set()
-        log.info("aggregator %s ready at version 0 (%s)", fed, self._strategy.name)
-        if self._finished():
-            return self.results
-        async for delivery in self._transport.deliveries():
+        log.info("aggregator %s ready at version %d (%s)", fed, self.version, self._strategy.name)
+
+    def close(self) -> None:
+        """Sync and close the audit log; ``run`` does it on return, callers of ``start`` must."""
+        self._ledger.close()
+
+    async def handle(self, delivery: Delivery | BadDelivery) -> None:
+        """Answer one received message as the run loop does (after ``start``)."""
+        async with self._lock:
             await self._handle(delivery)
-            if self._finished():
-                break
-        return self.results
 
     def _finished(self) -> bool:
         return 0 < self.config.max_versions <= self.version
 
     def _build_model(self) -> PeftModel:
-        base = build_model(self.config.model, seed=self.config.seed)
+        num = num_labels(self.config.dataset)
+        base = build_model(self.config.model, seed=self.config.seed, num_labels=num)
         return attach_lora(base, self.config.lora)
 
     def _task(self) -> Task:
@@ -115,8 +216,15 @@ class AggregatorService:
             method=cfg.method,
             model=cfg.model,
             lora=cfg.lora,
-            train=cfg.train,
+            train=(
+                cfg.train
+                if self._perturbations is None
+                else cfg.train.model_copy(
+                    update={"perturbations": self._perturbations.perturbations}
+                )
+            ),
             max_staleness=cfg.max_staleness,
+            dataset=cfg.dataset,
             seed=cfg.seed,
         )
 
@@ -124,6 +232,8 @@ class AggregatorService:
         """Publish the global at the current version (retained), the task, and metrics."""
         fed, version = self.config.federation, self.version
         message = GlobalModel(task_id=self.config.task_id, version=version, tensors=self.current)
+        if self._signer is not None:
+            message = self._signer.sign(message, federation=fed)
         used: set[int] = set()
 
         def chunk_topic(index: int) -> str:
@@ -165,6 +275,7 @@ class AggregatorService:
             eval_accuracy=accuracy,
             merged_updates=self._merged_count,
             rejected_updates=self._rejected_count,
+            rejected_by_reason=dict(self._rejections),
         )
         await self._transport.publish(topics.metrics(self.config.federation), metrics, qos=0)
 
@@ -179,13 +290,20 @@ class AggregatorService:
         except TopicError:
             log.warning("ignoring message on unexpected topic %s", delivery.topic)
             return
+        if parsed.kind == "status" and parsed.client_id is not None:
+            message = delivery.message if isinstance(delivery, Delivery) else None
+            if self._perturbations is not None and isinstance(message, Status):
+                self._perturbations.set_speed(parsed.client_id, message.profile.relative_speed)
+            return
         if parsed.kind != "update" or parsed.client_id is None:
             return
         if isinstance(delivery, BadDelivery):
             reason: RejectReason = (
                 "too_large" if isinstance(delivery.error, PayloadTooLarge) else "malformed"
             )
-            await self._nack_unreadable(parsed.client_id, reason, str(delivery.error))
+            await self._nack_unreadable(
+                parsed.client_id, reason, str(delivery.error), size=delivery.size
+            )
             return
         message = delivery.message
         if not isinstance(message, Update) or message.client_id != parsed.client_id:
@@ -193,6 +311,7 @@ class AggregatorService:
                 parsed.client_id,
                 "malformed",
                 "expected an update whose client_id matches the topic",
+                size=delivery.size,
             )
             return
         await self._handle_update(message, delivery.size)
@@ -200,11 +319,18 @@ class AggregatorService:
     async def _handle_update(self, update: Update, size: int) -> None:
         previous = self._answered.get(update.update_id)
         if previous is not None:
-            log.info("duplicate update %s from %s: acked again", update.update_id, update.client_id)
-            await self._send_ack(previous.model_copy(update={"duplicate": True}))
+            await self._answer_repeat(update, previous, size)
             return
         staleness = self.version - update.base_version
+        used_perturbations = perturbations_per_step(update)
         try:
+            if update.seeds is not None:  # rebuild the dense delta, off the event loop
+                update = await asyncio.to_thread(
+                    expand_seeds,
+                    update,
+                    shapes=self._shapes,
+                    max_perturbations=self.config.fwdgrad.max_update_perturbations,
+                )
             checked = validate_update(
                 update,
                 task_id=self.config.task_id,
@@ -216,6 +342,7 @@ class AggregatorService:
             base = self._base(update.base_version)
         except UpdateRejected as exc:
             self._rejected_count += 1
+            self._rejections[exc.reason] += 1
             log.warning("rejected update %s from %s: %s", update.update_id, update.client_id, exc)
             ack = Ack(
                 update_id=update.update_id,
@@ -227,6 +354,11 @@ class AggregatorService:
                 staleness=staleness,
             )
             self._record(update, size, staleness, ack)
+            self._ledger.record(
+                UpdateEntry.from_ack(
+                    ack, decision="rejected", base_version=update.base_version, size=size
+                )
+            )
             await self._send_ack(ack)
             return
         result = self._strategy.submit(
@@ -248,11 +380,129 @@ class AggregatorService:
             accepted=True,
             version=self.version,
             staleness=checked.staleness,
+            perturbations=self._next_perturbations(update, used_perturbations),
         )
         self._record(update, size, checked.staleness, ack)
-        await self._send_ack(ack)
+        merge = None
         if result.new_global is not None:
+            merge = MergeEntry(version=self.version, update_ids=result.merged_update_ids)
+        entry = UpdateEntry.from_ack(
+            ack, decision="accepted", base_version=update.base_version, size=size
+        )
+        self._ledger.hold(ack, entry, merge=merge)
+        if self._ledger.due():
+            await self._commit()
+
+    async def _answer_repeat(self, update: Update, previous: Ack, size: int) -> None:
+        """Answer an update id seen before with the same answer; it is never merged twice."""
+        if self._ledger.holds(update.update_id):
+            return  # accepted; its ack goes out with the commit that makes it durable
+        if previous.client_id != update.client_id:
+            self._rejected_count += 1
+            self._rejections["duplicate"] += 1
+            ack = Ack(
+                update_id=update.update_id,
+                client_id=update.client_id,
+                accepted=False,
+                reason="duplicate",
+                detail="this update_id was already used by another client",
+                version=self.version,
+            )
+            decision: Decision = "rejected"
+            log.warning("update id %s reused by %s", update.update_id, update.client_id)
+        else:
+            ack = previous.model_copy(update={"duplicate": True})
+            decision = "duplicate"
+            log.info("duplicate update %s from %s: acked again", update.update_id, update.client_id)
+        self._ledger.record(
+            UpdateEntry.from_ack(
+                ack, decision=decision, base_version=update.base_version, size=size
+            )
+        )
+        await self._send_ack(ack)
+
+    async def _commit(self) -> None:
+        """Checkpoint what is held, then send its acks, then publish a new version if any."""
+        for ack in await self._ledger.commit(self._checkpoint):
+            await self._send_ack(ack)
+        if self.published_version < self.version:
             await self._publish_version()
+
+    async def _commit_held_later(self) -> None:
+        """Commit held acks of buffered updates once they waited ``checkpoint_max_delay_s``."""
+        while True:
+            await self._ledger.held_event.wait()
+            await asyncio.sleep(self.config.checkpoint_max_delay_s)
+            async with self._lock:
+                if self._ledger.held:
+                    await self._commit()
+
+    def _checkpoint(self, commit: int, audit: tuple[UpdateEntry | MergeEntry, ...]) -> Checkpoint:
+        counters = {"merged": self._merged_count, "rejected": self._rejected_count}
+        counters |= {f"rejected.{reason}": n for reason, n in self._rejections.items()}
+        return Checkpoint(
+            commit=commit,
+            federation=self.config.federation,
+            task_id=self.config.task_id,
+            version=self.version,
+            globals=dict(self._globals),
+            states={key: part.state_dict() for key, part in self._stateful.items()},
+            answered=self._ledger.window(self.version - self.config.max_staleness),
+            audit=audit,
+            counters=counters,
+            published_chunks=dict(self._chunks_published),
+        )
+
+    def _resume(self, initial: TensorMap) -> None:
+        """Continue from the latest checkpoint when there is one, else start at version 0.
+
+        Raises:
+            ConfigError: The checkpoint does not fit this model, strategy or registered state.
+        """
+        fed, task_id = self.config.federation, self.config.task_id
+        checkpoint = self._ledger.resume(federation=fed, task_id=task_id)
+        if checkpoint is None:
+            self._globals[0] = initial
+            self._ledger.recover_audit(())
+            return
+        for version, adapter in checkpoint.globals.items():
+            if {name: tuple(t.shape) for name, t in adapter.items()} != self._shapes:
+                raise ConfigError(f"checkpointed global {version} does not fit the model's adapter")
+        unknown = sorted(set(checkpoint.states) - set(self._stateful))
+        if unknown:
+            raise ConfigError(f"the checkpoint holds state of {unknown}, which nothing registered")
+        for key, state in checkpoint.states.items():
+            self._stateful[key].load_state_dict(state)
+        self.version = checkpoint.version
+        self._globals = OrderedDict(sorted(checkpoint.globals.items()))
+        self._chunks_published = dict(checkpoint.published_chunks)
+        counters = checkpoint.counters
+        self._merged_count = counters.get("merged", 0)
+        self._rejected_count = counters.get("rejected", 0)
+        self._rejections = Counter(
+            {key.removeprefix("rejected."): n for key, n in counters.items() if "." in key}
+        )
+        self._answered = answers_to_keep(
+            self._ledger.recover_audit(checkpoint.audit), _ANSWERED_IDS_KEPT
+        )
+        for entry in checkpoint.answered:
+            if entry.update_id is not None:
+                self._answered[entry.update_id] = entry.to_ack()
+        log.info(
+            "resumed %s from checkpoint %d at version %d (%d updates buffered)",
+            fed,
+            checkpoint.commit,
+            self.version,
+            self._strategy.pending,
+        )
+
+    def _next_perturbations(self, update: Update, used: int | None) -> int | None:
+        """Fold a forward-gradient update's variance in; the K to ask its sender for next."""
+        controller = self._perturbations
+        if controller is None or update.method != "fwdgrad":
+            return None
+        controller.observe(update.variance, used or controller.for_client(update.client_id))
+        return controller.for_client(update.client_id)
 
     def _base(self, version: int) -> TensorMap:
         """The global an update started from; only the last ``max_staleness`` are kept."""
@@ -290,8 +540,11 @@ class AggregatorService:
         while len(self._answered) > _ANSWERED_IDS_KEPT:
             self._answered.popitem(last=False)
 
-    async def _nack_unreadable(self, client_id: str, reason: RejectReason, detail: str) -> None:
+    async def _nack_unreadable(
+        self, client_id: str, reason: RejectReason, detail: str, *, size: int = 0
+    ) -> None:
         self._rejected_count += 1
+        self._rejections[reason] += 1
         log.warning("rejected unreadable update from %s: %s", client_id, detail)
         ack = Ack(
             update_id="unreadable",
@@ -300,6 +553,19 @@ class AggregatorService:
             reason=reason,
             detail=detail,
             version=self.version,
+        )
+        self._ledger.record(
+            UpdateEntry(
+                update_id=None,
+                client_id=client_id,
+                base_version=None,
+                staleness=None,
+                decision="rejected",
+                reason=reason,
+                detail=detail,
+                version=self.version,
+                size=size,
+            )
         )
         await self._send_ack(ack)
 

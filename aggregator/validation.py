@@ -48,6 +48,8 @@ class ValidationPolicy:
             a single outlier, keeps honest work); ``reject`` nacks it.
         allowed_dtypes: Floating dtypes a delta may use on the wire.
         known_clients: Client ids allowed to contribute; None accepts anyone.
+        allowed_methods: Methods accepted besides the task's own (methods whose result is a
+            delta of the same adapter, such as lora and fwdgrad, can mix); None: only the task's.
     """
 
     max_staleness: int = 10
@@ -55,6 +57,7 @@ class ValidationPolicy:
     norm_action: NormAction = "clip"
     allowed_dtypes: frozenset[torch.dtype] = DEFAULT_DTYPES
     known_clients: frozenset[str] | None = None
+    allowed_methods: frozenset[Method] | None = None
 
     def __post_init__(self) -> None:
         """Refuse a policy that cannot work, before any update meets it."""
@@ -82,6 +85,8 @@ class ValidationPolicy:
         object.__setattr__(self, "allowed_dtypes", dtypes)
         if self.known_clients is not None:
             object.__setattr__(self, "known_clients", frozenset(self.known_clients))
+        if self.allowed_methods is not None:
+            object.__setattr__(self, "allowed_methods", frozenset(self.allowed_methods))
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ def validate_update(
     Args:
         update: The decoded update; its tensors are only read.
         task_id: The task the aggregator runs now.
-        method: The method that task uses.
+        method: The method that task uses (``policy.allowed_methods`` may add others).
         current_version: The global version now.
         shapes: Expected name → shape of the delta (the global adapter's layout).
         policy: The limits to enforce.
@@ -179,10 +184,12 @@ def validate_update(
         raise UpdateRejected(
             "wrong_task", f"update is for task {update.task_id!r}, the current task is {task_id!r}"
         )
-    if update.method != method:
+    allowed = {method} | (policy.allowed_methods or set())
+    if update.method not in allowed:
         raise UpdateRejected(
             "wrong_method",
-            f"update was trained with {update.method!r}, the current task uses {method!r}",
+            f"update was trained with {update.method!r}, the current task uses {method!r}"
+            + (f" and also accepts {sorted(allowed - {method})}" if len(allowed) > 1 else ""),
         )
     if update.base_version > current_version:
         raise UpdateRejected(
@@ -192,6 +199,8 @@ def validate_update(
     staleness = current_version - update.base_version
     if staleness > policy.max_staleness:
         raise StaleUpdate(staleness, policy.max_staleness)
+    if update.seeds is not None:
+        raise UpdateRejected("malformed", "seeds must be expanded to a delta before validation")
     _check_shapes(update.delta, shapes)
     _check_dtypes(update.delta, policy.allowed_dtypes)
     _check_finite(update.delta)

@@ -8,18 +8,25 @@ MQTT connection keeps breathing while torch works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge_agent.config import AgentConfig
+from edge_agent.outbox import OUTBOX_FILE, Outbox
+from edge_agent.privacy import DevicePrivacy
 from edge_agent.trainers import Trainer, make_trainer
+from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenDataset, load_data
+from edgefed.datasets import num_labels
 from edgefed.modeling import attach_lora, build_model
-from edgefed.transport import BadDelivery, MqttTransport, Transport, TransportConfig, Will
+from edgefed.signing import GlobalVerifier
+from edgefed.transport import BadDelivery, MqttTransport, Transport, Will
 from schemas import topics
-from schemas.errors import TransportError
+from schemas.errors import SignatureError, TransportError
 from schemas.messages import Ack, AgentState, GlobalModel, Status, Task, Update
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,14 @@ class AgentReport:
     resends: int = 0
     last_version: int | None = None
     first_base_version: int | None = None
+    diverged: int = 0
+    """Fits whose loss blew up and stopped early (forward gradient)."""
+    refused_globals: int = 0
+    """Global versions refused because their signature was missing or wrong."""
+    privacy: dict[str, float | int | str] | None = None
+    """Local DP: noise multiplier, releases and the (ε, δ) estimate so far."""
+    bytes_down: int = 0
+    """Bytes of global models received (all chunks), the download side of the traffic."""
 
 
 class EdgeAgent:
@@ -48,14 +63,30 @@ class EdgeAgent:
         *,
         data: TokenDataset | None = None,
         report: AgentReport | None = None,
+        fit_filter: Callable[[FitResult], FitResult] | None = None,
     ) -> None:
+        """Set up; ``fit_filter`` rewrites each fit before it is sent (the simulator's attacks).
+
+        Raises:
+            ConfigError: a trusted signing key cannot be loaded.
+        """
         self.config = config
         self._transport = transport
         self._data = data
+        self._fit_filter = fit_filter
+        self._verifier = (
+            GlobalVerifier.from_files(config.trusted_global_keys)
+            if config.trusted_global_keys
+            else None
+        )
+        self._privacy = DevicePrivacy(config.privacy) if config.privacy is not None else None
         self._task: Task | None = None
         self._global: GlobalModel | None = None
         self._news = asyncio.Event()
         self._pending: dict[str, asyncio.Future[Ack]] = {}
+        self._outbox: Outbox | None = None
+        self._rounds_before = 0
+        """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
         self.report = report or AgentReport(client_id=config.client_id)
         """Filled in while running, so a caller holding it sees progress even after a cancel."""
 
@@ -66,7 +97,34 @@ class EdgeAgent:
         return Will(topic=topics.status(config.federation, config.client_id), message=status)
 
     async def run(self) -> AgentReport:
-        """Take part until ``max_updates`` updates are answered (or forever)."""
+        """Take part until ``max_updates`` updates are answered (or forever).
+
+        With ``state_dir`` set, updates left unanswered by an earlier run are published
+        again first, and the counts of earlier runs carry over.
+        """
+        with self._opened_outbox():
+            return await self._run()
+
+    @contextlib.contextmanager
+    def _opened_outbox(self) -> Iterator[None]:
+        if self.config.state_dir is None:
+            yield
+            return
+        with Outbox(Path(self.config.state_dir) / OUTBOX_FILE) as outbox:
+            counts = outbox.counts()
+            self.report.updates_sent = counts.answered
+            self.report.accepted = counts.accepted
+            self.report.rejected = Counter(
+                answer.reason or "unknown" for answer in outbox.answers() if not answer.accepted
+            )
+            self._rounds_before = counts.created
+            self._outbox = outbox
+            try:
+                yield
+            finally:
+                self._outbox = None
+
+    async def _run(self) -> AgentReport:
         fed, me = self.config.federation, self.config.client_id
         for topic_filter in (topics.task(fed), topics.global_filter(fed), topics.ack(fed, me)):
             await self._transport.subscribe(topic_filter)
@@ -106,7 +164,10 @@ class EdgeAgent:
                 self._task = message
                 self._news.set()
             elif isinstance(message, GlobalModel):
+                self.report.bytes_down += delivery.size
                 if self._global is None or message.version > self._global.version:
+                    if not self._trusted(message):
+                        continue
                     self._global = message
                     self._news.set()
             elif isinstance(message, Ack):
@@ -118,6 +179,22 @@ class EdgeAgent:
                         "%s: nack %s: %s", self.config.client_id, message.reason, message.detail
                     )
 
+    def _trusted(self, model: GlobalModel) -> bool:
+        """Whether ``model`` may be trained on: signed by a trusted key, when keys are set.
+
+        A refused global is logged and skipped; the agent keeps the version it has and
+        moves on with the next one that verifies.
+        """
+        if self._verifier is None:
+            return True
+        try:
+            self._verifier.verify(model, federation=self.config.federation)
+        except SignatureError as exc:
+            self.report.refused_globals += 1
+            log.error("%s: %s", self.config.client_id, exc)  # noqa: TRY400 (expected, explained)
+            return False
+        return True
+
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Wait until the receive task brings news and ``ready()`` holds."""
         while not ready():
@@ -127,7 +204,22 @@ class EdgeAgent:
     async def _wait_for_version(self, version: int) -> None:
         await self._wait_for(lambda: self._global is not None and self._global.version >= version)
 
+    async def _resend_pending(self) -> None:
+        """Publish again, with the same ids, the updates an earlier run left unanswered."""
+        if self._outbox is None:
+            return
+        for update in await asyncio.to_thread(self._outbox.pending):
+            log.warning("%s: re-sending unanswered %s", self.config.client_id, update.update_id)
+            ack = await self._deliver(update)
+            self.report.updates_sent += 1
+            self.report.last_version = ack.version
+            if ack.accepted:
+                self.report.accepted += 1
+            else:
+                self.report.rejected[ack.reason or "unknown"] += 1
+
     async def _train_loop(self) -> None:
+        await self._resend_pending()
         await self._wait_for(
             lambda: (
                 self._task is not None
@@ -138,8 +230,11 @@ class EdgeAgent:
         assert self._task is not None
         task = self._task
         trainer = await asyncio.to_thread(self._build_trainer, task)
-        data = self._data or load_data(self.config.data, seq_len=task.train.seq_len)
-        round_index = 0
+        data = self._data or load_data(
+            self.config.data, seq_len=task.train.seq_len, model=task.model
+        )
+        round_index = self._rounds_before
+        spec = task.train
         while not 0 < self.config.max_updates <= self.report.updates_sent:
             start = self._global
             assert start is not None
@@ -148,10 +243,20 @@ class EdgeAgent:
                 trainer.fit,
                 start.tensors,
                 data,
-                task.train,
+                spec,
                 seed=self.config.seed * 1_000_003 + round_index,
             )
             round_index += 1
+            if self._fit_filter is not None:
+                fit = self._fit_filter(fit)
+            if self._privacy is not None:
+                fit = self._privacy.apply(fit)
+                self.report.privacy = self._privacy.accountant.report()
+            if fit.diverged:
+                self.report.diverged += 1
+                log.warning(
+                    "%s: local training diverged; sending what came before", self.config.client_id
+                )
             if self.config.slowdown > 1:
                 await asyncio.sleep((self.config.slowdown - 1) * fit.compute_s)
             update = Update(
@@ -159,12 +264,16 @@ class EdgeAgent:
                 task_id=task.task_id,
                 base_version=start.version,
                 num_samples=fit.num_samples,
-                method=task.method,
-                delta=fit.delta,
+                method=trainer.method,
+                delta=fit.delta if fit.seeds is None else {},
+                seeds=fit.seeds,
+                variance=fit.variance,
                 train_loss=fit.train_loss,
                 compute_s=fit.compute_s,
             )
             ack = await self._deliver(update)
+            if ack.perturbations is not None and ack.perturbations != spec.perturbations:
+                spec = spec.model_copy(update={"perturbations": ack.perturbations})
             self.report.updates_sent += 1
             if self.report.first_base_version is None:
                 self.report.first_base_version = start.version
@@ -183,8 +292,9 @@ class EdgeAgent:
                 await self._wait_for_version(ack.version)
 
     def _build_trainer(self, task: Task) -> Trainer:
-        model = attach_lora(build_model(task.model, seed=task.seed), task.lora)
-        return make_trainer(task.method, model, **self.config.trainer)
+        base = build_model(task.model, seed=task.seed, num_labels=num_labels(task.dataset))
+        model = attach_lora(base, task.lora)
+        return make_trainer(self.config.method or task.method, model, **self.config.trainer)
 
     async def _deliver(self, update: Update) -> Ack:
         """Publish ``update`` until it is answered; re-sends keep the same update_id."""
@@ -192,6 +302,8 @@ class EdgeAgent:
         waiter: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._pending[update.update_id] = waiter
         try:
+            if self._outbox is not None:
+                await asyncio.to_thread(self._outbox.put, update)  # on disk before it leaves
             for attempt in range(self.config.max_resends + 1):
                 if attempt:
                     self.report.resends += 1
@@ -201,9 +313,12 @@ class EdgeAgent:
                 await self._transport.publish(topic, update)
                 try:
                     async with asyncio.timeout(self.config.ack_timeout_s):
-                        return await asyncio.shield(waiter)
+                        ack = await asyncio.shield(waiter)
                 except TimeoutError:
                     continue
+                if self._outbox is not None:
+                    await asyncio.to_thread(self._outbox.answer, ack)
+                return ack
             raise TransportError(f"update {update.update_id} was never answered")
         finally:
             del self._pending[update.update_id]
@@ -215,13 +330,16 @@ async def run_agent(
     url: str,
     data: TokenDataset | None = None,
     report: AgentReport | None = None,
+    fit_filter: Callable[[FitResult], FitResult] | None = None,
 ) -> AgentReport:
-    """Connect to the broker at ``url`` and run one agent until it is done."""
-    transport_config = TransportConfig(
+    """Connect to the broker at ``url`` (TLS and identity from ``config.mqtt``) and run."""
+    transport_config = config.mqtt.transport_config(
         url=url,
         client_id=f"edgefed-{config.federation}-{config.client_id}",
         will=EdgeAgent.will(config),
         max_payload=config.max_payload,
     )
     async with MqttTransport(transport_config) as transport:
-        return await EdgeAgent(config, transport, data=data, report=report).run()
+        return await EdgeAgent(
+            config, transport, data=data, report=report, fit_filter=fit_filter
+        ).run()

@@ -20,10 +20,11 @@ def run(args: argparse.Namespace) -> int:
         client_id=args.client_id,
         data=args.data,
         max_updates=args.max_updates or None,
+        state_dir=args.state_dir,
     )
 
     async def main() -> None:
-        async with broker_for(args.broker) as url:
+        async with broker_for(config.mqtt.broker_url(args.broker)) as url:
             report = await run_agent(config, url=url)
         print(
             f"{report.client_id}: {report.updates_sent} updates, {report.accepted} accepted, "

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from edgefed.config import Settings
-from schemas.messages import DeviceProfile
+from edgefed.connection import MqttSettings
+from edgefed.privacy import PrivacySettings
+from schemas.messages import DeviceProfile, Method
 
 
 class AgentConfig(Settings):
@@ -25,6 +27,21 @@ class AgentConfig(Settings):
     ack_timeout_s: float = Field(default=30.0, gt=0)
     """Re-send an unanswered update (same update_id, so never merged twice) after this long."""
     max_resends: int = Field(default=5, ge=0)
+    state_dir: str | None = None
+    """Folder of the durable outbox: updates wait there, across restarts, until acked.
+
+    With it, ``max_updates`` counts answers across restarts too. None keeps nothing on disk.
+    """
     max_payload: int = Field(default=256 * 1024, ge=4096)
-    trainer: dict[str, float | str] = Field(default_factory=dict)
-    """Method-specific trainer options (e.g. optimizer, grad_clip for lora)."""
+    method: Method | None = None
+    """Train with this method instead of the task's; any method whose result is a delta of
+    the same adapter (lora, fwdgrad) may mix in one federation if the aggregator accepts it."""
+    trainer: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    """Method-specific trainer options (e.g. optimizer, grad_clip for lora; mode, lr for fwdgrad)."""
+    mqtt: MqttSettings = MqttSettings()
+    """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
+    trusted_global_keys: tuple[str, ...] = ()
+    """PEM Ed25519 public keys of the aggregator: with any, only globals signed by one of them
+    are trained on (unsigned or wrongly signed ones are refused). Empty: no check."""
+    privacy: PrivacySettings | None = None
+    """Local differential privacy: clip each update and add Gaussian noise on the device."""

@@ -134,6 +134,10 @@ def _print_table(results: list[CodecResult]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edgefed bench``; returns the process exit code."""
+    if args.which in ("memory", "bytes", "fwdgrad"):
+        from edgefed import bench_fwdgrad  # noqa: PLC0415  # loads models; only when asked
+
+        return bench_fwdgrad.run(args)
     if args.which != "codec":
         sys.stderr.write(f"unknown benchmark {args.which!r}\n")
         return 2

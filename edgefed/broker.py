@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR: Final = Path(__file__).resolve().parent.parent / "broker_config"
 DEV_CONFIG: Final = CONFIG_DIR / "dev.conf"
+DURABLE_CONFIG: Final = CONFIG_DIR / "durable.conf"
+"""Like dev.conf, with persistence on: retained messages and sessions survive a restart."""
 FALLBACK_MOSQUITTO: Final = "/usr/sbin/mosquitto"
 EMBEDDED_LIMITS: Final = "MQTT 3.1.1 only, no shared subscriptions, nothing persisted"
 
@@ -99,13 +101,39 @@ def derive_config(base: str | os.PathLike[str], *, host: str, port: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def with_persistence_dir(text: str, folder: Path) -> str:
+    """``text`` with its ``persistence_location`` moved to ``folder`` when it persists at all.
+
+    Mosquitto started as root drops to the ``mosquitto`` user before it saves, so the
+    folder is handed to that user then (and its parent made traversable).
+    """
+    lines = text.splitlines()
+    persists = any(line.split()[:2] == ["persistence", "true"] for line in lines)
+    if not persists:
+        return text
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            import pwd  # noqa: PLC0415 (POSIX only, and only needed as root)
+
+            user = pwd.getpwnam("mosquitto")
+        except (ImportError, KeyError):
+            pass  # no such user: mosquitto then keeps running as root
+        else:
+            os.chown(folder, user.pw_uid, user.pw_gid)
+            folder.parent.chmod(0o711)
+    kept = [line for line in lines if line.split()[:1] != ["persistence_location"]]
+    return "\n".join([*kept, f"persistence_location {folder}/"]) + "\n"
+
+
 class MosquittoProcess:
     """A private Mosquitto on a free port, started from a config file (default ``dev.conf``).
 
     ``with MosquittoProcess() as broker:`` starts it and waits until it accepts
     connections; ``broker.url`` is where it listens. :meth:`kill` ends it abruptly as a
-    crash would and :meth:`start` brings it back on the same port. Its log is kept in
-    a temporary folder and shown in errors.
+    crash would and :meth:`start` brings it back on the same port. Its log, and its
+    persistence database when the config persists (``DURABLE_CONFIG``), are kept in a
+    temporary folder that lives until :meth:`close`, so a restarted broker finds them.
     """
 
     def __init__(
@@ -157,7 +185,8 @@ class MosquittoProcess:
             self._dir = tempfile.TemporaryDirectory(prefix="edgefed-mosquitto-")
         folder = Path(self._dir.name)
         conf = folder / "mosquitto.conf"
-        conf.write_text(derive_config(self.config, host=self.host, port=self.port))
+        text = derive_config(self.config, host=self.host, port=self.port)
+        conf.write_text(with_persistence_dir(text, folder / "data"))
         conf.chmod(0o644)  # readable after mosquitto drops root privileges
         with (folder / "mosquitto.log").open("ab") as log_file:
             self._proc = subprocess.Popen(

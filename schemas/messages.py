@@ -23,12 +23,15 @@ SCHEMA_VERSION: Literal[1] = 1
 
 Method = Literal["lora", "fwdgrad", "kd", "split"]
 LoraMode = Literal["standard", "ffa"]
+PerturbTarget = Literal["all", "lora_B"]
+"""Which adapter tensors forward-gradient training perturbs: all of them, or LoRA's B only."""
 AgentState = Literal["online", "waiting", "training", "offline", "cannot_fit"]
 TensorMap = dict[str, torch.Tensor]
 """Named tensors: adapter weights or deltas, names without the peft adapter suffix."""
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
+Uint64 = Annotated[int, Field(ge=0, lt=2**64)]
 
 
 def new_id() -> str:
@@ -73,6 +76,8 @@ class TrainSpec(WireModel):
     batch_size: Positive = 8
     seq_len: Positive = 32
     lr: float = Field(default=5e-3, gt=0)
+    perturbations: Positive = 16
+    """Forward-gradient perturbations per local step (``fwdgrad`` only; an Ack may override)."""
 
 
 class Task(Message):
@@ -101,10 +106,52 @@ class GlobalModel(Message):
     version: NonNegative
     tensors: TensorMap
     created_at: float = Field(default_factory=time.time)
+    signature: bytes | None = Field(default=None, min_length=64, max_length=64)
+    """Ed25519 signature by the aggregator's key over ``edgefed.signing.global_digest``
+    (federation, task_id, version and the tensors; not ``created_at``). None: unsigned."""
+
+
+class SeedStep(WireModel):
+    """One local forward-gradient step as seeds: which perturbations it used, what it measured.
+
+    Perturbation k is ``v(seed, indices[k])``, regenerated over the adapter layout by
+    ``edgefed.perturbation``; ``d[k]`` is the directional derivative of the loss along it.
+    The step applied ``-lr * scale * mean_k(d[k] * v_k)``; ``scale`` < 1 when it was clipped.
+    """
+
+    seed: Uint64
+    indices: tuple[Uint64, ...] = Field(min_length=1)
+    d: tuple[float, ...]
+    scale: float = Field(default=1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_derivative_per_perturbation(self) -> SeedStep:
+        if len(self.d) != len(self.indices):
+            raise ValueError(f"{len(self.indices)} perturbations but {len(self.d)} derivatives")
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError("a step uses a perturbation index twice")
+        return self
+
+
+class SeedDelta(WireModel):
+    """A forward-gradient delta as seeds: ``sum over steps of -lr * scale * mean_k(d_k v_k)``.
+
+    ``layout`` fingerprints the generator, the target and the adapter's names and shapes, so
+    seeds are never expanded over a layout other than the one they were drawn for.
+    """
+
+    lr: float = Field(gt=0)
+    target: PerturbTarget = "all"
+    layout: str = Field(pattern=r"^[0-9a-f]{16}$")
+    steps: tuple[SeedStep, ...] = ()
 
 
 class Update(Message):
-    """One device's contribution: a delta of the adapter against ``base_version``."""
+    """One device's contribution: a delta of the adapter against ``base_version``.
+
+    The delta travels either dense (``delta``) or, for ``fwdgrad``, as seeds the aggregator
+    expands (``seeds``, with ``delta`` left empty); never both.
+    """
 
     kind: Literal["update"] = "update"
     update_id: str = Field(default_factory=new_id, min_length=1)
@@ -113,10 +160,19 @@ class Update(Message):
     base_version: NonNegative
     num_samples: Positive
     method: Method = "lora"
-    delta: TensorMap
+    delta: TensorMap = Field(default_factory=dict)
+    seeds: SeedDelta | None = None
+    variance: float | None = Field(default=None, ge=0)
+    """Forward gradient only: estimated variance of the per-step gradient estimate."""
     train_loss: float | None = None
     compute_s: float = Field(default=0.0, ge=0)
     sent_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _dense_or_seeds(self) -> Update:
+        if self.seeds is not None and self.delta:
+            raise ValueError("an update carries a dense delta or seeds, not both")
+        return self
 
 
 class Ack(Message):
@@ -132,6 +188,8 @@ class Ack(Message):
     """The global version after handling the update (the new one when it merged)."""
     staleness: int | None = None
     duplicate: bool = False
+    perturbations: Positive | None = None
+    """Forward gradient: the perturbations per step this device should use from now on."""
 
     @model_validator(mode="after")
     def _rejection_has_reason(self) -> Ack:
@@ -171,6 +229,8 @@ class Metrics(Message):
     eval_accuracy: float | None = None
     merged_updates: NonNegative = 0
     rejected_updates: NonNegative = 0
+    rejected_by_reason: dict[RejectReason, NonNegative] = Field(default_factory=dict)
+    """Rejections so far per machine-readable reason, so operators see what is refused."""
 
 
 class Chunk(Message):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import cast, get_args
 
 from edgefed.transport import broker_for
+from schemas.errors import ConfigError
+from schemas.messages import Method
 from simulator.fleet import FleetConfig, FleetResult, run_fleet
 from simulator.report import plot_loss, print_summary, save_json
 
@@ -20,8 +23,13 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         staleness=args.staleness,
         lora_mode=args.lora_mode,
+        methods=_methods(args.methods),
         max_versions=args.max_versions,
         seed=args.seed,
+        dataset=args.dataset,
+        partition=args.partition,
+        alpha=args.alpha,
+        max_seconds=args.max_seconds,
     )
     result = simulate(config, broker=args.broker)
     results = result.to_dict()
@@ -31,6 +39,16 @@ def run(args: argparse.Namespace) -> int:
         plot = plot_loss(results, Path(args.json_out).with_suffix(".png"))
         print(f"results: {args.json_out}, plot: {plot}")
     return 0
+
+
+def _methods(text: str) -> tuple[Method, ...]:
+    """``lora,fwdgrad`` as a tuple of methods; empty text means one method for all."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    known = get_args(Method)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown} in --methods; known: {list(known)}")
+    return cast("tuple[Method, ...]", names)
 
 
 def simulate(config: FleetConfig, *, broker: str | None) -> FleetResult:

@@ -10,12 +10,15 @@ from typing import Any
 from peft import PeftModel
 
 from edge_agent.trainers.base import FitResult, Trainer
+from edge_agent.trainers.fwdgrad import FwdGradConfig, FwdGradTrainer
 from edge_agent.trainers.lora import LoraConfig, LoraTrainer
 from schemas.errors import ConfigError
 
 __all__ = [
     "TRAINERS",
     "FitResult",
+    "FwdGradConfig",
+    "FwdGradTrainer",
     "LoraConfig",
     "LoraTrainer",
     "Trainer",
@@ -36,7 +39,7 @@ class TrainerEntry:
 TRAINERS: dict[str, TrainerEntry] = {}
 """Method name -> entry; filled by :func:`register_trainer`."""
 
-_PLANNED = ("fwdgrad", "kd", "split")
+_PLANNED = ("kd", "split")
 
 
 def register_trainer(
@@ -75,3 +78,4 @@ def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
 
 
 register_trainer("lora", LoraConfig, LoraTrainer)
+register_trainer("fwdgrad", FwdGradConfig, FwdGradTrainer)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from edgefed.data import TokenDataset
-from schemas.messages import Method, TensorMap, TrainSpec
+from schemas.messages import Method, SeedDelta, TensorMap, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class FitResult:
         train_loss: Mean training loss over the local steps.
         compute_s: Wall time of the fit, for the planner and for speed emulation.
         steps: Optimiser steps taken.
+        seeds: The same delta as seeds (forward gradient), when the update should carry them.
+        variance: Estimated variance of the per-step gradient estimate (forward gradient).
+        diverged: The run stopped early because its loss blew up (the bad step undone).
     """
 
     delta: TensorMap
@@ -28,6 +31,9 @@ class FitResult:
     train_loss: float
     compute_s: float
     steps: int
+    seeds: SeedDelta | None = None
+    variance: float | None = None
+    diverged: bool = False
 
 
 class Trainer(Protocol):

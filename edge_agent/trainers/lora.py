@@ -15,6 +15,7 @@ from peft import PeftModel
 from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenBatch, TokenDataset
 from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
+from edgefed.objectives import batch_loss
 from schemas.errors import ConfigError
 from schemas.messages import Method, TensorMap, TrainSpec
 
@@ -90,7 +91,8 @@ class LoraTrainer:
     ) -> FitResult:
         """Run ``spec.local_steps`` steps from ``global_adapter``; return the delta.
 
-        Sequences longer than ``spec.seq_len`` are cut to it. Batch order comes from a
+        Unpadded sequences longer than ``spec.seq_len`` are cut to it (padded text is
+        encoded at the task's length already, answer last). Batch order comes from a
         generator seeded with ``seed``; when the adapter has dropout, the global torch
         RNG is seeded too (inside a fork, restored afterwards), which is reproducible
         only while no other thread draws from it at the same time.
@@ -102,7 +104,6 @@ class LoraTrainer:
         model = self.model
         set_adapter(model, global_adapter)
         params = adapter_parameters(model)
-        device = next(iter(params.values())).device
         optimizer = self._optimizer(list(params.values()), spec.lr)
         batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
         visited = 0
@@ -117,10 +118,13 @@ class LoraTrainer:
             try:
                 for _ in range(spec.local_steps):
                     batch = next(batches)
-                    input_ids = batch.input_ids[:, : spec.seq_len].to(device)
-                    labels = batch.labels[:, : spec.seq_len].to(device)
-                    loss = model(input_ids=input_ids, labels=labels).loss
-                    loss.backward()
+                    if batch.attention_mask is None and batch.labels.dim() == 2:
+                        batch = TokenBatch(
+                            input_ids=batch.input_ids[:, : spec.seq_len],
+                            labels=batch.labels[:, : spec.seq_len],
+                        )
+                    loss = batch_loss(model, batch)
+                    loss.backward()  # type: ignore[no-untyped-call]
                     if self.config.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)
                     optimizer.step()

@@ -125,7 +125,8 @@ def test_load_data_jsonl_pads_truncates_and_keeps_labels(tmp_path):
     ("content", "match"),
     [
         ("not json\n", "not JSON"),
-        ('{"text": "hi"}\n', "input_ids"),
+        ('{"tokens": [1, 2]}\n', "input_ids"),
+        ('{"text": "hi", "label": 1}\n', "needs a model"),
         ('{"input_ids": [1, "2"]}\n', "integers"),
         ('{"input_ids": [1]}\n', ">= 2 tokens"),
         ('{"input_ids": [1, -3]}\n', "non-negative"),
@@ -142,8 +143,10 @@ def test_load_data_jsonl_errors(tmp_path, content, match):
 def test_load_data_unknown_and_unsupported(tmp_path):
     with pytest.raises(ConfigError, match="unknown dataset"):
         load_data("imagenet", seq_len=8)
-    with pytest.raises(ConfigError, match="not supported yet"):
+    with pytest.raises(ConfigError, match="needs a model"):
         load_data("sst2", seq_len=8)
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        load_data("sst2", seq_len=8, model="tiny")
     with pytest.raises(ConfigError, match="cannot read"):
         load_data(str(tmp_path / "missing.jsonl"), seq_len=8)
 

@@ -91,3 +91,60 @@ async def test_fleet_stale_update_is_nacked_and_agent_continues(
     assert all(u["base_version"] >= nack["version_after"] for u in later)
     slow_report = next(a for a in result.agents if a.client_id == nack["client_id"])
     assert Counter(slow_report.rejected)["stale"] >= 1
+
+
+_FWDGRAD_TRAINER: dict[str, dict[str, bool | int | float | str]] = {
+    "fwdgrad": {"lr": 30.0, "max_step_rms": 0.03}
+}
+
+
+async def test_fleet_fwdgrad_seed_updates_lower_loss(mosquitto_url: str, federation: str) -> None:
+    config = FleetConfig(
+        agents=3,
+        method="fwdgrad",
+        max_versions=8,
+        federation=federation,
+        slowdowns=(1.0, 1.5, 2.0),
+        trainer=_FWDGRAD_TRAINER,
+        aggregator={
+            "train": {"local_steps": 3, "perturbations": 8},
+            "fwdgrad": {"variance_threshold": 20.0, "max_perturbations": 16},
+        },
+    )
+    result = await run_fleet(config, url=mosquitto_url, progress=False)
+    results = result.to_dict()
+    losses = _losses(results)
+    assert results["history"][-1]["version"] == 8
+    assert losses[-1] < losses[0] - 0.1, losses
+    updates = results["updates"]
+    assert updates and all(u["accepted"] for u in updates), updates
+    # Seeds, not tensors: 3 local steps of at most 16 perturbations each.
+    assert max(u["bytes"] for u in updates) <= 2048
+    assert len({u["bytes"] for u in updates}) > 1, "the controller never changed K"
+    assert set(results["merges"].values()) == {1}
+
+
+async def test_fleet_mixed_lora_and_fwdgrad_lower_loss(mosquitto_url: str, federation: str) -> None:
+    config = FleetConfig(
+        agents=4,
+        method="lora",
+        methods=("lora", "fwdgrad"),
+        max_versions=10,
+        federation=federation,
+        slowdowns=(1.0,),
+        trainer=_FWDGRAD_TRAINER,
+        aggregator={"train": {"perturbations": 8}},
+    )
+    result = await run_fleet(config, url=mosquitto_url, progress=False)
+    results = result.to_dict()
+    assert results["config"]["accept_methods"] == ["fwdgrad"]
+    losses = _losses(results)
+    assert losses[-1] <= 0.85 * losses[0], losses
+    by_client = {a.client_id: a for a in result.agents}
+    fwd_clients = {"dev001", "dev003"}
+    merged = set(results["merges"])
+    fwd_merged = [
+        u for u in results["updates"] if u["client_id"] in fwd_clients and u["update_id"] in merged
+    ]
+    assert fwd_merged, "no forward-gradient update was merged"
+    assert all(by_client[c].rejected.get("wrong_method", 0) == 0 for c in by_client)

@@ -1,0 +1,147 @@
+"""The numbers a person asks of a federation run, as a table and two plots.
+
+Base vs final held-out accuracy, how many versions and updates (accepted / rejected),
+bytes each way, and how stale merged updates were. Works on the results file layout
+(``FleetResult.to_dict`` plus a ``summary`` and an ``accuracy`` series).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The headline of one run."""
+
+    model: str
+    dataset: str
+    agents: int
+    base_accuracy: float | None
+    final_accuracy: float | None
+    held_out: int
+    versions: int
+    accepted: int
+    rejected: int
+    device_steps: int
+    bytes_up: int
+    bytes_down: int
+    mean_staleness: float
+    max_staleness: int
+    train_s: float
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return asdict(self)
+
+
+def summarize(
+    results: dict[str, Any],
+    *,
+    model: str,
+    dataset: str,
+    base_accuracy: float | None,
+    final_accuracy: float | None,
+    held_out: int,
+    device_steps: int,
+    train_s: float,
+    wall_s: float,
+) -> RunSummary:
+    """Collect the headline from a fleet's results and the final check."""
+    updates = results["updates"]
+    accepted = [u for u in updates if u["accepted"]]
+    staleness = [u["staleness"] for u in accepted]
+    agents = results.get("agents", [])
+    return RunSummary(
+        model=model,
+        dataset=dataset,
+        agents=len(agents),
+        base_accuracy=base_accuracy,
+        final_accuracy=final_accuracy,
+        held_out=held_out,
+        versions=max((h["version"] for h in results["history"]), default=0),
+        accepted=len(accepted),
+        rejected=len(updates) - len(accepted),
+        device_steps=device_steps,
+        bytes_up=sum(u["bytes"] for u in updates),
+        bytes_down=sum(a.get("bytes_down", 0) for a in agents),
+        mean_staleness=statistics.fmean(staleness) if staleness else 0.0,
+        max_staleness=max(staleness, default=0),
+        train_s=train_s,
+        wall_s=wall_s,
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def summary_table(summary: RunSummary) -> Table:
+    """Two columns: what, and how much."""
+    table = Table(title=f"{summary.model} on {summary.dataset}, {summary.agents} devices")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [
+        (f"base accuracy ({summary.held_out} held-out)", _acc(summary.base_accuracy)),
+        (f"final accuracy ({summary.held_out} held-out)", _acc(summary.final_accuracy)),
+        ("global versions", str(summary.versions)),
+        ("updates accepted / rejected", f"{summary.accepted} / {summary.rejected}"),
+        ("device steps", str(summary.device_steps)),
+        ("bytes up (updates)", _mb(summary.bytes_up)),
+        ("bytes down (globals)", _mb(summary.bytes_down)),
+        ("staleness mean / max", f"{summary.mean_staleness:.2f} / {summary.max_staleness}"),
+        ("training time", f"{summary.train_s:.0f} s"),
+        ("wall time", f"{summary.wall_s:.0f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _pyplot() -> Any:
+    import matplotlib as mpl  # noqa: PLC0415 - heavy, only when a plot is asked for
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def plot_accuracy(points: list[dict[str, float]], path: Path, *, title: str) -> Path:
+    """Held-out accuracy of the global model against training wall time."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([p["time_s"] for p in points], [p["accuracy"] for p in points], marker="o")
+    for p in points:
+        axis.annotate(f"v{int(p['version'])}", (p["time_s"], p["accuracy"]), fontsize=7)
+    axis.set(xlabel="wall time (s)", ylabel="held-out accuracy", title=title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_staleness(results: dict[str, Any], path: Path) -> Path:
+    """How stale accepted updates were when they arrived."""
+    plt = _pyplot()
+    staleness = [u["staleness"] for u in results["updates"] if u["accepted"]]
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    top = max(staleness, default=0)
+    axis.hist(staleness, bins=range(top + 2), align="left", rwidth=0.8)
+    axis.set(xlabel="staleness (versions)", ylabel="accepted updates", title="staleness")
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,100 @@
+"""Agents train only on globals the aggregator signed, through a broker with no ACL at all.
+
+The broker here is the development one (anonymous, no ACL): anyone may publish on
+``global``, which is exactly what the signature is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from edge_agent.agent import AgentReport, run_agent
+from edge_agent.config import AgentConfig
+from edgefed.data import synthetic_shards
+from edgefed.signing import GlobalSigner, write_keypair
+from edgefed.transport import MqttTransport, TransportConfig
+from schemas import topics
+from schemas.messages import GlobalModel
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def test_agent_refuses_forged_globals_and_trains_on_the_next_valid_one(
+    mosquitto_url: str, federation: str, tmp_path: Path
+) -> None:
+    write_keypair(tmp_path / "agg.key", tmp_path / "agg.pub")
+    write_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+    config = AggregatorConfig(
+        federation=federation,
+        signing_key=str(tmp_path / "agg.key"),
+        max_versions=5,
+        strategy={"name": "fedbuff", "buffer_size": 1},  # type: ignore[arg-type]
+    )
+    agent_config = AgentConfig(
+        federation=federation,
+        client_id="dev-1",
+        data="synthetic",
+        trusted_global_keys=(str(tmp_path / "agg.pub"),),
+    )
+    report = AgentReport(client_id="dev-1")
+    shard = synthetic_shards(1, total=64, seq_len=config.train.seq_len, seed=3)[0]
+    aggregator_settings = TransportConfig(url=mosquitto_url, client_id=f"agg-{uuid.uuid4().hex}")
+    async with MqttTransport(aggregator_settings) as transport:
+        service = AggregatorService(config, transport)
+        serving = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 30)
+        shapes = {name: t.shape for name, t in service.current.items()}
+
+        def poisoned(version: int) -> GlobalModel:
+            tensors = {name: torch.full(shape, 9.0) for name, shape in shapes.items()}
+            return GlobalModel(task_id=config.task_id, version=version, tensors=tensors)
+
+        # Three forged "next versions", retained before the agent starts, as an intruder on
+        # an open broker would leave them: the genuine key's signature over other tensors
+        # (tampered), a signature by another key, and no signature at all.
+        genuine = GlobalSigner.from_file(tmp_path / "agg.key")
+        signed_other = genuine.sign(
+            GlobalModel(task_id=config.task_id, version=1, tensors=service.current),
+            federation=federation,
+        )
+        tampered = poisoned(1).model_copy(update={"signature": signed_other.signature})
+        rogue = GlobalSigner.from_file(tmp_path / "rogue.key").sign(
+            poisoned(2), federation=federation
+        )
+        forged = [tampered, rogue, poisoned(3)]
+        async with MqttTransport(TransportConfig(url=mosquitto_url, client_id="intruder")) as bad:
+            for model in forged:
+                await bad.publish(
+                    topics.global_model(federation, model.version), model, retain=True
+                )
+
+        agent = asyncio.create_task(
+            run_agent(agent_config, url=mosquitto_url, data=shard, report=report)
+        )
+        try:
+            await asyncio.wait_for(serving, 60)
+        finally:
+            agent.cancel()
+            await asyncio.gather(agent, return_exceptions=True)
+            async with MqttTransport(
+                TransportConfig(url=mosquitto_url, client_id="sweep")
+            ) as sweep:
+                for model in forged:
+                    await sweep.clear_retained(topics.global_model(federation, model.version))
+
+    assert report.refused_globals == len(forged)
+    # Training went on: every version was built from this agent's updates, each based on
+    # the newest genuine global it had, moving on as new genuine versions arrived.
+    assert service.version == 5
+    assert report.accepted >= 5
+    updates = service.results.updates
+    assert all(u.accepted for u in updates), updates
+    bases = [u.base_version for u in updates]
+    assert bases == sorted(bases) and bases[-1] >= 3, bases

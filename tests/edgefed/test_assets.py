@@ -1,0 +1,67 @@
+"""Packaged assets: where they are looked for, and one clear message when they are not there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgefed import assets
+from edgefed.cli import main
+from edgefed.data import load_data
+from edgefed.modeling import build_model, load_tokenizer, model_folder
+from schemas.errors import AssetMissing, ConfigError
+from tests.assets_helpers import require_minilm, require_smollm2
+
+
+def test_cache_dir_follows_env_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEFED_CACHE_DIR", str(tmp_path / "mine"))
+    assert assets.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("EDGEFED_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert assets.cache_dir() == tmp_path / "xdg" / "edgefed"
+
+
+def test_unconverted_smollm2_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEFED_CACHE_DIR", str(tmp_path))
+    with pytest.raises(AssetMissing, match="run `edgefed assets`") as caught:
+        build_model("smollm2-135m")
+    assert caught.value.asset == "smollm2-135m"
+    assert isinstance(caught.value, ConfigError)
+    with pytest.raises(AssetMissing):
+        load_data("rotten-tomatoes:split=test", seq_len=32, model="smollm2-135m")
+
+
+def test_uninstalled_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(assets, "package_dir", lambda module: None)
+    for find in (assets.minilm_dir, assets.rotten_tomatoes_csv, assets.smollm2_gguf):
+        with pytest.raises(AssetMissing, match="edgefed assets"):
+            find()
+
+
+def test_demo_without_assets_prints_one_line_and_exits_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("EDGEFED_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 2
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert len(lines) == 1 and "edgefed assets" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_local_folders_and_unknown_names(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model"):
+        model_folder(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        model_folder(str(tmp_path))
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        load_tokenizer("tiny")
+
+
+def test_prepare_without_install_reports_every_asset_when_present():
+    require_smollm2()
+    require_minilm()
+    found = assets.prepare(install=False)  # converted already: only looks
+    assert set(found) == {"smollm2-135m", "minilm-l6", "rotten-tomatoes"}
+    assert all(Path(p).exists() for p in found.values())
+    assert (found["smollm2-135m"] / "tokenizer.json").is_file()

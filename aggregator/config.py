@@ -46,6 +46,21 @@ class FwdGradSettings(Settings):
     """Most perturbations one seed update may ask the aggregator to regenerate."""
 
 
+class KdSettings(Settings):
+    """Knowledge distillation: the proxy slices announced and the server's distillation."""
+
+    proxy_dataset: str = "synthetic:n=512,seed=4242"
+    """Public proxy source every participant can load (a ``load_data`` spec)."""
+    proxy_size: int = Field(default=16, ge=1)
+    """Rows per slice; a fresh slice is drawn for every version."""
+    top_k: int = Field(default=8, ge=1)
+    """Logits per scored position a device uploads."""
+    temperature: float = Field(default=2.0, gt=0)
+    server_steps: int = Field(default=8, ge=1)
+    """AdamW steps of distillation per merge."""
+    server_lr: float = Field(default=1e-2, gt=0)
+
+
 class AggregatorConfig(Settings):
     """Everything one aggregator needs to run a federation."""
 
@@ -60,6 +75,7 @@ class AggregatorConfig(Settings):
     train: TrainSpec = TrainSpec()
     strategy: StrategySettings = StrategySettings()
     fwdgrad: FwdGradSettings = FwdGradSettings()
+    kd: KdSettings = KdSettings()
     seed: int = 0
     """Seed of the shared base model and adapter initialisation."""
     max_staleness: int = Field(default=10, ge=0)

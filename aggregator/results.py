@@ -32,6 +32,8 @@ class UpdateRecord:
     reason: str | None
     version_after: int
     time_s: float
+    method: str = "lora"
+    """How the update was trained, so bytes per update compare across methods."""
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
 from aggregator.fwdgrad import PerturbationController, expand_seeds, perturbations_per_step
+from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
 from aggregator.strategies import Strategy, make_strategy
@@ -111,6 +112,8 @@ class AggregatorService:
         if self._perturbations is not None:
             self._stateful["perturbations"] = self._perturbations
         self._lock = asyncio.Lock()
+        self._kd: KdHandler | None = None
+        """Distils KD updates' logits; set in ``start`` when the federation accepts ``kd``."""
         audit = config.audit_log
         if audit is None and config.checkpoint_dir is not None:
             audit = str(Path(config.checkpoint_dir) / AUDIT_FILE)
@@ -174,6 +177,9 @@ class AggregatorService:
         model = await asyncio.to_thread(self._build_model)
         self._model = model
         self._shapes = adapter_shapes(model)
+        if "kd" in {self.config.method, *self.config.accept_methods}:
+            self._kd = await asyncio.to_thread(make_kd_handler, self.config, model, self._policy)
+            self._stateful["kd"] = self._kd
         self._eval_data: TokenDataset = load_data(
             self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
@@ -214,6 +220,7 @@ class AggregatorService:
             federation=cfg.federation,
             version=self.version,
             method=cfg.method,
+            methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,
             lora=cfg.lora,
             train=(
@@ -226,6 +233,7 @@ class AggregatorService:
             max_staleness=cfg.max_staleness,
             dataset=cfg.dataset,
             seed=cfg.seed,
+            proxy=None if self._kd is None else self._kd.proxy_spec(self.version),
         )
 
     async def _publish_version(self) -> None:
@@ -323,23 +331,27 @@ class AggregatorService:
             return
         staleness = self.version - update.base_version
         used_perturbations = perturbations_per_step(update)
+        kd: KdContribution | None = None
         try:
-            if update.seeds is not None:  # rebuild the dense delta, off the event loop
+            if update.method == "kd" and self._kd is not None:  # logits, not a delta
+                kd = await asyncio.to_thread(self._kd.check, update, current_version=self.version)
+            elif update.seeds is not None:  # rebuild the dense delta, off the event loop
                 update = await asyncio.to_thread(
                     expand_seeds,
                     update,
                     shapes=self._shapes,
                     max_perturbations=self.config.fwdgrad.max_update_perturbations,
                 )
-            checked = validate_update(
-                update,
-                task_id=self.config.task_id,
-                method=self.config.method,
-                current_version=self.version,
-                shapes=self._shapes,
-                policy=self._policy,
-            )
-            base = self._base(update.base_version)
+            if kd is None:
+                checked = validate_update(
+                    update,
+                    task_id=self.config.task_id,
+                    method=self.config.method,
+                    current_version=self.version,
+                    shapes=self._shapes,
+                    policy=self._policy,
+                )
+                base = self._base(update.base_version)
         except UpdateRejected as exc:
             self._rejected_count += 1
             self._rejections[exc.reason] += 1
@@ -361,14 +373,19 @@ class AggregatorService:
             )
             await self._send_ack(ack)
             return
-        result = self._strategy.submit(
-            current=self.current,
-            base=base,
-            delta=checked.delta,
-            staleness=checked.staleness,
-            num_samples=update.num_samples,
-            update_id=update.update_id,
-        )
+        if kd is not None and self._kd is not None:
+            result = await asyncio.to_thread(self._kd.submit, kd, current=self.current)
+            staleness = kd.staleness
+        else:
+            result = self._strategy.submit(
+                current=self.current,
+                base=base,
+                delta=checked.delta,
+                staleness=checked.staleness,
+                num_samples=update.num_samples,
+                update_id=update.update_id,
+            )
+            staleness = checked.staleness
         if result.new_global is not None:
             for merged_id in result.merged_update_ids:
                 self.results.merges[merged_id] = self.results.merges.get(merged_id, 0) + 1
@@ -379,10 +396,10 @@ class AggregatorService:
             client_id=update.client_id,
             accepted=True,
             version=self.version,
-            staleness=checked.staleness,
+            staleness=staleness,
             perturbations=self._next_perturbations(update, used_perturbations),
         )
-        self._record(update, size, checked.staleness, ack)
+        self._record(update, size, staleness, ack)
         merge = None
         if result.new_global is not None:
             merge = MergeEntry(version=self.version, update_ids=result.merged_update_ids)
@@ -516,6 +533,8 @@ class AggregatorService:
         self._globals[self.version] = new_global
         while len(self._globals) > self.config.max_staleness + 1:
             self._globals.popitem(last=False)
+        if self._kd is not None:
+            self._kd.forget_before(self.version)
 
     async def wait_for_version(self, version: int) -> None:
         """Return once a global of at least ``version`` is published (retained)."""
@@ -534,6 +553,7 @@ class AggregatorService:
                 reason=ack.reason,
                 version_after=ack.version,
                 time_s=round(time.monotonic() - self._started, 4),
+                method=update.method,
             )
         )
         self._answered[update.update_id] = ack

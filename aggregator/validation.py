@@ -149,6 +149,46 @@ def _check_finite(delta: TensorMap) -> None:
         raise UpdateRejected("non_finite", _listing(bad))
 
 
+def check_metadata(
+    update: Update,
+    *,
+    task_id: str,
+    method: Method,
+    current_version: int,
+    policy: ValidationPolicy,
+) -> int:
+    """The checks every update passes before its content is looked at; returns its staleness.
+
+    Order: unknown_client, wrong_task, wrong_method, future_version, stale.
+
+    Raises:
+        StaleUpdate: If the update is older than ``policy.max_staleness``.
+        UpdateRejected: For every other failed check.
+    """
+    if policy.known_clients is not None and update.client_id not in policy.known_clients:
+        raise UpdateRejected("unknown_client", f"client {update.client_id!r} is not registered")
+    if update.task_id != task_id:
+        raise UpdateRejected(
+            "wrong_task", f"update is for task {update.task_id!r}, the current task is {task_id!r}"
+        )
+    allowed = {method} | (policy.allowed_methods or set())
+    if update.method not in allowed:
+        raise UpdateRejected(
+            "wrong_method",
+            f"update was trained with {update.method!r}, the current task uses {method!r}"
+            + (f" and also accepts {sorted(allowed - {method})}" if len(allowed) > 1 else ""),
+        )
+    if update.base_version > current_version:
+        raise UpdateRejected(
+            "future_version",
+            f"base_version {update.base_version} is ahead of the current version {current_version}",
+        )
+    staleness = current_version - update.base_version
+    if staleness > policy.max_staleness:
+        raise StaleUpdate(staleness, policy.max_staleness)
+    return staleness
+
+
 def validate_update(
     update: Update,
     *,
@@ -178,27 +218,9 @@ def validate_update(
         StaleUpdate: If the update is older than ``policy.max_staleness``.
         UpdateRejected: For every other failed check, with the reason and a detail.
     """
-    if policy.known_clients is not None and update.client_id not in policy.known_clients:
-        raise UpdateRejected("unknown_client", f"client {update.client_id!r} is not registered")
-    if update.task_id != task_id:
-        raise UpdateRejected(
-            "wrong_task", f"update is for task {update.task_id!r}, the current task is {task_id!r}"
-        )
-    allowed = {method} | (policy.allowed_methods or set())
-    if update.method not in allowed:
-        raise UpdateRejected(
-            "wrong_method",
-            f"update was trained with {update.method!r}, the current task uses {method!r}"
-            + (f" and also accepts {sorted(allowed - {method})}" if len(allowed) > 1 else ""),
-        )
-    if update.base_version > current_version:
-        raise UpdateRejected(
-            "future_version",
-            f"base_version {update.base_version} is ahead of the current version {current_version}",
-        )
-    staleness = current_version - update.base_version
-    if staleness > policy.max_staleness:
-        raise StaleUpdate(staleness, policy.max_staleness)
+    staleness = check_metadata(
+        update, task_id=task_id, method=method, current_version=current_version, policy=policy
+    )
     if update.seeds is not None:
         raise UpdateRejected("malformed", "seeds must be expanded to a delta before validation")
     _check_shapes(update.delta, shapes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import OUTBOX_FILE, Outbox
+from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
-from edge_agent.trainers import Trainer, make_trainer
+from edge_agent.trainers import KdTrainer, Trainer, make_trainer
 from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenDataset, load_data
 from edgefed.datasets import num_labels
@@ -26,7 +28,7 @@ from edgefed.modeling import attach_lora, build_model
 from edgefed.signing import GlobalVerifier
 from edgefed.transport import BadDelivery, MqttTransport, Transport, Will
 from schemas import topics
-from schemas.errors import SignatureError, TransportError
+from schemas.errors import ConfigError, SignatureError, TransportError
 from schemas.messages import Ack, AgentState, GlobalModel, Status, Task, Update
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class AgentReport:
     """Local DP: noise multiplier, releases and the (ε, δ) estimate so far."""
     bytes_down: int = 0
     """Bytes of global models received (all chunks), the download side of the traffic."""
+    plan: dict[str, str | int | float | bool] | None = None
+    """The memory plan (method, shape, estimate, measured peak) or the refusal (DESIGN §7)."""
 
 
 class EdgeAgent:
@@ -86,6 +90,8 @@ class EdgeAgent:
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._outbox: Outbox | None = None
         self._rounds_before = 0
+        self._sizer = DeviceSizer.from_config(config)
+        self._state: AgentState = "offline"
         """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
         self.report = report or AgentReport(client_id=config.client_id)
         """Filled in while running, so a caller holding it sees progress even after a cancel."""
@@ -135,14 +141,17 @@ class EdgeAgent:
                 await self._train_loop()
             finally:
                 receiver.cancel()
-        await self._announce("offline")
+        if self._state != "cannot_fit":  # the refusal stays retained for operators
+            await self._announce("offline")
         return self.report
 
     async def _announce(self, state: AgentState) -> None:
+        self._state = state
         status = Status(
             client_id=self.config.client_id,
             state=state,
             profile=self.config.profile,
+            plan=self.report.plan,
             base_version=self._global.version if self._global else None,
             updates_sent=self.report.updates_sent,
         )
@@ -229,22 +238,41 @@ class EdgeAgent:
         )
         assert self._task is not None
         task = self._task
-        trainer = await asyncio.to_thread(self._build_trainer, task)
+        plan = replan = await asyncio.to_thread(self._sizer.plan, task) if self._sizer else None
+        if isinstance(plan, CannotFit):
+            await self._refuse(plan)
+            return
+        self.report.plan = plan.to_status() if plan else None
+        trainer = await asyncio.to_thread(self._build_trainer, task, plan)
         data = self._data or load_data(
-            self.config.data, seq_len=task.train.seq_len, model=task.model
+            self.config.data, seq_len=task.train.seq_len, model=self.config.model or task.model
         )
         round_index = self._rounds_before
-        spec = task.train
+        spec = plan.train_spec(task.train) if plan else task.train
         while not 0 < self.config.max_updates <= self.report.updates_sent:
+            if replan is not plan:  # the measured peak overran the budget: follow the new plan
+                if isinstance(replan, CannotFit):
+                    await self._refuse(replan)
+                    return
+                assert plan is not None and replan is not None
+                if replan.method != plan.method:
+                    trainer = await asyncio.to_thread(self._build_trainer, task, replan)
+                plan, spec = replan, replan.train_spec(spec)
             start = self._global
             assert start is not None
             await self._announce("training")
-            fit = await asyncio.to_thread(
-                trainer.fit,
-                start.tensors,
-                data,
-                spec,
-                seed=self.config.seed * 1_000_003 + round_index,
+            if isinstance(trainer, KdTrainer):  # logits answer the newest announced slice
+                await asyncio.to_thread(self._use_proxy, trainer, self._task or task)
+            fit, replan = await self._sized_fit(
+                functools.partial(
+                    trainer.fit,
+                    start.tensors,
+                    data,
+                    spec,
+                    seed=self.config.seed * 1_000_003 + round_index,
+                ),
+                task,
+                plan,
             )
             round_index += 1
             if self._fit_filter is not None:
@@ -268,6 +296,8 @@ class EdgeAgent:
                 delta=fit.delta if fit.seeds is None else {},
                 seeds=fit.seeds,
                 variance=fit.variance,
+                logits=fit.logits or {},
+                proxy_slice=fit.proxy_slice,
                 train_loss=fit.train_loss,
                 compute_s=fit.compute_s,
             )
@@ -291,10 +321,42 @@ class EdgeAgent:
             if ack.reason in ("stale", "future_version"):
                 await self._wait_for_version(ack.version)
 
-    def _build_trainer(self, task: Task) -> Trainer:
-        base = build_model(task.model, seed=task.seed, num_labels=num_labels(task.dataset))
+    async def _refuse(self, refusal: CannotFit) -> None:
+        self.report.plan = refusal.to_status()
+        log.error(
+            "%s: cannot fit the task in %.0f MB: it needs at least %.0f MB (%s)",
+            self.config.client_id,
+            refusal.budget_mb,
+            refusal.required_mb,
+            refusal.method,
+        )
+        await self._announce("cannot_fit")
+
+    async def _sized_fit(
+        self, fit: Callable[[], FitResult], task: Task, plan: Plan | None
+    ) -> tuple[FitResult, Plan | CannotFit | None]:
+        """Run ``fit``; measure it when it is the first under ``plan``; return the next plan."""
+        if plan is None or self._sizer is None or not self._sizer.needs_measuring(plan):
+            return await asyncio.to_thread(fit), plan
+        result, meter = await asyncio.to_thread(self._sizer.measure, fit)
+        measured, replan = await asyncio.to_thread(self._sizer.observe, plan, task, meter)
+        self.report.plan = measured.to_status()
+        return result, measured if replan is measured else replan
+
+    def _build_trainer(self, task: Task, plan: Plan | None = None) -> Trainer:
+        method = (plan.method if plan else None) or self.config.method or task.method
+        if self.config.model is not None and method != "kd":
+            raise ConfigError(f"a device model of its own needs method 'kd', not {method!r}")
+        ref = self.config.model or task.model
+        base = build_model(ref, seed=task.seed, num_labels=num_labels(task.dataset))
         model = attach_lora(base, task.lora)
-        return make_trainer(self.config.method or task.method, model, **self.config.trainer)
+        return make_trainer(method, model, **self.config.trainer)
+
+    def _use_proxy(self, trainer: KdTrainer, task: Task) -> None:
+        if task.proxy is None:
+            raise ConfigError(f"task {task.task_id!r} announces no proxy slice for kd")
+        model = self.config.model or task.model
+        trainer.use_proxy(task.proxy, seq_len=task.train.seq_len, model=model)
 
     async def _deliver(self, update: Update) -> Ack:
         """Publish ``update`` until it is answered; re-sends keep the same update_id."""

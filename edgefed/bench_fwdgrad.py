@@ -16,12 +16,10 @@ import argparse
 import json
 import math
 import random
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from edge_agent.budget import current_rss_mb as _current_rss_mb
+from edge_agent.budget import peak_rss_mb as _peak_rss_mb
+from edge_agent.budget import reset_peak
 from edge_agent.trainers import FwdGradConfig, FwdGradTrainer, LoraTrainer
 from edge_agent.trainers.fwdgrad import GradMode
 from edgefed.data import TokenBatch, TokenDataset, evaluate, synthetic_dataset
@@ -82,15 +83,6 @@ def load_base(name: str) -> tuple[PreTrainedModel, str]:
         return _smollm2_shaped(), "random"
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _current_rss_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text(encoding="ascii").split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
 def _random_data(vocab: int, batch: int, seq: int) -> TokenDataset:
     gen = torch.Generator().manual_seed(0)
     return TokenDataset(input_ids=torch.randint(0, vocab, (batch, seq), generator=gen))
@@ -110,6 +102,7 @@ def memory_child(
             p.requires_grad_(True)
         trainable = sum(p.numel() for p in base.parameters())
         optimizer = torch.optim.AdamW(base.parameters(), lr=1e-5)
+        reset_peak()  # the step's peak, not the model load's
         loaded = _current_rss_mb()
         started = time.perf_counter()
         for _ in range(steps):
@@ -144,6 +137,7 @@ def memory_child(
 
         else:
             raise ConfigError(f"unknown method {method!r}; one of {MEMORY_METHODS}")
+        reset_peak()  # the step's peak, not the model load's
         loaded = _current_rss_mb()
         started = time.perf_counter()
         run()
@@ -158,21 +152,34 @@ def memory_child(
     }
 
 
+def run_child(
+    method: str, *, model: str, batch: int, seq: int, steps: int, k: int, threads: int
+) -> dict[str, Any]:
+    """:func:`memory_child` in a fresh process, so its high-water mark is its own.
+
+    Raises:
+        ConfigError: The child failed.
+    """
+    command = [
+        sys.executable, "-m", "edgefed.bench_fwdgrad", "--child", method, "--model", model,
+        "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--k", str(k),
+        "--threads", str(threads),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"{method} failed:\n{done.stderr[-2000:]}")
+    row: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return row
+
+
 def bench_memory(
     *, model: str, batch: int, seq: int, steps: int, k: int, threads: int
 ) -> list[dict[str, Any]]:
     """Each method in its own fresh process; rows carry ``ratio_to_inference``."""
-    rows: list[dict[str, Any]] = []
-    for method in MEMORY_METHODS:
-        command = [
-            sys.executable, "-m", "edgefed.bench_fwdgrad", "--child", method, "--model", model,
-            "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--k", str(k),
-            "--threads", str(threads),
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise ConfigError(f"{method} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [
+        run_child(method, model=model, batch=batch, seq=seq, steps=steps, k=k, threads=threads)
+        for method in MEMORY_METHODS
+    ]
     inference = rows[0]["peak_rss_mb"]
     loaded = rows[0]["loaded_rss_mb"]
     for row in rows:

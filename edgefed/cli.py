@@ -22,6 +22,7 @@ _HANDLERS = {
     "simulate": "simulator.cli",
     "demo": "simulator.demo",
     "assets": "edgefed.assets",
+    "plan": "edge_agent.planner",
     "credentials": "edgefed.credentials",
 }
 
@@ -67,6 +68,20 @@ def _credentials_grammar(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("client_id")
 
 
+def _plan_grammar(parser: argparse.ArgumentParser) -> None:
+    """``edgefed plan``: size a device without training (and without importing torch here)."""
+    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
+    parser.add_argument(
+        "--budget-mb", type=float, default=None, help="memory budget (default: from the OS)"
+    )
+    parser.add_argument("--methods", default="lora,fwdgrad", help="allowed, preferred first")
+    parser.add_argument("--batch", type=int, default=8, help="largest batch to consider")
+    parser.add_argument("--seq", type=int, default=128, help="largest sequence length")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (kept as given)")
+    parser.add_argument("--k", type=int, default=16, help="perturbations per step (fwdgrad)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar, in one place."""
     parser = argparse.ArgumentParser(prog="edgefed", description=__doc__.splitlines()[0])
@@ -81,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="micro-benchmarks, reported as ratios")
-    bench.add_argument("which", choices=["codec", "memory", "bytes", "fwdgrad"])
+    bench.add_argument("which", choices=["codec", "memory", "bytes", "fwdgrad", "estimate"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--repeat", type=int, default=0, help="repetitions per size (0 = auto)")
     bench.add_argument("--model", default="smollm2-135m", help="memory, bytes: model to measure")
@@ -95,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_option(agent)
     agent.add_argument("--federation", required=True)
     agent.add_argument("--client-id", required=True)
-    agent.add_argument("--data", required=True, help="a data file, or synthetic:KEY=VALUE,...")
+    agent.add_argument(
+        "--data",
+        required=True,
+        help="synthetic:KEY=VALUE,..., a named text source with options "
+        "(rotten-tomatoes:parts=6,part=2), or a .csv/.jsonl file",
+    )
     agent.add_argument("--config", default=None, help="agent TOML file")
     agent.add_argument(
         "--max-updates", type=int, default=0, help="stop after N updates (0 = run on)"
@@ -120,9 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_option(simulate)
     simulate.add_argument("--model", default="tiny")
     simulate.add_argument("--agents", type=int, default=4)
-    simulate.add_argument("--method", default="lora", choices=["lora", "fwdgrad"])
+    simulate.add_argument("--method", default="lora", choices=["lora", "fwdgrad", "kd"])
+    simulate.add_argument(
+        "--device-models", default="", help="kd: per-agent device models, cycled (tiny,tiny-4l)"
+    )
     simulate.add_argument(
         "--methods", default="", help="per-agent methods, cycled, e.g. lora,fwdgrad (mixed fleet)"
+    )
+    simulate.add_argument(
+        "--budgets",
+        default="",
+        help="per-agent memory budgets in MB, cycled, e.g. 3000,1200: each agent plans its "
+        "method (among --method and --methods) and step shape to fit",
     )
     simulate.add_argument("--strategy", default="fedbuff", choices=["fedbuff", "fedasync"])
     simulate.add_argument("--staleness", default=None, help="constant|polynomial|hinge")
@@ -157,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-install", action="store_true", help="only convert what is installed already"
     )
     _credentials_grammar(commands.add_parser("credentials", help="CA, certificates, logins"))
+    _plan_grammar(commands.add_parser("plan", help="the method and step shape a budget fits"))
     return parser
 
 

@@ -31,7 +31,6 @@ import functools
 import gzip
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -39,10 +38,10 @@ from pathlib import Path
 from typing import Literal
 
 from edgefed import assets
+from edgefed.assets import DATA_DIR_ENV, data_dir
 from edgefed.data import shard_sizes
 from schemas.errors import ConfigError
 
-DATA_DIR_ENV = "EDGEFED_DATA_DIR"
 TaskFamily = Literal["sentiment", "topic", "newsgroup"]
 """How a text is framed for a causal LM (see ``edgefed.text_tasks``)."""
 Partition = Literal["iid", "dirichlet", "size"]
@@ -157,15 +156,6 @@ def is_text_spec(spec: str) -> bool:
     if name in SOURCES or name.endswith(".csv"):
         return True
     return name.endswith(".jsonl") and _has_text_rows(Path(name).expanduser())
-
-
-def data_dir() -> Path | None:
-    """The benchmark data directory, or ``None`` when there is none."""
-    override = os.environ.get(DATA_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return beside if beside.is_dir() else None
 
 
 def _data_file(folder: str, name: str) -> Path:

@@ -18,6 +18,7 @@ head) that ``edgefed assets`` prepares, or any Hugging Face folder. Nothing is d
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
@@ -114,6 +115,16 @@ ModelKind = Literal["causal", "classifier"]
 _ENCODER_TARGETS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 """LoRA target names in Llama style mapped to BERT-style encoders' module names."""
 
+_LOADED: dict[tuple[str, str, int, int], PreTrainedModel] = {}
+"""Base models loaded from folders, by (folder, kind, labels, head seed); never handed out.
+
+Every model :func:`build_model` returns for a folder is a copy whose parameters are these
+templates' tensors, so a process that simulates a fleet holds the weights once and starts
+each device in a fraction of a second. edgefed never changes base weights (only adapters
+and heads, which peft copies), so the sharing is invisible; code that merges an adapter
+into the base in place must build its model elsewhere.
+"""
+
 _GLOBAL_STATE_LOCK = threading.Lock()
 """Guards torch's global RNG and the warning filters while a model is built.
 
@@ -197,6 +208,9 @@ def build_model(
         seed: Seed for the weights of built (``tiny``) models and new heads.
         num_labels: Classes of an encoder's head (default 2); ignored for causal LMs.
 
+    Models from folders are loaded once per process; later builds share those frozen weight
+    tensors (see :data:`_LOADED`).
+
     Returns:
         The model, in training mode as transformers leaves it.
 
@@ -217,12 +231,21 @@ def build_model(
     if kind == "classifier":
         options["num_labels"] = num_labels or 2
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    try:
-        with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model: PreTrainedModel = auto.from_pretrained(path, **options)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
+    key = (str(path.resolve()), kind, options.get("num_labels", 0), seed if kind != "causal" else 0)
+    with _GLOBAL_STATE_LOCK:
+        template = _LOADED.get(key)
+        if template is None:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    template = auto.from_pretrained(path, **options)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
+            _LOADED[key] = template
+        # A new module tree over the same weight tensors: no second copy of the weights.
+        shared = {id(param): param for param in template.parameters()}
+        model: PreTrainedModel = copy.deepcopy(template, shared)
+    model.train()
     return model
 
 

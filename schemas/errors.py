@@ -33,6 +33,7 @@ RejectReason = Literal[
     "wrong_dtype",
     "non_finite",
     "norm_bound",
+    "wrong_proxy",
     "stale",
     "future_version",
     "duplicate",

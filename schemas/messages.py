@@ -80,6 +80,23 @@ class TrainSpec(WireModel):
     """Forward-gradient perturbations per local step (``fwdgrad`` only; an Ack may override)."""
 
 
+class ProxySpec(WireModel):
+    """The public proxy slice KD devices compute logits on (DESIGN §6 ``kd``).
+
+    Every participant loads ``dataset`` (a ``load_data`` spec) from the same assets and keeps
+    the rows at ``indices``; the aggregator picks a fresh slice per version, and an update
+    names the slice it answers by ``slice_id`` so stale logits are still distilled on the
+    rows they were computed for.
+    """
+
+    dataset: str = Field(min_length=1)
+    indices: tuple[NonNegative, ...] = Field(min_length=1)
+    slice_id: NonNegative
+    """The version the slice was chosen for."""
+    top_k: Positive = 8
+    """Logits per scored position a device uploads (the largest ones)."""
+
+
 class Task(Message):
     """What the federation is training now; published retained by the aggregator."""
 
@@ -88,6 +105,9 @@ class Task(Message):
     federation: str = Field(min_length=1)
     version: NonNegative
     method: Method = "lora"
+    methods: tuple[Method, ...] = ()
+    """Methods a device may choose from to fit its memory budget, preferred first (DESIGN §7);
+    empty: only ``method``."""
     model: ModelRef
     lora: LoraSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
@@ -95,6 +115,8 @@ class Task(Message):
     seed: int = 0
     """Seed of the shared base model (for models built from a config) and adapter init."""
     max_staleness: NonNegative = 10
+    proxy: ProxySpec | None = None
+    """``kd`` only: the proxy slice devices answer with logits."""
     created_at: float = Field(default_factory=time.time)
 
 
@@ -150,7 +172,8 @@ class Update(Message):
     """One device's contribution: a delta of the adapter against ``base_version``.
 
     The delta travels either dense (``delta``) or, for ``fwdgrad``, as seeds the aggregator
-    expands (``seeds``, with ``delta`` left empty); never both.
+    expands (``seeds``, with ``delta`` left empty); never both. A ``kd`` update carries
+    logits on a proxy slice instead of any delta.
     """
 
     kind: Literal["update"] = "update"
@@ -164,6 +187,11 @@ class Update(Message):
     seeds: SeedDelta | None = None
     variance: float | None = Field(default=None, ge=0)
     """Forward gradient only: estimated variance of the per-step gradient estimate."""
+    logits: TensorMap = Field(default_factory=dict)
+    """``kd`` only: top-k logits on the proxy slice, ``indices`` (int) and ``values`` (fp16),
+    both ``[scored positions, k]``; the update then carries no delta."""
+    proxy_slice: NonNegative | None = None
+    """``kd`` only: the ``ProxySpec.slice_id`` the logits were computed on."""
     train_loss: float | None = None
     compute_s: float = Field(default=0.0, ge=0)
     sent_at: float = Field(default_factory=time.time)
@@ -172,6 +200,10 @@ class Update(Message):
     def _dense_or_seeds(self) -> Update:
         if self.seeds is not None and self.delta:
             raise ValueError("an update carries a dense delta or seeds, not both")
+        if self.logits and (self.delta or self.seeds is not None):
+            raise ValueError("a kd update carries logits instead of a delta, not both")
+        if bool(self.logits) != (self.proxy_slice is not None):
+            raise ValueError("logits and proxy_slice come together")
         return self
 
 

@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         staleness=args.staleness,
         lora_mode=args.lora_mode,
         methods=_methods(args.methods),
+        models=tuple(name.strip() for name in args.device_models.split(",") if name.strip()),
+        budgets_mb=tuple(float(mb) for mb in args.budgets.split(",") if mb.strip()),
         max_versions=args.max_versions,
         seed=args.seed,
         dataset=args.dataset,

@@ -42,6 +42,13 @@ class FleetConfig:
     methods: tuple[Method, ...] = ()
     """Per-agent methods, cycled over the fleet (a mixed fleet); empty: every agent uses
     ``method``. The aggregator accepts all of them."""
+    models: tuple[str, ...] = ()
+    """Per-agent device models, cycled over the fleet (``kd`` only: same vocabulary, any
+    size, e.g. ``("tiny", "tiny-4l")``); empty: every agent runs the task's ``model``."""
+    budgets_mb: tuple[float | None, ...] = ()
+    """Per-agent memory budgets, cycled over the fleet: an agent with one plans its method
+    (among the task's and ``methods``) and step shape to fit it (DESIGN §7); its plan is in
+    the results. Agents share this process, so peaks are estimated, not measured."""
     trainer: dict[str, dict[str, bool | int | float | str]] = field(default_factory=dict)
     """Trainer options by method name, e.g. ``{"fwdgrad": {"mode": "jvp"}}``."""
     strategy: StrategyName = "fedbuff"
@@ -193,6 +200,7 @@ async def _agent(
         await service.wait_for_version(2)
     slowdown = config.slowdowns[index % len(config.slowdowns)]
     method = config.methods[index % len(config.methods)] if config.methods else config.method
+    budget = config.budgets_mb[index % len(config.budgets_mb)] if config.budgets_mb else None
     agent_config = AgentConfig(
         federation=config.federation,
         client_id=_client_id(index),
@@ -200,9 +208,15 @@ async def _agent(
         seed=config.seed * 7919 + index,
         ack_timeout_s=config.ack_timeout_s,
         slowdown=slowdown,
-        profile=DeviceProfile(name=f"sim-x{slowdown:g}", relative_speed=1 / slowdown),
-        method=method,
-        trainer=config.trainer.get(method, {}),
+        profile=DeviceProfile(
+            name=f"sim-x{slowdown:g}",
+            relative_speed=1 / slowdown,
+            memory_budget_mb=budget,
+        ),
+        shared_process=True,
+        method=method if budget is None else None,  # with a budget, the planner chooses
+        model=ModelRef(name=config.models[index % len(config.models)]) if config.models else None,
+        trainer=config.trainer.get(method, {}) if budget is None else {},
     )
     attack = config.attack if config.attack and index in config.attack.clients else None
     return await run_agent(agent_config, url=url, data=shard, report=report, fit_filter=attack)

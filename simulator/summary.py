@@ -117,14 +117,37 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_accuracy(points: list[dict[str, float]], path: Path, *, title: str) -> Path:
-    """Held-out accuracy of the global model against training wall time."""
+def plot_accuracy(
+    points: list[dict[str, float]],
+    path: Path,
+    *,
+    title: str,
+    progress: list[dict[str, float]] | None = None,
+    held_out: int = 0,
+) -> Path:
+    """Held-out accuracy of the global model against training wall time.
+
+    ``points`` are scored on the whole held-out set; ``progress`` (optional) is what the
+    aggregator measured on a small part of it while training, drawn fainter.
+    """
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([p["time_s"] for p in points], [p["accuracy"] for p in points], marker="o")
+    if progress:
+        axis.plot(
+            [p["time_s"] for p in progress],
+            [p["accuracy"] for p in progress],
+            marker=".",
+            alpha=0.4,
+            label="while training (subset)",
+        )
+    label = f"{held_out} held-out" if held_out else "held-out"
+    axis.plot(
+        [p["time_s"] for p in points], [p["accuracy"] for p in points], marker="o", label=label
+    )
     for p in points:
         axis.annotate(f"v{int(p['version'])}", (p["time_s"], p["accuracy"]), fontsize=7)
-    axis.set(xlabel="wall time (s)", ylabel="held-out accuracy", title=title)
+    axis.legend(fontsize=8)
+    axis.set(xlabel="wall time (s)", ylabel="accuracy", title=title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from edge_agent.trainers.base import FitResult, Trainer
 from edge_agent.trainers.fwdgrad import FwdGradConfig, FwdGradTrainer
+from edge_agent.trainers.kd import KdConfig, KdTrainer
 from edge_agent.trainers.lora import LoraConfig, LoraTrainer
 from schemas.errors import ConfigError
 
@@ -19,6 +20,8 @@ __all__ = [
     "FitResult",
     "FwdGradConfig",
     "FwdGradTrainer",
+    "KdConfig",
+    "KdTrainer",
     "LoraConfig",
     "LoraTrainer",
     "Trainer",
@@ -39,7 +42,7 @@ class TrainerEntry:
 TRAINERS: dict[str, TrainerEntry] = {}
 """Method name -> entry; filled by :func:`register_trainer`."""
 
-_PLANNED = ("kd", "split")
+_PLANNED = ("split",)
 
 
 def register_trainer(
@@ -79,3 +82,4 @@ def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
 
 register_trainer("lora", LoraConfig, LoraTrainer)
 register_trainer("fwdgrad", FwdGradConfig, FwdGradTrainer)
+register_trainer("kd", KdConfig, KdTrainer)

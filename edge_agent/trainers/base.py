@@ -24,6 +24,8 @@ class FitResult:
         seeds: The same delta as seeds (forward gradient), when the update should carry them.
         variance: Estimated variance of the per-step gradient estimate (forward gradient).
         diverged: The run stopped early because its loss blew up (the bad step undone).
+        logits: Knowledge distillation: top-k logits on the proxy slice (``delta`` empty).
+        proxy_slice: Knowledge distillation: the slice ``logits`` were computed on.
     """
 
     delta: TensorMap
@@ -34,6 +36,8 @@ class FitResult:
     seeds: SeedDelta | None = None
     variance: float | None = None
     diverged: bool = False
+    logits: TensorMap | None = None
+    proxy_slice: int | None = None
 
 
 class Trainer(Protocol):

@@ -199,7 +199,7 @@ def test_make_trainer_registry_and_errors():
     model = attach_lora(build_model("tiny"), LoraSpec())
     assert make_trainer("lora", model).method == "lora"
     with pytest.raises(ConfigError, match="no trainer yet"):
-        make_trainer("kd", model)
+        make_trainer("split", model)
     with pytest.raises(ConfigError, match="unknown method"):
         make_trainer("magic", model)
     with pytest.raises(ConfigError, match="no option"):

@@ -65,3 +65,12 @@ def test_prepare_without_install_reports_every_asset_when_present():
     assert set(found) == {"smollm2-135m", "minilm-l6", "rotten-tomatoes"}
     assert all(Path(p).exists() for p in found.values())
     assert (found["smollm2-135m"] / "tokenizer.json").is_file()
+
+
+def test_cli_finds_asset_missing_inside_task_group_errors():
+    from edgefed.cli import _asset_missing
+
+    missing = AssetMissing("x", "not here", "edgefed assets")
+    nested = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [missing])])
+    assert _asset_missing(nested) is missing
+    assert _asset_missing(ExceptionGroup("g", [ValueError("a")])) is None

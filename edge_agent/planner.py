@@ -1,0 +1,352 @@
+"""Each device picks the method and step shape that fit its memory budget (DESIGN §7).
+
+:func:`plan_training` walks the task's allowed methods in preference order and, for each, the
+step shapes from the task's own (batch x sequence length) down by halves; the first that the
+estimate (``edge_agent.memory_estimate``, times this device's calibration ratio) fits in the
+budget wins. A preferred method is taken only at a shape of at least ``min_fraction`` of the
+task's tokens per step; when no method reaches that, any shape of any method goes, in the
+same order; when nothing fits, the answer is :class:`CannotFit` with the smallest
+requirement, never an out-of-memory crash. The LoRA rank is the task's: every device must
+train the same adapter layout. K does not change the peak of central differences.
+
+:class:`DeviceSizer` is the agent's side: it plans, measures the real peak of the first fit
+of each plan, stores measured/estimated per method (in ``state_dir`` when there is one) and
+plans again when the real peak exceeded the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar, get_args
+
+from edge_agent.budget import Budget, PeakMeter, current_rss_mb, device_budget
+from edge_agent.memory_estimate import (
+    ESTIMATORS,
+    RUNTIME_MB,
+    ModelShape,
+    StepShape,
+    estimate,
+    model_shape,
+)
+from schemas.errors import ConfigError
+from schemas.messages import LoraSpec, Method, Task, TrainSpec
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+MIN_FRACTION = 0.25
+"""A preferred method must fit at least this share of the task's tokens per step."""
+HEADROOM = 0.3
+"""Kept free beyond the estimated step memory (all but runtime and weights): measured peaks
+of the same method scatter by this much between shapes (bench/RESULTS.md, memory planner)."""
+CALIBRATION_FILE = "memory_calibration.json"
+T = TypeVar("T")
+StatusValue = str | int | float | bool
+
+
+def estimator_key(method: str, trainer: Mapping[str, object] | None = None) -> str:
+    """The estimate for ``method`` with these trainer options (jvp costs more, kd its local)."""
+    options = trainer or {}
+    if method == "fwdgrad" and options.get("mode") == "jvp":
+        return "fwdgrad-jvp"
+    if method == "kd" and options.get("local") == "fwdgrad":
+        return "kd-fwdgrad"
+    return method
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The method and step shape a device trains with, and what it expects that to cost."""
+
+    method: Method
+    batch_size: int
+    seq_len: int
+    rank: int
+    perturbations: int
+    estimate_mb: float
+    budget_mb: float
+    budget_source: str
+    ratio: float = 1.0
+    """Calibration (measured/estimated) already applied to ``estimate_mb``."""
+    measured_mb: float | None = None
+    state: str = "fits"
+
+    def train_spec(self, base: TrainSpec) -> TrainSpec:
+        """The task's ``TrainSpec`` with this plan's batch size and sequence length."""
+        return base.model_copy(update={"batch_size": self.batch_size, "seq_len": self.seq_len})
+
+    def to_status(self) -> dict[str, StatusValue]:
+        """The plan as the flat map a ``Status`` carries (MiB rounded to 0.1)."""
+        return {
+            k: round(v, 3 if k == "ratio" else 1) if isinstance(v, float) else v
+            for k, v in asdict(self).items()
+            if v is not None
+        }
+
+
+@dataclass(frozen=True)
+class CannotFit:
+    """Nothing allowed fits: the smallest budget that would (headroom included)."""
+
+    required_mb: float
+    method: str
+    batch_size: int
+    seq_len: int
+    budget_mb: float
+    budget_source: str
+    state: str = "cannot_fit"
+
+    def to_status(self) -> dict[str, StatusValue]:
+        """The refusal as the flat map a ``Status`` carries."""
+        out = asdict(self)
+        return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    values = [start]
+    while values[-1] // 2 >= floor:
+        values.append(values[-1] // 2)
+    return values
+
+
+def candidate_shapes(train: TrainSpec) -> list[tuple[int, int]]:
+    """(batch, seq_len) from the task's down by halves, most tokens first, longer seq first.
+
+    Sequence length goes down to a quarter of the task's (not below 2); batch to 1.
+    """
+    seqs = _halvings(train.seq_len, max(2, train.seq_len // 4))
+    pairs = [(b, s) for b in _halvings(train.batch_size, 1) for s in seqs]
+    return sorted(pairs, key=lambda p: (-p[0] * p[1], -p[1]))
+
+
+def plan_training(
+    model: ModelShape,
+    *,
+    budget: Budget,
+    methods: Sequence[Method],
+    train: TrainSpec,
+    lora: LoraSpec,
+    runtime_mb: float = RUNTIME_MB,
+    calibration: Mapping[str, float] | None = None,
+    trainer: Mapping[str, Mapping[str, object]] | None = None,
+    min_fraction: float = MIN_FRACTION,
+    headroom: float = HEADROOM,
+) -> Plan | CannotFit:
+    """Pick the first method (in ``methods`` order) and largest shape that fit ``budget``.
+
+    Args:
+        model: Sizes of the base model.
+        budget: The device's budget.
+        methods: Allowed methods, preferred first.
+        train: The task's step settings (the largest shape considered).
+        lora: The task's adapter (rank and targets are kept).
+        runtime_mb: What the process holds before the model is built.
+        calibration: Measured/estimated ratio per estimator key, from earlier steps.
+        trainer: Trainer options by method (``fwdgrad`` in ``jvp`` mode costs more).
+        min_fraction: Share of the task's tokens a preferred method must reach.
+        headroom: Fraction of the step's own memory (all but runtime and weights) kept free;
+            a shape fits when ``estimate + headroom x step memory <= budget``.
+
+    Raises:
+        ConfigError: No method in ``methods`` has an estimate (others are skipped).
+    """
+    options = trainer or {}
+    sized = [m for m in methods if estimator_key(m, options.get(m)) in ESTIMATORS]
+    if len(sized) < len(methods):
+        log.warning("no memory estimate for %s: not planned", sorted(set(methods) - set(sized)))
+    if not sized:
+        raise ConfigError(f"none of the methods {list(methods)} has a memory estimate")
+    methods = sized
+    ratios = calibration or {}
+    shapes = candidate_shapes(train)
+    full = train.batch_size * train.seq_len
+
+    def cost(method: Method, batch: int, seq: int) -> tuple[float, float, float]:
+        """(budget needed, calibrated estimate, ratio) of one step."""
+        key = estimator_key(method, options.get(method))
+        step = StepShape(
+            batch=batch,
+            seq_len=seq,
+            rank=lora.rank,
+            targets=lora.target_modules,
+            perturbations=train.perturbations,
+        )
+        ratio = ratios.get(key, 1.0)
+        found = estimate(model, step, key, runtime_mb=runtime_mb)
+        mb = found.total_mb * ratio
+        return mb + headroom * found.step_mb, mb, ratio
+
+    preferred = [(m, b, s) for m in methods for b, s in shapes if b * s >= min_fraction * full]
+    any_shape = [(m, b, s) for b, s in shapes for m in methods]
+    for method, batch, seq in preferred + any_shape:
+        need, mb, ratio = cost(method, batch, seq)
+        if need <= budget.mb:
+            return Plan(
+                method=method,
+                batch_size=batch,
+                seq_len=seq,
+                rank=lora.rank,
+                perturbations=train.perturbations,
+                estimate_mb=mb,
+                budget_mb=budget.mb,
+                budget_source=budget.source,
+                ratio=ratio,
+            )
+    batch, seq = shapes[-1]
+    required, method = min((cost(m, batch, seq)[0], m) for m in methods)
+    return CannotFit(
+        required_mb=required,
+        method=method,
+        batch_size=batch,
+        seq_len=seq,
+        budget_mb=budget.mb,
+        budget_source=budget.source,
+    )
+
+
+class DeviceSizer:
+    """An agent's planner: plans, measures the first fit of each plan, corrects itself."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        *,
+        methods: tuple[Method, ...] = (),
+        trainer: Mapping[str, object] | None = None,
+        state_dir: str | None = None,
+        calibrate: bool = True,
+    ) -> None:
+        """Plan within ``budget``; ``methods`` (if any) replaces the task's allowed methods.
+
+        ``calibrate=False`` is for agents sharing a process: no measuring, and the runtime
+        term is :data:`RUNTIME_MB` (a process of its own) rather than this process's RSS.
+        """
+        self.budget = budget
+        self._methods = methods
+        self._trainer = dict(trainer or {})
+        self._path = Path(state_dir) / CALIBRATION_FILE if state_dir else None
+        self._calibrate = calibrate
+        self.calibration: dict[str, float] = self._load()
+        self._runtime_mb: float | None = None
+        self._measured: set[Plan] = set()
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> DeviceSizer | None:
+        """The sizer an agent's config asks for; None when it has no budget to plan in."""
+        configured = config.profile.memory_budget_mb
+        if configured is None and not config.budget_from_os:
+            return None
+        return cls(
+            device_budget(configured),
+            methods=(config.method,) if config.method else (),
+            trainer=config.trainer,
+            state_dir=config.state_dir,
+            calibrate=not config.shared_process,
+        )
+
+    def _load(self) -> dict[str, float]:
+        if self._path is None or not self._path.is_file():
+            return {}
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable memory calibration %s: %s", self._path, exc)
+            return {}
+        return {str(k): float(v) for k, v in data.items()}
+
+    def _save(self) -> None:
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._path.write_text(json.dumps(self.calibration, sort_keys=True), encoding="utf-8")
+
+    def plan(self, task: Task) -> Plan | CannotFit:
+        """Plan ``task`` on this device (before its model is built: runtime = RSS now).
+
+        Raises:
+            ConfigError: The model cannot be sized, or no allowed method can be estimated.
+        """
+        if self._runtime_mb is None:
+            self._runtime_mb = current_rss_mb() if self._calibrate else RUNTIME_MB
+        methods = self._methods or task.methods or (task.method,)
+        method_options: dict[str, Mapping[str, object]] = dict.fromkeys(methods, self._trainer)
+        return plan_training(
+            model_shape(task.model.name),
+            budget=self.budget,
+            methods=methods,
+            train=task.train,
+            lora=task.lora,
+            runtime_mb=self._runtime_mb,
+            calibration=self.calibration,
+            trainer=method_options,
+        )
+
+    def needs_measuring(self, plan: Plan | None) -> bool:
+        """Whether the next fit under ``plan`` is the first one (and should be measured)."""
+        return self._calibrate and plan is not None and plan not in self._measured
+
+    def measure(self, fit: Callable[[], T], *, device: str = "cpu") -> tuple[T, PeakMeter]:
+        """Run ``fit`` and measure its peak (a worker-thread call, like the fit itself)."""
+        with PeakMeter(device) as meter:
+            result = fit()
+        return result, meter
+
+    def observe(self, plan: Plan, task: Task, meter: PeakMeter) -> tuple[Plan, Plan | CannotFit]:
+        """Record the measured peak of ``plan``; return it measured, and the plan to go on with.
+
+        The ratio measured/estimated (uncalibrated) is stored for the method; a plan whose
+        real peak exceeded the budget is replaced by a new plan made with that ratio.
+        """
+        key = estimator_key(plan.method, self._trainer)
+        raw = plan.estimate_mb / plan.ratio
+        if meter.exact:
+            self.calibration[key] = meter.peak_mb / raw
+            self._save()
+        measured = replace(plan, measured_mb=meter.peak_mb)
+        self._measured.update((plan, measured))
+        if meter.peak_mb <= self.budget.mb:
+            return measured, measured
+        log.warning(
+            "step peak %.0f MB exceeded the %.0f MB budget (estimated %.0f); planning again",
+            meter.peak_mb,
+            self.budget.mb,
+            plan.estimate_mb,
+        )
+        return measured, self.plan(task)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``edgefed plan``: print the plan for a model and budget, without training."""
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    allowed = get_args(Method)
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods:
+        sys.stderr.write(f"edgefed plan: unknown method(s) {bad}; choose from {allowed}\n")
+        return 2
+    budget = device_budget(args.budget_mb)
+    train = TrainSpec(batch_size=args.batch, seq_len=args.seq, perturbations=args.k)
+    lora = LoraSpec(rank=args.rank)
+    try:
+        plan = plan_training(
+            model_shape(args.model),
+            budget=budget,
+            methods=methods,
+            train=train,
+            lora=lora,
+        )
+    except ConfigError as exc:
+        sys.stderr.write(f"edgefed plan: {exc}\n")
+        return 2
+    out = {"model": args.model} | plan.to_status()
+    if args.json:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        sys.stdout.writelines(f"{key:>14}: {value}\n" for key, value in out.items())
+    return 0 if isinstance(plan, Plan) else 1

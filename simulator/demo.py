@@ -31,8 +31,8 @@ from simulator.summary import plot_accuracy, plot_staleness, summarize, summary_
 from simulator.workload import Scorer
 
 RUNS_DIR = Path("runs")
-TRAIN_SECONDS = 330.0
-"""Training window of the default demo; start-up and scoring add about a minute and a half."""
+TRAIN_SECONDS = 380.0
+"""Training window of the default demo; start-up and scoring add about a minute."""
 HELD_OUT = 400
 """Reviews of the test split the base and final models are scored on (never trained on)."""
 
@@ -41,15 +41,14 @@ DEMO_FLEET = FleetConfig(
     agents=6,
     dataset="rotten-tomatoes",
     train_samples=0,
-    partition="dirichlet",
-    alpha=1.0,
+    partition="iid",
     slowdowns=(1.0, 1.0, 2.0, 2.0, 4.0, 4.0),
     max_versions=0,
     max_seconds=TRAIN_SECONDS,
     ack_timeout_s=600.0,
     aggregator={
-        "train": {"local_steps": 8, "batch_size": 8, "seq_len": 64, "lr": 1e-3},
-        "strategy": {"buffer_size": 3, "server_lr": 1.5},
+        "train": {"local_steps": 10, "batch_size": 8, "seq_len": 64, "lr": 1e-3},
+        "strategy": {"buffer_size": 3, "server_lr": 1.0},
         "max_staleness": 8,
         # A cheap progress signal for the bar while training (a subset of the held-out
         # reviews); the reported numbers are scored on all of them afterwards.
@@ -57,7 +56,12 @@ DEMO_FLEET = FleetConfig(
         "eval_every": 4,
     },
 )
-"""The default demo: SmolLM2 + LoRA under FedBuff on a heterogeneous, non-IID fleet."""
+"""The default demo: SmolLM2 + LoRA under FedBuff on a fleet of mixed speeds.
+
+Shares are IID: with two labels, label-skewed (Dirichlet) shares make every merge pull the
+answer prior one way or the other, and accuracy swings between versions (measured: 0.58 at
+version 5 with alpha = 1). ``edgefed simulate --partition dirichlet`` explores that.
+"""
 
 CURVE_POINTS = 1
 """Intermediate versions scored for the accuracy curve (besides the base and the final)."""
@@ -111,20 +115,12 @@ def run(args: argparse.Namespace) -> int:
         device_steps=steps,
         train_s=train_s,
         wall_s=time.monotonic() - started,
+        versions=result.final_version,
     )
     results |= {"summary": summary.to_dict(), "accuracy": curve, "adapter": str(adapter_dir)}
     save_json(results, run_dir / "results.json")
-    progress = [
-        {"time_s": h["time_s"], "accuracy": h["eval_accuracy"]}
-        for h in results["history"]
-        if h["eval_accuracy"] is not None
-    ]
     plot_accuracy(
-        curve,
-        run_dir / "accuracy.png",
-        title=f"{config.model}, FedBuff",
-        progress=progress,
-        held_out=HELD_OUT,
+        curve, run_dir / "accuracy.png", title=f"{config.model}, FedBuff", held_out=HELD_OUT
     )
     plot_staleness(results, run_dir / "staleness.png")
     console.print(summary_table(summary))
@@ -141,7 +137,13 @@ def _accuracy_curve(
     Times are when each version was published.
     """
     times = {h["version"]: h["time_s"] for h in result.results["history"]}
-    base = [{"version": 0, "time_s": 0.0, "accuracy": scorer.score(result.snapshots[0]).accuracy}]
+    base = [
+        {
+            "version": 0,
+            "time_s": times.get(0, 0.0),
+            "accuracy": scorer.score(result.snapshots[0]).accuracy,
+        }
+    ]
     middle = sorted(v for v in result.snapshots if 0 < v < result.final_version and v in times)
     step = max(1, len(middle) // (CURVE_POINTS + 1))
     chosen = middle[step::step][:CURVE_POINTS]

@@ -52,8 +52,13 @@ def summarize(
     device_steps: int,
     train_s: float,
     wall_s: float,
+    versions: int | None = None,
 ) -> RunSummary:
-    """Collect the headline from a fleet's results and the final check."""
+    """Collect the headline from a fleet's results and the final check.
+
+    ``versions`` overrides the last published version (a run stopped on time may have
+    merged one more that it never published).
+    """
     updates = results["updates"]
     accepted = [u for u in updates if u["accepted"]]
     staleness = [u["staleness"] for u in accepted]
@@ -65,7 +70,11 @@ def summarize(
         base_accuracy=base_accuracy,
         final_accuracy=final_accuracy,
         held_out=held_out,
-        versions=max((h["version"] for h in results["history"]), default=0),
+        versions=(
+            versions
+            if versions is not None
+            else max((h["version"] for h in results["history"]), default=0)
+        ),
         accepted=len(accepted),
         rejected=len(updates) - len(accepted),
         device_steps=device_steps,

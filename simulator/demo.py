@@ -48,7 +48,7 @@ DEMO_FLEET = FleetConfig(
     ack_timeout_s=600.0,
     aggregator={
         "train": {"local_steps": 10, "batch_size": 8, "seq_len": 64, "lr": 1e-3},
-        "strategy": {"buffer_size": 3, "server_lr": 1.0},
+        "strategy": {"buffer_size": 3, "server_lr": 1.5},
         "max_staleness": 8,
         # A cheap progress signal for the bar while training (a subset of the held-out
         # reviews); the reported numbers are scored on all of them afterwards.

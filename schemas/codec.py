@@ -1,24 +1,17 @@
 """The msgpack wire codec: messages to bytes and back, tensors without extra copies.
 
-A message travels as one plain msgpack map holding ``kind``, ``schema_version`` and every
-field. A tensor travels as ``{"dtype": str, "shape": [int, ...], "data": bin}``; an
-int8-compressed one adds ``"scale": <float32 tensor map>`` (one absmax scale per row) and
-decodes back to float32, so receivers never need to know how a sender compressed.
+A message is one plain msgpack map of ``kind``, ``schema_version`` and every field; a tensor
+is ``{"dtype", "shape", "data": bin}``, plus ``"scale"`` (per-row absmax) when int8, which
+decodes back to float32 so receivers never need to know how a sender compressed.
 
 Speed comes from never letting msgpack copy tensor bytes:
 
-- ``encode`` packs the small fields with ``msgpack.packb``, writes the map and bin headers
-  around each tensor itself, and joins the pieces with the tensors' raw buffers in one
-  ``b"".join``: one copy in total. The bytes are exactly what ``msgpack.packb`` writes for
-  the same map, so any msgpack implementation reads and writes this format.
-- ``decode`` lets msgpack's own parser read everything but ``bin`` payloads, through a
-  small window it refills as needed; at each tensor's ``data`` it reads the bin header
-  itself (the only hand-parsed msgpack here) and builds the tensor with
-  ``torch.frombuffer`` straight on the received buffer: no copy at all.
+- ``encode`` packs small fields with ``msgpack.packb``, writes map/bin headers around each
+  tensor itself and joins them with the raw buffers once: exactly ``msgpack.packb``'s bytes.
+- ``decode`` lets msgpack parse all but ``bin`` payloads; at each tensor's ``data`` it reads
+  the bin header itself and calls ``torch.frombuffer`` on the received buffer: no copy.
 
-Decoded tensors share memory with the buffer handed to ``decode``: a caller that reuses or
-mutates that buffer must ``clone()`` them first, and in-place ops on tensors decoded from a
-``bytes`` object would write into that immutable object, so clone before those too.
+Decoded tensors share the buffer handed to ``decode``: clone before mutating either.
 """
 
 from __future__ import annotations

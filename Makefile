@@ -36,7 +36,7 @@ demo: assets
 	$(BIN)/edgefed demo
 
 bench: $(STAMP)
-	$(BIN)/edgefed bench codec --json
+	nice -n 10 $(BIN)/edgefed bench all
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
+from aggregator.session import aggregator_transport, split_transport
 from edgefed.config import load_settings
-from edgefed.transport import MqttTransport, broker_for
+from edgefed.transport import MqttTransport, TransportConfig, broker_for
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,17 +27,14 @@ def run(args: argparse.Namespace) -> int:
         async with broker_for(config.mqtt.broker_url(args.broker)) as url:
             # A stable id and a persistent session: updates sent while the aggregator is
             # down (restarting after a crash) wait at the broker (DESIGN §8b).
-            transport_config = config.mqtt.transport_config(
-                url=url,
-                client_id=f"edgefed-{config.federation}-aggregator",
-                max_payload=config.max_payload,
-                max_message_bytes=config.max_message_bytes,
-                clean_session=False,
-            )
+            transport_config = aggregator_transport(config, url=url)
             async with MqttTransport(transport_config) as transport:
                 service = AggregatorService(config, transport)
                 try:
-                    await service.run()
+                    if "split" in {config.method, *config.accept_methods}:
+                        await _run_with_split(service, transport_config)
+                    else:
+                        await service.run()
                 finally:
                     if args.json_out:
                         service.results.save(args.json_out)
@@ -44,3 +43,18 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+async def _run_with_split(service: AggregatorService, transport_config: TransportConfig) -> None:
+    """Run ``service`` with the split server beside it, on a connection of its own."""
+    from aggregator.split_service import SplitService  # noqa: PLC0415  # split tasks only
+
+    async with MqttTransport(split_transport(transport_config)) as transport:
+        split = SplitService.beside(service, transport)
+        serving = asyncio.create_task(split.run(), name="split-server")
+        try:
+            await service.run()
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving

@@ -83,6 +83,9 @@ class AggregatorConfig(Settings):
     """Per-update L2 norm bound: a scaled-up (poisoned or diverged) delta is clipped to it or,
     with ``norm_action = "reject"``, nacked (reason ``norm_bound``). None: no bound."""
     norm_action: Literal["clip", "reject"] = "clip"
+    max_samples_per_update: int | None = Field(default=None, gt=0)
+    """Largest ``num_samples`` (an update's merge weight) accepted; above it the update is
+    nacked (reason ``too_many_samples``). None: ``train.local_steps * train.batch_size``."""
     dataset: str = "synthetic"
     """What the federation trains on, announced in the task (agents size a classifier's head
     from it); agents bring their own part of it."""
@@ -106,7 +109,7 @@ class AggregatorConfig(Settings):
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
     signing_key: str | None = None
-    """PEM Ed25519 private key: every published global is signed with it (edgefed.signing)."""
+    """PEM Ed25519 private key: every published global and task is signed with it."""
     privacy: PrivacySettings | None = None
     """Central client-level DP (FedBuff, ``robust = "mean"``): updates clipped to
     ``clip_norm``, Gaussian noise on every merged buffer; (ε, δ) reported in the results."""

@@ -74,6 +74,11 @@ class Ledger:
             self._merges.append(merge)
         self.held_event.set()
 
+    def merged(self, merge: MergeEntry) -> None:
+        """Keep a merge no update completed (a round closed at its deadline) for the commit."""
+        self._merges.append(merge)
+        self.held_event.set()
+
     def holds(self, update_id: str) -> bool:
         """Whether ``update_id`` was accepted but its commit has not happened yet."""
         return update_id in self._held_ids

@@ -128,17 +128,21 @@ def weighted_mean(maps: Sequence[TensorMap], *, weights: Sequence[float]) -> Ten
     shares = [w / total for w in weights]
     out: TensorMap = {}
     for name in maps[0]:
-        acc = torch.zeros_like(_f64(maps[0][name]))
+        first = maps[0][name]
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
         for share, m in zip(shares, maps, strict=True):
-            acc.add_(_f64(m[name]), alpha=share)
+            acc.add_(m[name].detach(), alpha=share)  # promoted in place: no float64 copy
         out[name] = acc.to(torch.float32)
     return out
 
 
 def global_norm(x: TensorMap) -> float:
     """Return the L2 norm of all tensors taken together (0.0 for an empty map)."""
-    squares = math.fsum(float(_f64(t).square().sum()) for t in x.values())
-    return math.sqrt(squares)
+    if not x:
+        return 0.0
+    # One float64 reduction per tensor, no float64 copy of the data (the merge hot path).
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in x.values()]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def clip_by_norm(x: TensorMap, *, max_norm: float) -> tuple[TensorMap, float]:

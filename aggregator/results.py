@@ -36,6 +36,22 @@ class UpdateRecord:
     """How the update was trained, so bytes per update compare across methods."""
 
 
+@dataclass(frozen=True, slots=True)
+class SplitRecord:
+    """One split-learning request the split server answered (DESIGN §6 ``split``)."""
+
+    client_id: str
+    request_id: str
+    phase: str
+    accepted: bool
+    bytes_up: int
+    """The request as received, all chunks included."""
+    bytes_down: int
+    """The reply as published."""
+    server_s: float
+    """Server compute spent on it (its share of a batch)."""
+
+
 @dataclass(slots=True)
 class Results:
     """Accumulates records while the aggregator runs; written as one JSON file."""
@@ -47,6 +63,8 @@ class Results:
     """How many times each update id was folded into a global (must be exactly 1)."""
     privacy: dict[str, Any] | None = None
     """Central DP: noise multiplier, clip norm, releases and the (ε, δ) estimate."""
+    split: list[SplitRecord] = field(default_factory=list)
+    """Split learning: every answered request's bytes each way and server time."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -56,6 +74,7 @@ class Results:
             "updates": [asdict(record) for record in self.updates],
             "merges": self.merges,
             "privacy": self.privacy,
+            "split": [asdict(record) for record in self.split],
         }
 
     def save(self, path: str | Path) -> None:

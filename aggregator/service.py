@@ -18,6 +18,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from aggregator.acks import AckSender
 from aggregator.audit import AUDIT_FILE, Decision, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
@@ -27,11 +28,11 @@ from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
 from aggregator.strategies import Strategy, make_strategy
-from aggregator.validation import ValidationPolicy, validate_update
+from aggregator.validation import ValidationPolicy, samples_cap, validate_update
 from edgefed.data import TokenDataset, evaluate, load_data
 from edgefed.datasets import num_labels
 from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
-from edgefed.signing import GlobalSigner
+from edgefed.signing import GlobalSigner, signed_by
 from edgefed.transport import BadDelivery, Delivery, Transport
 from schemas import topics
 from schemas.errors import ConfigError, PayloadTooLarge, RejectReason, TopicError, UpdateRejected
@@ -81,6 +82,7 @@ class AggregatorService:
             norm_action=config.norm_action,
             known_clients=config.known_clients,
             allowed_methods=frozenset({config.method, *config.accept_methods}),
+            max_samples=samples_cap(config.train, config.max_samples_per_update),
         )
         fwd = config.fwdgrad
         self._perturbations = (
@@ -112,6 +114,7 @@ class AggregatorService:
         if self._perturbations is not None:
             self._stateful["perturbations"] = self._perturbations
         self._lock = asyncio.Lock()
+        self._acks = AckSender(transport, config.federation)
         self._kd: KdHandler | None = None
         """Distils KD updates' logits; set in ``start`` when the federation accepts ``kd``."""
         audit = config.audit_log
@@ -130,6 +133,10 @@ class AggregatorService:
         if key in self._stateful:
             raise ConfigError(f"state {key!r} is already registered")
         self._stateful[key] = part
+
+    def use_strategy(self, strategy: Strategy) -> None:
+        """Merge with ``strategy`` (e.g. split learning's wrapper of this one); before ``start``."""
+        self._strategy = self._stateful["strategy"] = strategy
 
     @property
     def strategy(self) -> Strategy:
@@ -155,13 +162,15 @@ class AggregatorService:
         try:
             if not self._finished():
                 async for delivery in self._transport.deliveries():
-                    await self.handle(delivery)
+                    async with self._lock:  # acks pipelined; ``handle`` waits for each
+                        await self._handle(delivery)
                     if self._finished():
                         break
             async with self._lock:
                 if self._ledger.held:
                     await self._commit()
         finally:
+            await self._acks.close()
             if flusher is not None:
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -204,6 +213,7 @@ class AggregatorService:
         """Answer one received message as the run loop does (after ``start``)."""
         async with self._lock:
             await self._handle(delivery)
+        await self._acks.flush()
 
     def _finished(self) -> bool:
         return 0 < self.config.max_versions <= self.version
@@ -240,8 +250,7 @@ class AggregatorService:
         """Publish the global at the current version (retained), the task, and metrics."""
         fed, version = self.config.federation, self.version
         message = GlobalModel(task_id=self.config.task_id, version=version, tensors=self.current)
-        if self._signer is not None:
-            message = self._signer.sign(message, federation=fed)
+        message = signed_by(self._signer, message, federation=fed)
         used: set[int] = set()
 
         def chunk_topic(index: int) -> str:
@@ -252,7 +261,8 @@ class AggregatorService:
             topics.global_model(fed, version), message, retain=True, chunk_topic=chunk_topic
         )
         self._chunks_published[version] = max(used, default=0) + 1
-        await self._transport.publish(topics.task(fed), self._task(), retain=True)
+        task = signed_by(self._signer, self._task(), federation=fed)
+        await self._transport.publish(topics.task(fed), task, retain=True)
         for old in [v for v in self._chunks_published if v < version]:
             for index in range(self._chunks_published.pop(old)):
                 await self._transport.clear_retained(topics.global_model(fed, old, index))
@@ -371,7 +381,7 @@ class AggregatorService:
                     ack, decision="rejected", base_version=update.base_version, size=size
                 )
             )
-            await self._send_ack(ack)
+            await self._acks.send(ack)
             return
         if kd is not None and self._kd is not None:
             result = await asyncio.to_thread(self._kd.submit, kd, current=self.current)
@@ -436,12 +446,12 @@ class AggregatorService:
                 ack, decision=decision, base_version=update.base_version, size=size
             )
         )
-        await self._send_ack(ack)
+        await self._acks.send(ack)
 
     async def _commit(self) -> None:
         """Checkpoint what is held, then send its acks, then publish a new version if any."""
         for ack in await self._ledger.commit(self._checkpoint):
-            await self._send_ack(ack)
+            await self._acks.send(ack)
         if self.published_version < self.version:
             await self._publish_version()
 
@@ -587,7 +597,4 @@ class AggregatorService:
                 size=size,
             )
         )
-        await self._send_ack(ack)
-
-    async def _send_ack(self, ack: Ack) -> None:
-        await self._transport.publish(topics.ack(self.config.federation, ack.client_id), ack)
+        await self._acks.send(ack)

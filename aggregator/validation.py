@@ -19,7 +19,7 @@ import torch
 
 from aggregator import ops
 from schemas.errors import ConfigError, StaleUpdate, UpdateRejected
-from schemas.messages import Method, TensorMap, Update
+from schemas.messages import Method, TensorMap, TrainSpec, Update
 
 NormAction = Literal["clip", "reject"]
 """What to do with an update whose norm exceeds ``max_update_norm``."""
@@ -50,6 +50,9 @@ class ValidationPolicy:
         known_clients: Client ids allowed to contribute; None accepts anyone.
         allowed_methods: Methods accepted besides the task's own (methods whose result is a
             delta of the same adapter, such as lora and fwdgrad, can mix); None: only the task's.
+        max_samples: Largest ``num_samples`` an update may claim. It is the update's weight
+            in FedBuff and FedAsync, so without a bound one client could outweigh the rest
+            by claiming more; :func:`samples_cap` derives it from the task. None: no bound.
     """
 
     max_staleness: int = 10
@@ -58,6 +61,7 @@ class ValidationPolicy:
     allowed_dtypes: frozenset[torch.dtype] = DEFAULT_DTYPES
     known_clients: frozenset[str] | None = None
     allowed_methods: frozenset[Method] | None = None
+    max_samples: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse a policy that cannot work, before any update meets it."""
@@ -87,6 +91,23 @@ class ValidationPolicy:
             object.__setattr__(self, "known_clients", frozenset(self.known_clients))
         if self.allowed_methods is not None:
             object.__setattr__(self, "allowed_methods", frozenset(self.allowed_methods))
+        if self.max_samples is not None and (
+            isinstance(self.max_samples, bool)
+            or not isinstance(self.max_samples, int)
+            or self.max_samples < 1
+        ):
+            raise ConfigError(
+                f"max_samples must be an integer >= 1 or None, got {self.max_samples!r}"
+            )
+
+
+def samples_cap(train: TrainSpec, explicit: int | None = None) -> int:
+    """The most samples one update may claim: ``explicit``, else one epoch of the task's plan.
+
+    A device following the task visits at most ``local_steps x batch_size`` sequences per
+    update (trainers count distinct ones, and the planner only ever shrinks the batch).
+    """
+    return explicit if explicit is not None else train.local_steps * train.batch_size
 
 
 @dataclass(frozen=True)
@@ -159,7 +180,7 @@ def check_metadata(
 ) -> int:
     """The checks every update passes before its content is looked at; returns its staleness.
 
-    Order: unknown_client, wrong_task, wrong_method, future_version, stale.
+    Order: unknown_client, wrong_task, wrong_method, too_many_samples, future_version, stale.
 
     Raises:
         StaleUpdate: If the update is older than ``policy.max_staleness``.
@@ -177,6 +198,12 @@ def check_metadata(
             "wrong_method",
             f"update was trained with {update.method!r}, the current task uses {method!r}"
             + (f" and also accepts {sorted(allowed - {method})}" if len(allowed) > 1 else ""),
+        )
+    if policy.max_samples is not None and update.num_samples > policy.max_samples:
+        raise UpdateRejected(
+            "too_many_samples",
+            f"num_samples {update.num_samples} exceeds the {policy.max_samples} one update "
+            "of this task may claim (local_steps x batch_size unless configured)",
         )
     if update.base_version > current_version:
         raise UpdateRejected(
@@ -200,8 +227,8 @@ def validate_update(
 ) -> ValidatedDelta:
     """Check an update against the running task and the policy, in a fixed order.
 
-    Order: unknown_client, wrong_task, wrong_method, future_version, stale, wrong_shape,
-    wrong_dtype, non_finite, norm_bound.
+    Order: unknown_client, wrong_task, wrong_method, too_many_samples, future_version, stale,
+    wrong_shape, wrong_dtype, non_finite, norm_bound.
 
     Args:
         update: The decoded update; its tensors are only read.
@@ -225,8 +252,10 @@ def validate_update(
         raise UpdateRejected("malformed", "seeds must be expanded to a delta before validation")
     _check_shapes(update.delta, shapes)
     _check_dtypes(update.delta, policy.allowed_dtypes)
-    _check_finite(update.delta)
     norm = ops.global_norm(update.delta)
+    if not math.isfinite(norm):  # float64 sums of finite values cannot overflow: NaN or inf
+        _check_finite(update.delta)  # names the tensors that hold them
+        raise UpdateRejected("non_finite", "the delta's norm is not finite")
     bound = policy.max_update_norm
     if bound is None or norm <= bound:
         return ValidatedDelta(

@@ -11,25 +11,29 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
-from edge_agent.trainers import KdTrainer, Trainer, make_trainer
+from edge_agent.split_channel import MqttSplitChannel
+from edge_agent.trainers import KdTrainer, SplitTrainer, Trainer, make_trainer
 from edge_agent.trainers.base import FitResult
+from edge_agent.trainers.split import SplitHistory
 from edgefed.data import TokenDataset, load_data
 from edgefed.datasets import num_labels
 from edgefed.modeling import attach_lora, build_model
 from edgefed.signing import GlobalVerifier
 from edgefed.transport import BadDelivery, MqttTransport, Transport, Will
-from schemas import topics
+from schemas import codec, topics
 from schemas.errors import ConfigError, SignatureError, TransportError
-from schemas.messages import Ack, AgentState, GlobalModel, Status, Task, Update
+from schemas.messages import Ack, AgentState, GlobalModel, SplitReply, Status, Task, Update
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,51 @@ class AgentReport:
     """Fits whose loss blew up and stopped early (forward gradient)."""
     refused_globals: int = 0
     """Global versions refused because their signature was missing or wrong."""
+    refused_tasks: int = 0
+    """Task messages refused because their signature was missing or wrong."""
     privacy: dict[str, float | int | str] | None = None
     """Local DP: noise multiplier, releases and the (ε, δ) estimate so far."""
     bytes_down: int = 0
     """Bytes of global models received (all chunks), the download side of the traffic."""
     plan: dict[str, str | int | float | bool] | None = None
     """The memory plan (method, shape, estimate, measured peak) or the refusal (DESIGN §7)."""
+    split: list[SplitHistory] = field(default_factory=list)
+    """Split learning: per fit, every step's bytes up/down and device compute, and the peak."""
+
+
+class DeviceEmulation(Protocol):
+    """Emulated device conditions around the agent's work (the simulator's profiles)."""
+
+    async def before_fit(self) -> None:
+        """Return once the device is online."""
+        ...
+
+    async def after_fit(self, *, wall_s: float, cpu_s: float) -> bool:
+        """Stretch a fit to the device's speed; False when the device lost it."""
+        ...
+
+    async def uplink(self, nbytes: int) -> None:
+        """Delay an outgoing message of ``nbytes``."""
+        ...
+
+    async def downlink(self, nbytes: int) -> None:
+        """Delay an incoming message of ``nbytes``."""
+        ...
+
+
+class _CpuTimed:
+    """Calls a fit and keeps the CPU time of the calling thread it used (contention-free)."""
+
+    def __init__(self, fit: Callable[[], FitResult]) -> None:
+        self._fit = fit
+        self.cpu_s = 0.0
+
+    def __call__(self) -> FitResult:
+        started = time.thread_time()
+        try:
+            return self._fit()
+        finally:
+            self.cpu_s = time.thread_time() - started
 
 
 class EdgeAgent:
@@ -68,8 +111,12 @@ class EdgeAgent:
         data: TokenDataset | None = None,
         report: AgentReport | None = None,
         fit_filter: Callable[[FitResult], FitResult] | None = None,
+        emulation: DeviceEmulation | None = None,
     ) -> None:
         """Set up; ``fit_filter`` rewrites each fit before it is sent (the simulator's attacks).
+
+        ``emulation`` (the simulator's device profiles) delays fits and transfers and may
+        drop a fit.
 
         Raises:
             ConfigError: a trusted signing key cannot be loaded.
@@ -78,6 +125,7 @@ class EdgeAgent:
         self._transport = transport
         self._data = data
         self._fit_filter = fit_filter
+        self._emulation = emulation
         self._verifier = (
             GlobalVerifier.from_files(config.trusted_global_keys)
             if config.trusted_global_keys
@@ -92,6 +140,7 @@ class EdgeAgent:
         self._rounds_before = 0
         self._sizer = DeviceSizer.from_config(config)
         self._state: AgentState = "offline"
+        self._split: MqttSplitChannel | None = None
         """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
         self.report = report or AgentReport(client_id=config.client_id)
         """Filled in while running, so a caller holding it sees progress even after a cancel."""
@@ -134,6 +183,8 @@ class EdgeAgent:
         fed, me = self.config.federation, self.config.client_id
         for topic_filter in (topics.task(fed), topics.global_filter(fed), topics.ack(fed, me)):
             await self._transport.subscribe(topic_filter)
+        await self._transport.subscribe(topics.split_bwd(fed, me))
+        self._loop = asyncio.get_running_loop()
         await self._announce("waiting")
         async with asyncio.TaskGroup() as group:
             receiver = group.create_task(self._receive(), name=f"agent-{me}-receive")
@@ -170,15 +221,21 @@ class EdgeAgent:
                 continue
             message = delivery.message
             if isinstance(message, Task):
+                if not self._trusted(message):
+                    continue  # keep following the last genuine task
                 self._task = message
                 self._news.set()
             elif isinstance(message, GlobalModel):
                 self.report.bytes_down += delivery.size
+                if self._emulation is not None:
+                    await self._emulation.downlink(delivery.size)
                 if self._global is None or message.version > self._global.version:
                     if not self._trusted(message):
                         continue
                     self._global = message
                     self._news.set()
+            elif isinstance(message, SplitReply) and self._split is not None:
+                self._split.deliver(message, delivery.size)
             elif isinstance(message, Ack):
                 waiter = self._pending.get(message.update_id)
                 if waiter is not None and not waiter.done():
@@ -188,18 +245,21 @@ class EdgeAgent:
                         "%s: nack %s: %s", self.config.client_id, message.reason, message.detail
                     )
 
-    def _trusted(self, model: GlobalModel) -> bool:
-        """Whether ``model`` may be trained on: signed by a trusted key, when keys are set.
+    def _trusted(self, message: GlobalModel | Task) -> bool:
+        """Whether ``message`` may be acted on: signed by a trusted key, when keys are set.
 
-        A refused global is logged and skipped; the agent keeps the version it has and
+        A refused global or task is logged and skipped; the agent keeps the one it has and
         moves on with the next one that verifies.
         """
         if self._verifier is None:
             return True
         try:
-            self._verifier.verify(model, federation=self.config.federation)
+            self._verifier.verify(message, federation=self.config.federation)
         except SignatureError as exc:
-            self.report.refused_globals += 1
+            if isinstance(message, Task):
+                self.report.refused_tasks += 1
+            else:
+                self.report.refused_globals += 1
             log.error("%s: %s", self.config.client_id, exc)  # noqa: TRY400 (expected, explained)
             return False
         return True
@@ -212,6 +272,22 @@ class EdgeAgent:
 
     async def _wait_for_version(self, version: int) -> None:
         await self._wait_for(lambda: self._global is not None and self._global.version >= version)
+
+    async def _wait_until_picked(self) -> None:
+        """Synchronous rounds: wait for a round whose task names this device (or nobody)."""
+        me = self.config.client_id
+        while True:
+            await self._wait_for(
+                lambda: (
+                    self._task is not None
+                    and self._global is not None
+                    and self._task.version == self._global.version
+                )
+            )
+            assert self._task is not None and self._global is not None
+            if not self._task.round_clients or me in self._task.round_clients:
+                return
+            await self._wait_for_version(self._global.version + 1)
 
     async def _resend_pending(self) -> None:
         """Publish again, with the same ids, the updates an earlier run left unanswered."""
@@ -249,7 +325,14 @@ class EdgeAgent:
         )
         round_index = self._rounds_before
         spec = plan.train_spec(task.train) if plan else task.train
+        answered_base: int | None = None
         while not 0 < self.config.max_updates <= self.report.updates_sent:
+            if self.config.once_per_version and answered_base is not None:
+                await self._wait_for_version(answered_base + 1)
+            if self._emulation is not None:
+                await self._emulation.before_fit()
+            if self.config.once_per_version:
+                await self._wait_until_picked()
             if replan is not plan:  # the measured peak overran the budget: follow the new plan
                 if isinstance(replan, CannotFit):
                     await self._refuse(replan)
@@ -263,18 +346,25 @@ class EdgeAgent:
             await self._announce("training")
             if isinstance(trainer, KdTrainer):  # logits answer the newest announced slice
                 await asyncio.to_thread(self._use_proxy, trainer, self._task or task)
-            fit, replan = await self._sized_fit(
+            timed = _CpuTimed(
                 functools.partial(
                     trainer.fit,
                     start.tensors,
                     data,
                     spec,
                     seed=self.config.seed * 1_000_003 + round_index,
-                ),
-                task,
-                plan,
+                )
             )
+            fit_started = time.monotonic()
+            fit, replan = await self._sized_fit(timed, task, plan)
             round_index += 1
+            if isinstance(trainer, SplitTrainer):
+                self.report.split.append(trainer.history)
+            if self._emulation is not None and not await self._emulation.after_fit(
+                wall_s=time.monotonic() - fit_started, cpu_s=timed.cpu_s
+            ):
+                log.info("%s: dropped off during the fit; its work is lost", self.config.client_id)
+                continue
             if self._fit_filter is not None:
                 fit = self._fit_filter(fit)
             if self._privacy is not None:
@@ -310,6 +400,7 @@ class EdgeAgent:
             self.report.last_version = ack.version
             if ack.accepted:
                 self.report.accepted += 1
+                answered_base = start.version
                 continue
             self.report.rejected[ack.reason or "unknown"] += 1
             log.info(
@@ -350,7 +441,22 @@ class EdgeAgent:
         ref = self.config.model or task.model
         base = build_model(ref, seed=task.seed, num_labels=num_labels(task.dataset))
         model = attach_lora(base, task.lora)
-        return make_trainer(method, model, **self.config.trainer)
+        options = dict(self.config.trainer)
+        if method == "split" and plan is not None and plan.cut is not None:
+            options.setdefault("cut", plan.cut)
+        trainer = make_trainer(method, model, **options)
+        if isinstance(trainer, SplitTrainer):
+            self._split = MqttSplitChannel(
+                self._transport,
+                self._loop,
+                federation=self.config.federation,
+                client_id=self.config.client_id,
+                task_id=task.task_id,
+                timeout_s=trainer.config.timeout_s,
+                retries=trainer.config.retries,
+            )
+            trainer.connect(self._split)
+        return trainer
 
     def _use_proxy(self, trainer: KdTrainer, task: Task) -> None:
         if task.proxy is None:
@@ -372,6 +478,8 @@ class EdgeAgent:
                     log.warning(
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
+                if self._emulation is not None:
+                    await self._emulation.uplink(len(codec.encode(update)))
                 await self._transport.publish(topic, update)
                 try:
                     async with asyncio.timeout(self.config.ack_timeout_s):
@@ -393,6 +501,7 @@ async def run_agent(
     data: TokenDataset | None = None,
     report: AgentReport | None = None,
     fit_filter: Callable[[FitResult], FitResult] | None = None,
+    emulation: DeviceEmulation | None = None,
 ) -> AgentReport:
     """Connect to the broker at ``url`` (TLS and identity from ``config.mqtt``) and run."""
     transport_config = config.mqtt.transport_config(
@@ -403,5 +512,10 @@ async def run_agent(
     )
     async with MqttTransport(transport_config) as transport:
         return await EdgeAgent(
-            config, transport, data=data, report=report, fit_filter=fit_filter
+            config,
+            transport,
+            data=data,
+            report=report,
+            fit_filter=fit_filter,
+            emulation=emulation,
         ).run()

@@ -22,6 +22,9 @@ class AgentConfig(Settings):
     """Seed of this device's local batch order."""
     slowdown: float = Field(default=1.0, ge=1.0)
     """Emulates a slower device: after each fit, wait (slowdown - 1) x the fit's compute time."""
+    once_per_version: bool = False
+    """Synchronous rounds: after an accepted update, wait for the next global version before
+    training again (classic FedAvg), instead of training on as soon as the ack arrives."""
     max_updates: int = Field(default=0, ge=0)
     """Stop after this many answered updates (0 = run until stopped)."""
     ack_timeout_s: float = Field(default=30.0, gt=0)
@@ -44,8 +47,8 @@ class AgentConfig(Settings):
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
     trusted_global_keys: tuple[str, ...] = ()
-    """PEM Ed25519 public keys of the aggregator: with any, only globals signed by one of them
-    are trained on (unsigned or wrongly signed ones are refused). Empty: no check."""
+    """PEM Ed25519 public keys of the aggregator: with any, only globals and tasks signed by one
+    of them are followed (unsigned or wrongly signed ones are refused). Empty: no check."""
     budget_from_os: bool = False
     """Without ``profile.memory_budget_mb``, plan against the memory the OS has free (DESIGN §7);
     with neither, the task's method and shape are used as they are."""

@@ -193,6 +193,8 @@ class StepShape:
     proxy_rows: int = 0
     """kd: proxy rows whose top-k logits are kept for the upload."""
     top_k: int = 8
+    cut: int | None = None
+    """split: blocks the device runs (None: one)."""
 
     @property
     def tokens(self) -> int:
@@ -268,7 +270,30 @@ def _with_top_k(local: Estimator) -> Estimator:
     return estimate_kd
 
 
+def estimate_split(model: ModelShape, step: StepShape) -> Parts:
+    """Split learning's device: embeddings and ``cut`` blocks with backprop, no head.
+
+    Besides that part's weights, adapter, optimizer and activations it holds the activations
+    it sends and the gradient it gets back (plus their wire copies): ``4 x tokens x hidden``.
+    """
+    cut = min(max(step.cut or 1, 1), model.layers)
+    share = cut / model.layers
+    n = model.adapter_values(step.rank, step.targets) * share
+    h, q_out, kv_out = model.hidden, model.heads * model.head_dim, model.kv_heads * model.head_dim
+    per_layer = h * q_out * 2 + h * kv_out * 2 + 3 * h * model.intermediate + 2 * h
+    per_token = ACT_HIDDEN * model.hidden + ACT_INTERMEDIATE * model.intermediate
+    acts = step.tokens * per_token * DTYPE_BYTES[step.dtype] + _attention_maps(model, step)
+    return {
+        "weights": (model.vocab * h + cut * per_layer) * DTYPE_BYTES[step.dtype],
+        "adapter": ADAPTER_COPIES * n * 4,
+        "optimizer": 3 * n * 4,
+        "activations": cut * acts,
+        "exchange": 4 * step.tokens * h * 4,
+    }
+
+
 ESTIMATORS: dict[str, Estimator] = {
+    "split": estimate_split,
     "lora": estimate_lora,
     "fwdgrad": estimate_fwdgrad,
     "fwdgrad-jvp": estimate_fwdgrad_jvp,

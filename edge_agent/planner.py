@@ -76,6 +76,8 @@ class Plan:
     budget_source: str
     ratio: float = 1.0
     """Calibration (measured/estimated) already applied to ``estimate_mb``."""
+    cut: int | None = None
+    """``split`` only: blocks the device runs."""
     measured_mb: float | None = None
     state: str = "fits"
 
@@ -127,6 +129,17 @@ def candidate_shapes(train: TrainSpec) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (-p[0] * p[1], -p[1]))
 
 
+def split_cuts(layers: int) -> list[int]:
+    """Cuts a split device tries, deepest first: half the blocks, then halves down to 1.
+
+    A deeper cut keeps more of the model (and its activations) private and takes load off
+    the server; a device goes shallower only when its memory requires it.
+    """
+    if layers < 2:
+        return [1]
+    return _halvings(max(1, layers // 2), 1)
+
+
 def plan_training(
     model: ModelShape,
     *,
@@ -169,7 +182,9 @@ def plan_training(
     shapes = candidate_shapes(train)
     full = train.batch_size * train.seq_len
 
-    def cost(method: Method, batch: int, seq: int) -> tuple[float, float, float]:
+    def cost(
+        method: Method, batch: int, seq: int, cut: int | None = None
+    ) -> tuple[float, float, float]:
         """(budget needed, calibrated estimate, ratio) of one step."""
         key = estimator_key(method, options.get(method))
         step = StepShape(
@@ -178,16 +193,29 @@ def plan_training(
             rank=lora.rank,
             targets=lora.target_modules,
             perturbations=train.perturbations,
+            cut=cut,
         )
         ratio = ratios.get(key, 1.0)
         found = estimate(model, step, key, runtime_mb=runtime_mb)
         mb = found.total_mb * ratio
         return mb + headroom * found.step_mb, mb, ratio
 
-    preferred = [(m, b, s) for m in methods for b, s in shapes if b * s >= min_fraction * full]
-    any_shape = [(m, b, s) for b, s in shapes for m in methods]
-    for method, batch, seq in preferred + any_shape:
-        need, mb, ratio = cost(method, batch, seq)
+    cuts = split_cuts(model.layers)
+    preferred = [
+        (m, b, s, c)
+        for m in methods
+        for b, s in shapes
+        if b * s >= min_fraction * full
+        for c in (cuts if m == "split" else (None,))
+    ]
+    any_shape = [
+        (m, b, s, c)
+        for b, s in shapes
+        for m in methods
+        for c in (cuts if m == "split" else (None,))
+    ]
+    for method, batch, seq, cut in preferred + any_shape:
+        need, mb, ratio = cost(method, batch, seq, cut)
         if need <= budget.mb:
             return Plan(
                 method=method,
@@ -199,9 +227,12 @@ def plan_training(
                 budget_mb=budget.mb,
                 budget_source=budget.source,
                 ratio=ratio,
+                cut=cut,
             )
     batch, seq = shapes[-1]
-    required, method = min((cost(m, batch, seq)[0], m) for m in methods)
+    required, method = min(
+        (cost(m, batch, seq, cuts[-1] if m == "split" else None)[0], m) for m in methods
+    )
     return CannotFit(
         required_mb=required,
         method=method,

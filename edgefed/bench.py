@@ -138,10 +138,18 @@ def run(args: argparse.Namespace) -> int:
         from edgefed import bench_estimate  # noqa: PLC0415  # runs models; only when asked
 
         return bench_estimate.run(args)
+    if args.which in ("scale", "throughput", "merge", "seed", "all"):
+        from edgefed import bench_suite  # noqa: PLC0415  # brokers and models; only when asked
+
+        return bench_suite.run(args)
     if args.which in ("memory", "bytes", "fwdgrad"):
         from edgefed import bench_fwdgrad  # noqa: PLC0415  # loads models; only when asked
 
         return bench_fwdgrad.run(args)
+    if args.which == "split":
+        from edgefed import bench_split  # noqa: PLC0415  # loads models; only when asked
+
+        return bench_split.run(args)
     if args.which != "codec":
         sys.stderr.write(f"unknown benchmark {args.which!r}\n")
         return 2

@@ -159,6 +159,11 @@ class MosquittoProcess:
         return _url(self.host, self.port)
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the running broker (for RSS readings), None when stopped."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._proc is not None and self._proc.poll() is None

@@ -63,6 +63,13 @@ def _credentials_grammar(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--days", type=int, default=365)
     rotate = actions.add_parser("rotate-aggregator", help="new aggregator password/certificate")
     rotate.add_argument("--dir", required=True)
+    signing = actions.add_parser(
+        "rotate-signing-key", help="new signing key; devices trust old and new until --finish"
+    )
+    signing.add_argument("--dir", required=True)
+    signing.add_argument(
+        "--finish", action="store_true", help="end the grace period: trust the new key only"
+    )
     revoke = actions.add_parser("revoke", help="remove a device's credentials")
     revoke.add_argument("--dir", required=True)
     revoke.add_argument("client_id")
@@ -96,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="micro-benchmarks, reported as ratios")
-    bench.add_argument("which", choices=["codec", "memory", "bytes", "fwdgrad", "estimate"])
+    bench.add_argument(
+        "which",
+        choices=[
+            "codec", "memory", "bytes", "fwdgrad", "estimate", "scale", "throughput", "merge",
+            "all", "split", "seed",
+        ],
+    )  # fmt: skip
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--repeat", type=int, default=0, help="repetitions per size (0 = auto)")
     bench.add_argument("--model", default="smollm2-135m", help="memory, bytes: model to measure")
@@ -105,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=2, help="local steps per fit")
     bench.add_argument("--k", type=int, default=16, help="perturbations per step")
     bench.add_argument("--rounds", type=int, default=20, help="fwdgrad: fits per variant")
+    bench.add_argument("--agents", type=int, default=1000, help="scale, all: MQTT agents")
+    bench.add_argument("--updates-per-agent", type=int, default=2, help="scale: updates each")
+    bench.add_argument("--spread", type=float, default=10.0, help="scale: first-send window (s)")
+    bench.add_argument("--quick", action="store_true", help="all: a fast subset")
+    bench.add_argument("--budget", type=float, default=90.0, help="seed: seconds per row")
+    bench.add_argument(
+        "--save", action="store_true", help="scale, throughput, merge, seed: into RESULTS.md"
+    )
+    bench.add_argument("--plot", default=None, help="split: write the memory figure (PNG) here")
 
     agent = commands.add_parser("agent", help="run an edge agent")
     _broker_option(agent)
@@ -140,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_option(simulate)
     simulate.add_argument("--model", default="tiny")
     simulate.add_argument("--agents", type=int, default=4)
-    simulate.add_argument("--method", default="lora", choices=["lora", "fwdgrad", "kd"])
+    simulate.add_argument("--method", default="lora", choices=["lora", "fwdgrad", "kd", "split"])
+    simulate.add_argument(
+        "--cuts", default="", help="split: per-agent cuts (device blocks), cycled, e.g. 1,2"
+    )
+    simulate.add_argument(
+        "--variant", default="vanilla", choices=["vanilla", "u_shaped"], help="split variant"
+    )
     simulate.add_argument(
         "--device-models", default="", help="kd: per-agent device models, cycled (tiny,tiny-4l)"
     )
@@ -160,12 +188,33 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--json-out", default=None, help="results file")
     simulate.add_argument(
+        "--fleet",
+        default=None,
+        help="fleet spec TOML (simulator/fleets/*.toml): devices, data, strategy, target; "
+        "replaces the fleet flags",
+    )
+    simulate.add_argument(
+        "--mode",
+        default="async",
+        choices=["async", "sync", "both"],
+        help="async merging, synchronous FedAvg rounds, or both on one chart",
+    )
+    simulate.add_argument(
         "--dataset", default="synthetic", help="synthetic, rotten-tomatoes, sst2, ag-news, ..."
     )
     simulate.add_argument("--partition", default="iid", choices=["iid", "dirichlet", "size"])
     simulate.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     simulate.add_argument(
         "--max-seconds", type=float, default=0.0, help="stop merging after S seconds (0 = no)"
+    )
+    simulate.add_argument(
+        "--clients-per-round", type=int, default=None, help="sync: devices sampled per round"
+    )
+    simulate.add_argument(
+        "--round-deadline",
+        type=float,
+        default=None,
+        help="sync: close a round after S simulated seconds with whoever arrived",
     )
 
     demo = commands.add_parser(

@@ -4,7 +4,7 @@ One folder holds a deployment's security material, laid out by who may read what
 
     <dir>/ca/          ca.key (owner only), ca.crt, revoked.json       -- stays on the admin host
     <dir>/broker/      mosquitto.conf, ca.crt, server.crt/.key, passwd, edgefed.acl [, ca.crl]
-    <dir>/signing/     global.key (owner only), global.pub              -- the global-model key
+    <dir>/signing/     global.key (owner only), global.pub [, previous.pub] -- the signing key
     <dir>/aggregator/  password, ca.crt, global.key, connection.toml    -- for the aggregator host
     <dir>/devices/ID/  password, ca.crt, global.pub, [client.crt/.key], connection.toml
 
@@ -94,6 +94,11 @@ class CredentialsDir:
     def public_key(self) -> Path:
         """The public half of the signing key, which every agent trusts."""
         return self.signing / "global.pub"
+
+    @property
+    def previous_public_key(self) -> Path:
+        """The retired signing key agents still trust while a rotation is under way."""
+        return self.signing / "previous.pub"
 
     def identity(self, name: str) -> Path:
         """The folder copied to the machine that runs as ``name``."""
@@ -400,12 +405,20 @@ def _write_identity(
         (folder / "global.key").chmod(0o600)
         lines.insert(1, f"signing_key = {_toml_str(str(folder / 'global.key'))}")
     else:
-        shutil.copyfile(layout.public_key, folder / "global.pub")
-        lines.insert(1, f"trusted_global_keys = [{_toml_str(str(folder / 'global.pub'))}]")
+        lines.insert(1, trusted_keys_line(layout, folder))
     (folder / "connection.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _set_password(layout, name, password)
     _give_to_broker_user(layout.broker, broker_user)
     return folder
+
+
+def trusted_keys_line(layout: CredentialsDir, folder: Path) -> str:
+    """Copy the public keys agents trust now into ``folder``; the config line naming them."""
+    trusted = [layout.public_key, layout.previous_public_key]
+    copies = [folder / key.name for key in trusted if key.exists()]
+    for copy in copies:
+        shutil.copyfile(layout.signing / copy.name, copy)
+    return f"trusted_global_keys = [{', '.join(_toml_str(str(c)) for c in copies)}]"
 
 
 def init_credentials(
@@ -569,6 +582,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "rotate-aggregator":
             folder = rotate_aggregator(args.dir)
             _say(f"aggregator: new credentials in {folder}; reload the broker (SIGHUP)")
+        elif args.action == "rotate-signing-key":
+            from edgefed.signing_rotation import rotate_signing_key, say_rotation  # noqa: PLC0415
+
+            say_rotation(rotate_signing_key(args.dir, finish=args.finish), _say)
         else:
             revoke_device(args.dir, args.client_id)
             _say(f"{args.client_id}: revoked; reload the broker (SIGHUP) or restart for CRLs")

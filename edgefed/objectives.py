@@ -63,16 +63,41 @@ def scored_logits(model: PreTrainedModel | PeftModel, batch: TokenBatch) -> tupl
     return kept[keep].float(), targets[:, first:][keep]
 
 
-def batch_loss(model: PreTrainedModel | PeftModel, batch: TokenBatch) -> Tensor:
+def batch_loss(
+    model: PreTrainedModel | PeftModel,
+    batch: TokenBatch,
+    *,
+    choices: tuple[int, ...] | None = None,
+) -> Tensor:
     """Mean cross-entropy over the scored outputs of ``batch`` (what trainers minimise).
 
+    With ``choices`` (a generative classifier's label tokens) only those logits compete,
+    as in :func:`predictions`: the loss then measures the decision accuracy counts, and
+    its gradient is not spent on pushing the rest of the vocabulary down.
+
     Raises:
-        ValueError: Nothing in the batch is scored.
+        ValueError: Nothing in the batch is scored, or a target is not among ``choices``.
     """
     logits, targets = scored_logits(model, batch)
     if targets.numel() == 0:
         raise ValueError("batch has no scored positions")
-    return nn.functional.cross_entropy(logits, targets)
+    if choices is None:
+        return nn.functional.cross_entropy(logits, targets)
+    return choice_cross_entropy(logits, targets, choices)
+
+
+def choice_cross_entropy(logits: Tensor, targets: Tensor, choices: tuple[int, ...]) -> Tensor:
+    """Cross-entropy of ``targets`` among the ``choices`` columns of ``logits`` only.
+
+    Raises:
+        ValueError: A target is not one of ``choices``.
+    """
+    allowed = torch.tensor(choices, dtype=torch.int64, device=logits.device)
+    hits = targets.unsqueeze(-1) == allowed
+    if not bool(hits.any(dim=-1).all()):
+        outside = sorted(set(targets.tolist()) - set(choices))
+        raise ValueError(f"targets {outside} are not among the choices {list(choices)}")
+    return nn.functional.cross_entropy(logits[:, allowed], hits.int().argmax(dim=-1))
 
 
 def predictions(logits: Tensor, choices: tuple[int, ...] | None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Signed global models: the aggregator signs each version, agents verify before training on it.
+"""Signed globals and tasks: the aggregator signs both, agents verify before acting on them.
 
 The ACL already stops devices from publishing on ``global`` (DESIGN §8); the signature also
 covers a compromised or misconfigured broker, a bridge, or a retained message left over from
@@ -17,27 +17,43 @@ torch name without ``torch.`` (``float32``) and the raw bytes are the C-contiguo
 the codec sends it (little-endian). The federation is not in the message but in its topic:
 signing it stops a global of one federation being replayed into another under the same key.
 ``created_at`` is informational and not covered.
+
+The task tells devices what to train, at which learning rate, on which proxy rows, so it is
+signed with the same key. :func:`task_digest` is a SHA-256 over::
+
+    "edgefed/task/v1" LF lp(federation) lp(canonical JSON of the task)
+
+where the canonical JSON is every field but ``signature`` and ``created_at`` (``model_dump``
+in JSON mode), keys sorted, no whitespace, ASCII only. Domain tags keep a global's signature
+from ever passing as a task's and the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from schemas.errors import ConfigError, SignatureError
-from schemas.messages import GlobalModel, TensorMap
+from schemas.errors import ConfigError, SignatureError, SignedKind
+from schemas.messages import GlobalModel, Task, TensorMap
 
 DOMAIN: Final = b"edgefed/global-model/v1\n"
 """Tag that makes a global's digest unlike any other digest signed with the same key."""
+TASK_DOMAIN: Final = b"edgefed/task/v1\n"
+"""Tag that makes a task's digest unlike any other digest signed with the same key."""
+_UNSIGNED_TASK_FIELDS: Final = frozenset({"signature", "created_at"})
+
+Signed = TypeVar("Signed", GlobalModel, Task)
+"""The messages the aggregator signs."""
 
 
 def _lp(text: str) -> bytes:
@@ -68,9 +84,21 @@ def global_digest(*, federation: str, task_id: str, version: int, tensors: Tenso
     return digest.digest()
 
 
-def _digest_of(model: GlobalModel, federation: str) -> bytes:
+def task_digest(task: Task, *, federation: str) -> bytes:
+    """The 32-byte SHA-256 that a task's signature covers (layout in the module docstring)."""
+    fields = task.model_dump(mode="json", exclude=set(_UNSIGNED_TASK_FIELDS))
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(TASK_DOMAIN + _lp(federation) + _lp(canonical)).digest()
+
+
+def _digest_of(message: GlobalModel | Task, federation: str) -> bytes:
+    if isinstance(message, Task):
+        return task_digest(message, federation=federation)
     return global_digest(
-        federation=federation, task_id=model.task_id, version=model.version, tensors=model.tensors
+        federation=federation,
+        task_id=message.task_id,
+        version=message.version,
+        tensors=message.tensors,
     )
 
 
@@ -138,7 +166,7 @@ def write_keypair(private_path: Path, public_path: Path) -> Ed25519PublicKey:
 
 
 class GlobalSigner:
-    """The aggregator's half: signs every global version it publishes."""
+    """The aggregator's half: signs every global version and task it publishes."""
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
@@ -152,14 +180,14 @@ class GlobalSigner:
     def __repr__(self) -> str:
         return f"GlobalSigner(key_id={self.key_id})"
 
-    def sign(self, model: GlobalModel, *, federation: str) -> GlobalModel:
-        """A copy of ``model`` carrying the signature over its digest in ``federation``."""
-        signature = self._key.sign(_digest_of(model, federation))
-        return model.model_copy(update={"signature": signature})
+    def sign(self, message: Signed, *, federation: str) -> Signed:
+        """A copy of ``message`` carrying the signature over its digest in ``federation``."""
+        signature = self._key.sign(_digest_of(message, federation))
+        return message.model_copy(update={"signature": signature})
 
 
 class GlobalVerifier:
-    """The agent's half: accepts a global only when a trusted key signed exactly its content.
+    """The agent's half: accepts a global or task only when a trusted key signed its content.
 
     Several keys may be trusted at once, so the aggregator's key can be rotated without
     stopping devices: trust old and new, switch the aggregator, then drop the old one.
@@ -179,31 +207,39 @@ class GlobalVerifier:
     def __repr__(self) -> str:
         return f"GlobalVerifier(key_ids={self.key_ids})"
 
-    def verify(self, model: GlobalModel, *, federation: str) -> None:
-        """Return when a trusted key signed ``model`` for ``federation``.
+    def verify(self, message: GlobalModel | Task, *, federation: str) -> None:
+        """Return when a trusted key signed ``message`` for ``federation``.
 
         Raises:
             SignatureError: ``unsigned`` when there is no signature, ``bad_signature`` when
                 no trusted key made it (tampered content, another key, another federation).
         """
-        if model.signature is None:
+        subject: SignedKind = "task" if isinstance(message, Task) else "global"
+        if message.signature is None:
             raise SignatureError(
                 "unsigned",
-                version=model.version,
-                detail="the global carries no signature and unsigned globals are not accepted",
+                version=message.version,
+                subject=subject,
+                detail=f"the {subject} carries no signature and unsigned ones are not accepted",
             )
-        digest = _digest_of(model, federation)
+        digest = _digest_of(message, federation)
         for key in self._keys:
             try:
-                key.verify(model.signature, digest)
+                key.verify(message.signature, digest)
             except InvalidSignature:
                 continue
             return
         raise SignatureError(
             "bad_signature",
-            version=model.version,
+            version=message.version,
+            subject=subject,
             detail=(
                 f"no trusted key ({', '.join(self.key_ids)}) signed this content for "
                 f"federation {federation!r}; it was altered or signed by another key"
             ),
         )
+
+
+def signed_by(signer: GlobalSigner | None, message: Signed, *, federation: str) -> Signed:
+    """``message`` signed by ``signer``, or as it is when the deployment signs nothing."""
+    return message if signer is None else signer.sign(message, federation=federation)

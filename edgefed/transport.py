@@ -64,6 +64,7 @@ __all__ = [
     "broker_for",
     "map_transport_errors",
     "port_answers",
+    "raw_client",
     "resolve_credentials",
 ]
 
@@ -577,3 +578,14 @@ class MqttTransport:
                 f"{self.config.client_id}: publish to {topic!r} not acknowledged within "
                 f"{timeout:g} s (last error: {last_error!r})"
             ) from last_error or exc
+
+
+def raw_client(url: str, client_id: str) -> aiomqtt.Client:
+    """A bare client (no codec, chunking or reconnects), used as an async context manager.
+
+    It is the raw-broker baseline benchmarks measure the product's path against.
+    """
+    broker = BrokerURL.parse(url)
+    return aiomqtt.Client(
+        broker.host, broker.port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311
+    )

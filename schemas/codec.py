@@ -2,56 +2,60 @@
 
 A message is one plain msgpack map of ``kind``, ``schema_version`` and every field; a tensor
 is ``{"dtype", "shape", "data": bin}``, plus ``"scale"`` (per-row absmax) when int8, which
-decodes back to float32 so receivers never need to know how a sender compressed.
+decodes back to float32 so receivers never need to know how a sender compressed
+(``schemas.tensor_wire`` holds the tensor side: whitelist, compression, checks).
 
-Speed comes from never letting msgpack copy tensor bytes:
+Speed comes from never letting msgpack copy tensor bytes, and from few calls per message:
 
-- ``encode`` packs small fields with ``msgpack.packb``, writes map/bin headers around each
-  tensor itself and joins them with the raw buffers once: exactly ``msgpack.packb``'s bytes.
-- ``decode`` lets msgpack parse all but ``bin`` payloads; at each tensor's ``data`` it reads
-  the bin header itself and calls ``torch.frombuffer`` on the received buffer: no copy.
+- ``encode`` packs every field without tensor or raw bytes in one ``msgpack.packb`` call,
+  writes map/bin headers around each tensor itself and joins everything once, into one
+  buffer of the final size: the tensor bytes are copied exactly once, and the result is
+  exactly ``msgpack.packb``'s bytes for the same map.
+- ``decode`` hands msgpack a copy of the message without its tensor payloads (each
+  swapped for a marker, see ``_marked_values``) and parses everything in one call, then
+  calls ``torch.frombuffer`` on the received buffer at each payload. Anything unusual
+  falls back to a field-by-field cursor that skips bin payloads: same result, exact errors.
 
 Decoded tensors share the buffer handed to ``decode``: clone before mutating either.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+import functools
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 import msgpack
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.errors import CodecError, PayloadTooLarge, SchemaVersionError
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION, AnyMessage, Message, TensorMap
+from schemas.tensor_wire import (
+    Compression,
+    Packed,
+    allow_readonly,
+    build,
+    pack,
+    tensor_from_wire,
+    tensor_to_wire,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Compression",
+    "decode",
+    "encode",
+    "tensor_from_wire",
+    "tensor_to_wire",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Largest payload ``decode`` accepts unless told otherwise (after chunk reassembly)."""
 
-Compression = Literal["none", "fp16", "bf16", "int8"]
-"""How floating tensors are packed: as they are, cast to half precision, or int8 per row."""
-
-_DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES: Final[dict[torch.dtype, str]] = {dtype: name for name, dtype in _DTYPES.items()}
-
-_MAX_NDIM: Final = 64
-_MAX_DIM: Final = 2**62
 _MAX_TENSORS: Final = 65_536
 """Tensors one field may hold; bounds the work a hostile payload can cause."""
 _MAX_SEGMENT: Final = 1024 * 1024
@@ -60,242 +64,7 @@ _WINDOW: Final = 4096
 """Bytes first handed to msgpack's parser; grown when a value runs past it."""
 
 
-# --------------------------------------------------------------------------- message specs
-
-
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    """How one message class travels: which fields hold tensors or raw bytes."""
-
-    cls: type[Message]
-    field_names: frozenset[str]
-    tensor_fields: frozenset[str]
-    bytes_fields: frozenset[str]
-
-
-def _spec_for(cls: type[Message]) -> _Spec:
-    fields = cls.model_fields.items()
-    return _Spec(
-        cls=cls,
-        field_names=frozenset(cls.model_fields),
-        tensor_fields=frozenset(n for n, f in fields if f.annotation == TensorMap),
-        bytes_fields=frozenset(n for n, f in fields if f.annotation is bytes),
-    )
-
-
-_SPECS_BY_TYPE: Final[dict[type[Message], _Spec]] = {c: _spec_for(c) for c in MESSAGE_TYPES}
-_SPECS_BY_KIND: Final[dict[str, _Spec]] = {
-    cast("str", c.model_fields["kind"].default): s for c, s in _SPECS_BY_TYPE.items()
-}
-_MAX_FIELDS: Final = max(len(c.model_fields) for c in MESSAGE_TYPES)
-_TENSOR_FIELDS: Final[frozenset[str]] = frozenset().union(
-    *(s.tensor_fields for s in _SPECS_BY_TYPE.values())
-)
-_BYTES_FIELDS: Final[frozenset[str]] = frozenset().union(
-    *(s.bytes_fields for s in _SPECS_BY_TYPE.values())
-)
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-@dataclass(frozen=True, slots=True)
-class _Packed:
-    """A tensor ready for the wire: dtype name, shape, its raw bytes, and an int8 scale."""
-
-    dtype: str
-    shape: list[int]
-    data: memoryview
-    scale: _Packed | None = None
-
-
-def _raw_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a tensor, without copying when it is already contiguous on the CPU.
-
-    bfloat16, which numpy lacks, travels through an int16 view of the same bits.
-    """
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_cpu:
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if t.dtype is torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().data
-
-
-def _int8_rows(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Rows and columns of the per-row view: dim 0 by the rest; a 0-d or 1-d tensor is one row."""
-    if len(shape) >= 2:
-        return shape[0], math.prod(shape[1:])
-    return 1, math.prod(shape)
-
-
-def _quantise_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8: ``q = round(x / s)``, ``s = max|row| / 127``.
-
-    A row holding NaN or inf gets a non-finite scale, so it decodes non-finite again and
-    the receiver's finiteness check still sees it.
-    """
-    rows, cols = _int8_rows(tuple(t.shape))
-    x = t.detach().cpu().to(torch.float32).reshape(rows, cols)
-    if cols == 0:
-        return x.to(torch.int8), torch.zeros(rows, dtype=torch.float32)
-    scale = x.abs().amax(dim=1) / 127.0
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.nan_to_num((x / divisor[:, None]).round_(), nan=0.0).clamp_(-127, 127)
-    return q.to(torch.int8), scale
-
-
-def _pack(t: torch.Tensor, compression: Compression) -> _Packed:
-    """Apply ``compression`` (floating tensors only) and expose the tensor's bytes."""
-    try:
-        return _pack_dense(t, compression)
-    except RuntimeError as exc:  # sparse, meta or otherwise unusual tensors
-        raise CodecError(f"a {t.layout} tensor on {t.device} cannot travel: {exc}") from exc
-
-
-def _pack_dense(t: torch.Tensor, compression: Compression) -> _Packed:
-    if compression != "none" and t.is_floating_point():
-        if compression == "fp16":
-            t = t.to(torch.float16)
-        elif compression == "bf16":
-            t = t.to(torch.bfloat16)
-        elif compression == "int8":
-            q, s = _quantise_int8(t)
-            scale = _Packed("float32", list(s.shape), _raw_view(s))
-            return _Packed("int8", list(t.shape), _raw_view(q), scale)
-        else:
-            raise CodecError(f"unknown compression {compression!r}")
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
-        raise CodecError(f"dtype {t.dtype} cannot travel; allowed: {', '.join(_DTYPES)}")
-    return _Packed(name, list(t.shape), _raw_view(t))
-
-
-class _ReadonlyWarning:
-    """Whether torch has spent its once-per-process warning about read-only buffers."""
-
-    spent = False
-
-
-@contextlib.contextmanager
-def _ignore_readonly_warning() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="The given buffer is not writable", category=UserWarning
-        )
-        yield
-
-
-def _allow_readonly(readonly: bool) -> contextlib.AbstractContextManager[None]:
-    """Silence torch's warning about tensors on a read-only buffer, and only that one.
-
-    Tensors decoded from ``bytes`` share its memory (that is the point: no copy); torch
-    warns once per process that it cannot mark them read-only, and the module docstring
-    tells callers to clone before writing. Once torch has spent that warning inside this
-    filter, later decodes skip the filter (a few microseconds) unless
-    ``torch.set_warn_always`` is on. ``warnings.catch_warnings`` is process-wide state,
-    which is why the filter names this one message only.
-    """
-    if not readonly or (_ReadonlyWarning.spent and not torch.is_warn_always_enabled()):
-        return contextlib.nullcontext()
-    return _ignore_readonly_warning()
-
-
-def _build(
-    dtype_name: object,
-    shape: object,
-    buf: memoryview,
-    *,
-    start: int,
-    length: int,
-    scale: torch.Tensor | None,
-) -> torch.Tensor:
-    """A tensor on ``buf[start:start + length]``, after every check the wire contract makes."""
-    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
-        raise CodecError(f"dtype {dtype_name!r} is not allowed; allowed: {', '.join(_DTYPES)}")
-    if not isinstance(shape, (list, tuple)) or len(shape) > _MAX_NDIM:
-        raise CodecError(f"a tensor shape is a list of at most {_MAX_NDIM} sizes, not {shape!r}")
-    dims = tuple(shape)
-    for dim in dims:
-        if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
-            raise CodecError(f"tensor shape {list(dims)} holds something that is not a size")
-    numel = math.prod(dims)
-    if numel * dtype.itemsize != length:
-        raise CodecError(
-            f"a {dtype_name} tensor of shape {list(dims)} needs "
-            f"{numel * dtype.itemsize} bytes, its data holds {length}"
-        )
-    if numel == 0:
-        tensor = torch.empty(dims, dtype=dtype)
-    else:
-        tensor = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start)
-        if len(dims) != 1:
-            tensor = tensor.reshape(dims)
-        if buf.readonly:
-            # Only decode passes read-only buffers, inside _allow_readonly: torch has now
-            # spent its warning, so later decodes may skip the filter.
-            _ReadonlyWarning.spent = True
-    if dtype is torch.bool and numel and bool((tensor.view(torch.uint8) > 1).any()):
-        raise CodecError("a bool tensor holds bytes other than 0 and 1")
-    if scale is None:
-        return tensor
-    if dtype is not torch.int8:
-        raise CodecError(f"only int8 tensors carry a scale, not {dtype_name}")
-    rows, cols = _int8_rows(dims)
-    if scale.dtype is not torch.float32 or tuple(scale.shape) != (rows,):
-        raise CodecError(f"an int8 scale must be float32 of shape [{rows}]")
-    return (tensor.reshape(rows, cols).to(torch.float32) * scale[:, None]).reshape(dims)
-
-
-def tensor_to_wire(t: torch.Tensor, *, compression: Compression = "none") -> dict[str, object]:
-    """The wire map of one tensor, as plain Python objects (``data`` is a ``bytes`` copy).
-
-    This is the simple reference path; ``encode`` writes the same bytes without the copy.
-    """
-    return _packed_to_dict(_pack(t, compression))
-
-
-def _packed_to_dict(packed: _Packed) -> dict[str, object]:
-    wire: dict[str, object] = {
-        "dtype": packed.dtype,
-        "shape": list(packed.shape),
-        "data": packed.data.tobytes(),
-    }
-    if packed.scale is not None:
-        wire["scale"] = _packed_to_dict(packed.scale)
-    return wire
-
-
-def tensor_from_wire(obj: object) -> torch.Tensor:
-    """A tensor from its wire map (as ``msgpack.unpackb`` returns it); raises ``CodecError``.
-
-    The tensor owns a private copy of the data, so it is writable and outlives ``obj``.
-    """
-    return _tensor_from_dict(obj, allow_scale=True)
-
-
-def _tensor_from_dict(obj: object, *, allow_scale: bool) -> torch.Tensor:
-    if not isinstance(obj, Mapping):
-        raise CodecError(f"a tensor must be a map, not {type(obj).__name__}")
-    keys = set(obj)
-    allowed = ({"dtype", "shape", "data"}, {"dtype", "shape", "data", "scale"})
-    if keys not in allowed[: 2 if allow_scale else 1]:
-        raise CodecError(f"a tensor map has keys dtype, shape, data (and scale), not {keys}")
-    data = obj["data"]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CodecError(f"tensor data must be bin, not {type(data).__name__}")
-    scale = _tensor_from_dict(obj["scale"], allow_scale=False) if "scale" in keys else None
-    buf = memoryview(bytearray(data))
-    return _build(obj["dtype"], obj["shape"], buf, start=0, length=buf.nbytes, scale=scale)
-
-
-# --------------------------------------------------------------------------- encoding
+# --------------------------------------------------------------------------- wire headers
 
 
 def _map_header(n: int) -> bytes:
@@ -318,39 +87,90 @@ def _bin_header(n: int) -> bytes:
     raise CodecError(f"a bin of {n} bytes exceeds msgpack's limit")
 
 
-def _tensor_head(dtype_name: str, *, scaled: bool) -> bytes:
-    """Everything of a tensor map up to its shape value, which is all fixed per dtype."""
-    keys: bytes = msgpack.packb(["dtype", dtype_name, "shape"])[1:]  # the array's items
-    return _map_header(4 if scaled else 3) + keys
+_MAP_WIDTHS: Final = {0xDE: 2, 0xDF: 4}
+"""map16, map32: the width of their length field (a fixmap holds it in its first byte)."""
+_BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+"""bin8, bin16, bin32: the width of their length field."""
 
 
-_TENSOR_HEADS: Final[dict[tuple[str, bool], bytes]] = {
-    (name, scaled): _tensor_head(name, scaled=scaled)
-    for name in _DTYPES
-    for scaled in (False, True)
+# --------------------------------------------------------------------------- message specs
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """How one message class travels: which fields hold tensors or raw bytes."""
+
+    cls: type[Message]
+    field_names: frozenset[str]
+    plain_fields: tuple[str, ...]
+    """Fields msgpack packs itself, in declaration order."""
+    tensor_fields: tuple[str, ...]
+    bytes_fields: tuple[str, ...]
+    map_header: bytes
+    """The message's map header: every field always travels."""
+    keys: dict[str, bytes]
+    """Packed names of the tensor and bytes fields."""
+
+
+def _spec_for(cls: type[Message]) -> _Spec:
+    fields = cls.model_fields
+    tensor_fields = tuple(n for n, f in fields.items() if f.annotation == TensorMap)
+    bytes_fields = tuple(n for n, f in fields.items() if f.annotation is bytes)
+    special = {*tensor_fields, *bytes_fields}
+    return _Spec(
+        cls=cls,
+        field_names=frozenset(fields),
+        plain_fields=tuple(n for n in fields if n not in special),
+        tensor_fields=tensor_fields,
+        bytes_fields=bytes_fields,
+        map_header=_map_header(len(fields)),
+        keys={n: msgpack.packb(n) for n in special},
+    )
+
+
+_SPECS_BY_TYPE: Final[dict[type[Message], _Spec]] = {c: _spec_for(c) for c in MESSAGE_TYPES}
+_SPECS_BY_KIND: Final[dict[str, _Spec]] = {
+    cast("str", c.model_fields["kind"].default): s for c, s in _SPECS_BY_TYPE.items()
 }
+_MAX_FIELDS: Final = max(len(c.model_fields) for c in MESSAGE_TYPES)
+_TENSOR_FIELDS: Final[frozenset[str]] = frozenset().union(
+    *(s.tensor_fields for s in _SPECS_BY_TYPE.values())
+)
+_BYTES_FIELDS: Final[frozenset[str]] = frozenset().union(
+    *(s.bytes_fields for s in _SPECS_BY_TYPE.values())
+)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
 _DATA_KEY: Final[bytes] = msgpack.packb("data")
 _SCALE_KEY: Final[bytes] = msgpack.packb("scale")
 
 _Piece = bytes | memoryview
 
 
-def _append_tensor(pieces: list[_Piece], packed: _Packed) -> None:
-    pieces += (
-        _TENSOR_HEADS[packed.dtype, packed.scale is not None],
-        msgpack.packb(packed.shape),
-        _DATA_KEY,
-        _bin_header(packed.data.nbytes),
-        packed.data,
-    )
+@functools.lru_cache(maxsize=4096)
+def _tensor_prefix(dtype: str, shape: tuple[int, ...], nbytes: int, *, scaled: bool) -> bytes:
+    """A tensor map up to its data (an adapter's layouts repeat, so they are cached)."""
+    items: bytes = msgpack.packb(["dtype", dtype, "shape", shape])[1:]  # the array's items
+    return _map_header(4 if scaled else 3) + items + _DATA_KEY + _bin_header(nbytes)
+
+
+def _append_tensor(pieces: list[_Piece], packed: Packed) -> None:
+    data = packed.data
+    scaled = packed.scale is not None
+    pieces += (_tensor_prefix(packed.dtype, packed.shape, data.nbytes, scaled=scaled), data)
     if packed.scale is not None:
         pieces.append(_SCALE_KEY)
         _append_tensor(pieces, packed.scale)
 
 
-def _header_length(first: int) -> int:
-    """Length of the map header that starts with byte ``first`` (as packb writes them)."""
-    return 1 if first <= 0x8F else 3 if first == 0xDE else 5
+def _nested_to_wire(obj: object) -> object:
+    """The hook for what msgpack cannot pack itself: a nested wire model becomes its map."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    raise TypeError(f"a {type(obj).__name__} cannot travel")
 
 
 def encode(message: Message, *, compression: Compression = "none") -> bytes:
@@ -363,23 +183,28 @@ def encode(message: Message, *, compression: Compression = "none") -> bytes:
     spec = _SPECS_BY_TYPE.get(type(message))
     if spec is None:
         raise CodecError(f"{type(message).__name__} is not a wire message")
-    special = spec.tensor_fields | spec.bytes_fields
+    fields = message.__dict__  # a frozen model's validated values, in declaration order
+    plain = {name: fields[name] for name in spec.plain_fields}
+    heavy: list[str] = []
+    for name in spec.tensor_fields:
+        if fields[name]:
+            heavy.append(name)
+        else:
+            plain[name] = {}  # empty: msgpack packs it with the rest
     try:
-        plain = msgpack.packb(message.model_dump(exclude=set(special)))
-        pieces: list[_Piece] = [
-            _map_header(len(spec.field_names)),
-            memoryview(plain)[_header_length(plain[0]) :],
-        ]
-        for name in spec.tensor_fields:
-            tensors: TensorMap = getattr(message, name)
-            pieces += (msgpack.packb(name), _map_header(len(tensors)))
+        small: bytes = msgpack.packb(plain, default=_nested_to_wire)
+        skip = 1 + _MAP_WIDTHS.get(small[0], 0)  # packb's own map header, replaced by ours
+        pieces: list[_Piece] = [spec.map_header, small[skip:]]
+        for name in heavy:
+            tensors: TensorMap = fields[name]
+            pieces += (spec.keys[name], _map_header(len(tensors)))
             for tensor_name, tensor in tensors.items():
                 pieces.append(msgpack.packb(tensor_name))
-                _append_tensor(pieces, _pack(tensor, compression))
+                _append_tensor(pieces, pack(tensor, compression))
         for name in spec.bytes_fields:
-            raw: bytes = getattr(message, name)
-            pieces += (msgpack.packb(name), _bin_header(len(raw)), raw)
-        return b"".join(pieces)
+            raw: bytes = fields[name]
+            pieces += (spec.keys[name], _bin_header(len(raw)), raw)
+        return b"".join(pieces)  # sizes the result once, then copies each piece into it
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -389,8 +214,17 @@ def encode(message: Message, *, compression: Compression = "none") -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 _T = TypeVar("_T")
-_BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
-"""bin8, bin16, bin32: the width of their length field."""
+_PARSE_ERRORS: Final = (ValueError, TypeError, msgpack.UnpackException)
+
+
+def _parser() -> msgpack.Unpacker:
+    return msgpack.Unpacker(
+        use_list=False,
+        raw=False,
+        strict_map_key=True,
+        read_size=_WINDOW,
+        max_buffer_size=_MAX_SEGMENT,
+    )
 
 
 class _Cursor:
@@ -398,7 +232,8 @@ class _Cursor:
 
     The parser sees a small window of the buffer, refilled when a value runs past it (at
     most ``_MAX_SEGMENT`` bytes between two tensors); ``bin_span`` reads a bin header by
-    hand and moves past the payload without the parser ever copying it.
+    hand and moves past the payload without the parser ever copying it. ``base`` is the
+    buffer offset the parser's stream position 0 stands for.
     """
 
     __slots__ = ("base", "fed", "size", "unpacker", "view")
@@ -416,13 +251,7 @@ class _Cursor:
     def _parser(self) -> msgpack.Unpacker:
         parser = self.unpacker
         if parser is None:
-            parser = self.unpacker = msgpack.Unpacker(
-                use_list=False,
-                raw=False,
-                strict_map_key=True,
-                read_size=_WINDOW,
-                max_buffer_size=_MAX_SEGMENT,
-            )
+            parser = self.unpacker = _parser()
             self.fed = min(self.size, self.base + _WINDOW)
             parser.feed(self.view[self.base : self.fed])
         return parser
@@ -432,7 +261,8 @@ class _Cursor:
         """Offset in the buffer of the next unread object."""
         if self.unpacker is None:
             return self.base
-        return self.base + cast("int", self.unpacker.tell())
+        told: int = self.unpacker.tell()
+        return self.base + told
 
     def _read(self, method: Callable[[msgpack.Unpacker], _T]) -> _T:
         parser = self._parser()
@@ -450,7 +280,7 @@ class _Cursor:
                         f"more than {_MAX_SEGMENT} bytes of msgpack between two tensors"
                     ) from exc
                 self.fed = more
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            except _PARSE_ERRORS as exc:
                 raise CodecError(f"malformed msgpack: {exc}") from exc
 
     def value(self) -> object:
@@ -461,17 +291,19 @@ class _Cursor:
                 return parser.unpack()
             except msgpack.OutOfData:
                 pass  # _read feeds more and resumes
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            except _PARSE_ERRORS as exc:
                 raise CodecError(f"malformed msgpack: {exc}") from exc
         return self._read(msgpack.Unpacker.unpack)
 
-    def string(self, what: str) -> str:
-        value = self.value()
-        if not isinstance(value, str):
-            raise CodecError(f"{what} must be a string, not {type(value).__name__}")
-        return value
-
     def map_header(self, what: str) -> int:
+        parser = self.unpacker
+        if parser is not None:
+            try:  # the common case, inlined as in ``value``
+                found: int = parser.read_map_header()
+            except (msgpack.OutOfData, *_PARSE_ERRORS):
+                pass  # _read feeds more, or says what is wrong
+            else:
+                return found
         try:
             n: int = self._read(msgpack.Unpacker.read_map_header)
         except CodecError as exc:
@@ -480,7 +312,8 @@ class _Cursor:
 
     def bin_span(self, what: str) -> tuple[int, int]:
         """``(start, length)`` of the bin at the cursor, which then moves past it."""
-        pos = self.pos
+        told: int = self.unpacker.tell() if self.unpacker is not None else 0
+        pos = self.base + told
         first = self.view[pos] if pos < self.size else -1
         width = _BIN_WIDTHS.get(first)
         if width is None:
@@ -496,20 +329,21 @@ class _Cursor:
 
 def _read_tensor(cursor: _Cursor, *, allow_scale: bool) -> torch.Tensor:
     n = cursor.map_header("a tensor")
-    if n not in (3, 4 if allow_scale else 3):
+    if n != 3 and not (n == 4 and allow_scale):
         raise CodecError("a tensor map has keys dtype, shape, data (and scale)")
+    value = cursor.value
     dtype: object = None
     shape: object = None
     span: tuple[int, int] | None = None
     scale: torch.Tensor | None = None
     for _ in range(n):
-        key = cursor.value()
-        if key == "data" and span is None:
-            span = cursor.bin_span("tensor data")
-        elif key == "dtype" and dtype is None:
-            dtype = cursor.value()
+        key = value()
+        if key == "dtype" and dtype is None:  # in the order encode writes them
+            dtype = value()
         elif key == "shape" and shape is None:
-            shape = cursor.value()
+            shape = value()
+        elif key == "data" and span is None:
+            span = cursor.bin_span("tensor data")
         elif key == "scale" and allow_scale and scale is None:
             scale = _read_tensor(cursor, allow_scale=False)
         else:
@@ -517,16 +351,18 @@ def _read_tensor(cursor: _Cursor, *, allow_scale: bool) -> torch.Tensor:
     if span is None or (n == 4 and scale is None):
         raise CodecError("a tensor map has keys dtype, shape, data (and scale)")
     start, length = span
-    return _build(dtype, shape, cursor.view, start=start, length=length, scale=scale)
+    return build(dtype, shape, cursor.view, start=start, length=length, scale=scale)
 
 
 def _read_tensor_map(cursor: _Cursor, field: str) -> TensorMap:
-    n = cursor.map_header(f"field {field!r}")
+    n = cursor.map_header("a tensor field")
     if n > _MAX_TENSORS:
         raise CodecError(f"field {field!r} holds {n} tensors, more than {_MAX_TENSORS}")
     tensors: TensorMap = {}
     for _ in range(n):
-        name = cursor.string(f"a tensor name in {field!r}")
+        name = cursor.value()
+        if type(name) is not str:
+            raise CodecError(f"a tensor name in {field!r} must be a string, not {name!r}")
         if name in tensors:
             raise CodecError(f"field {field!r} repeats tensor {name!r}")
         try:
@@ -534,6 +370,17 @@ def _read_tensor_map(cursor: _Cursor, field: str) -> TensorMap:
         except CodecError as exc:
             raise CodecError(f"tensor {name!r} of field {field!r}: {exc}") from exc
     return tensors
+
+
+def _top_map(view: memoryview) -> tuple[int, int]:
+    """``(fields, header length)`` of the message's own map header, read by hand."""
+    first = view[0] if view.nbytes else -1
+    width = 0 if 0x80 <= first <= 0x8F else _MAP_WIDTHS.get(first)
+    if width is None:
+        raise CodecError("a message must be a map")
+    if view.nbytes < 1 + width:
+        raise CodecError("truncated message")
+    return first & 0x0F if width == 0 else int.from_bytes(view[1 : 1 + width], "big"), 1 + width
 
 
 def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -544,6 +391,138 @@ def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
     except TypeError as exc:
         raise CodecError(f"cannot read a {type(data).__name__} as bytes: {exc}") from exc
     return view
+
+
+# --------------------------------------------------------------------------- one-call path
+
+_SECRET: Final = os.urandom(14)
+"""Drawn per process and never sent: markers built from it cannot be forged by a sender."""
+_DATA_BIN: Final = re.compile(rb"\xa4data[\xc4-\xc6]")
+"""A ``"data"`` key followed by a bin header: where a tensor's (or a chunk's) bytes start."""
+
+
+def _strip_payloads(view: memoryview) -> tuple[bytes, list[tuple[int, int]]]:
+    """``view`` with each ``"data"`` bin payload swapped for marker i, and each payload's span.
+
+    Marker i is a 16-byte bin holding ``_SECRET`` and i. A candidate may be no payload at
+    all (the pattern can sit inside a string): ``_marked_values`` checks every marker.
+    """
+    pieces: list[bytes | memoryview] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    found = _DATA_BIN.search(view)
+    while found is not None and len(spans) < _MAX_TENSORS:
+        head = found.end() - 1
+        start = head + 1 + _BIN_WIDTHS[view[head]]
+        end = start + int.from_bytes(view[head + 1 : start], "big")
+        if end > view.nbytes:
+            break
+        pieces += (view[pos:head], b"\xc4\x10" + _SECRET + len(spans).to_bytes(2, "big"))
+        spans.append((start, end - start))
+        pos = end
+        found = _DATA_BIN.search(view, end)
+    pieces.append(view[pos:])
+    return b"".join(pieces), spans
+
+
+class _Marks:
+    """Hands out the payload span of each marker; every marker must come back exactly once."""
+
+    __slots__ = ("spans", "taken", "used")
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        self.spans = spans
+        self.taken = bytearray(len(spans))
+        self.used = 0
+
+    def take(self, value: object) -> tuple[int, int] | None:
+        if type(value) is not bytes or len(value) != 16 or not value.startswith(_SECRET):
+            return None
+        index = int.from_bytes(value[14:], "big")
+        if index >= len(self.spans) or self.taken[index]:
+            return None
+        self.taken[index] = 1
+        self.used += 1
+        return self.spans[index]
+
+
+def _marked_values(view: memoryview) -> dict[str, object] | None:
+    """Every field in one msgpack call, tensors on their payloads; None: read field by field.
+
+    msgpack parses a stream left to right, so a marker parsed as the value of a tensor's
+    ``data`` key (or of a bytes field) stands exactly where the real bin stood, and the
+    real message parses to the same structure with the payload in its place. Markers
+    anywhere else (swallowed by a string, lost to a repeated key) or a payload left in
+    place make this give up, and so does anything malformed or over ``_MAX_SEGMENT``.
+    """
+    skeleton, spans = _strip_payloads(view)
+    if len(skeleton) > _MAX_SEGMENT:
+        return None
+    try:
+        values = msgpack.unpackb(skeleton, use_list=False, raw=False, strict_map_key=True)
+        fields, _ = _top_map(view)
+    except (*_PARSE_ERRORS, CodecError):
+        return None
+    if type(values) is not dict or len(values) != fields:
+        return None  # a repeated field (msgpack keeps the last), or no message at all
+    version = values.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        return None  # the field-by-field path reports what it is
+    marks = _Marks(spans)
+    for key in _TENSOR_FIELD_ORDER:
+        if key in values:
+            tensors = _marked_tensors(values[key], marks, view)
+            if tensors is None:
+                return None
+            values[key] = tensors
+    for key in _BYTES_FIELD_ORDER:
+        if key in values:
+            span = marks.take(values[key])
+            if span is None:
+                return None
+            values[key] = view[span[0] : span[0] + span[1]].tobytes()
+    return cast("dict[str, object]", values) if marks.used == len(spans) else None
+
+
+def _marked_tensors(value: object, marks: _Marks, view: memoryview) -> TensorMap | None:
+    if type(value) is not dict or len(value) > _MAX_TENSORS:
+        return None
+    tensors: TensorMap = {}
+    for name, entry in value.items():
+        tensor = _marked_tensor(entry, marks, view, allow_scale=True)
+        if type(name) is not str or tensor is None:
+            return None
+        tensors[name] = tensor
+    return tensors
+
+
+def _marked_tensor(
+    entry: object, marks: _Marks, view: memoryview, *, allow_scale: bool
+) -> torch.Tensor | None:
+    if type(entry) is not dict or not (
+        entry.keys() == _TENSOR_KEYS or (allow_scale and entry.keys() == _SCALED_KEYS)
+    ):
+        return None
+    span = marks.take(entry["data"])
+    scale = None
+    if "scale" in entry:
+        scale = _marked_tensor(entry["scale"], marks, view, allow_scale=False)
+        if scale is None:
+            return None
+    if span is None:
+        return None
+    try:
+        return build(
+            entry["dtype"], entry["shape"], view, start=span[0], length=span[1], scale=scale
+        )
+    except CodecError:
+        return None
+
+
+_TENSOR_KEYS: Final = frozenset({"dtype", "shape", "data"})
+_SCALED_KEYS: Final = _TENSOR_KEYS | {"scale"}
+_TENSOR_FIELD_ORDER: Final = tuple(sorted(_TENSOR_FIELDS))
+_BYTES_FIELD_ORDER: Final = tuple(sorted(_BYTES_FIELDS))
 
 
 def decode(
@@ -559,40 +538,56 @@ def decode(
     view = _as_view(data)
     if view.nbytes > max_size:
         raise PayloadTooLarge(view.nbytes, max_size)
-    cursor = _Cursor(view)
-    n = cursor.map_header("a message")
-    if n > _MAX_FIELDS:
-        raise CodecError(f"a message has at most {_MAX_FIELDS} fields, this one has {n}")
-    values: dict[str, object] = {}
-    for _ in range(n):
-        key = cursor.string("a field name")
-        if key in values:
-            raise CodecError(f"field {key!r} appears twice")
-        if key in _TENSOR_FIELDS:
-            with _allow_readonly(view.readonly):
-                values[key] = _read_tensor_map(cursor, key)
-        elif key in _BYTES_FIELDS:
-            start, length = cursor.bin_span(f"field {key!r}")
-            values[key] = view[start : start + length].tobytes()
-        else:
-            values[key] = value = cursor.value()
-            if key == "schema_version":  # before anything else can fail on a new format
-                _check_version(value)
-    if cursor.pos != view.nbytes:
-        raise CodecError(f"{view.nbytes - cursor.pos} bytes of trailing data after the message")
+    with allow_readonly(view.readonly):
+        values = _marked_values(view)
+        if values is None:  # anything unusual, wrong or foreign: field by field, exactly
+            values = _exact_values(view)
     _check_version(values.get("schema_version"))
     kind = values.get("kind")
     spec = _SPECS_BY_KIND.get(kind) if isinstance(kind, str) else None
     if spec is None:
         raise CodecError(f"unknown message kind {kind!r}")
-    unknown = values.keys() - spec.field_names
-    if unknown:
-        raise CodecError(f"a {kind} message has unknown fields {sorted(unknown)}")
-    try:
-        message = spec.cls.model_validate(values, strict=True)
+    if not spec.field_names.issuperset(values):  # keys may be bin as well as str: repr
+        unknown = sorted(map(repr, values.keys() - spec.field_names))
+        raise CodecError(f"a {kind} message has unknown fields {unknown}")
+    try:  # what model_validate runs, without its wrapper
+        message = spec.cls.__pydantic_validator__.validate_python(values, strict=True)
     except ValidationError as exc:
         raise CodecError(f"invalid {kind} message: {exc}") from exc
     return cast("AnyMessage", message)
+
+
+def _exact_values(view: memoryview) -> dict[str, object]:
+    """Every field, read one by one with the cursor; says precisely what is wrong."""
+    n, start = _top_map(view)
+    cursor = _Cursor(view)
+    cursor.seek(start)
+    if n > _MAX_FIELDS:
+        raise CodecError(f"a message has at most {_MAX_FIELDS} fields, this one has {n}")
+    values: dict[str, object] = {}
+    _read_fields(cursor, values, n)
+    if cursor.pos != view.nbytes:
+        raise CodecError(f"{view.nbytes - cursor.pos} bytes of trailing data after the message")
+    return values
+
+
+def _read_fields(cursor: _Cursor, values: dict[str, object], count: int) -> None:
+    """Read ``count`` more fields into ``values``, one by one, in whatever order they come."""
+    for _ in range(count):
+        key = cursor.value()
+        if type(key) is not str:
+            raise CodecError(f"a field name must be a string, not {type(key).__name__}")
+        if key in values:
+            raise CodecError(f"field {key!r} appears twice")
+        if key in _TENSOR_FIELDS:
+            values[key] = _read_tensor_map(cursor, key)
+        elif key in _BYTES_FIELDS:
+            start, length = cursor.bin_span(f"field {key!r}")
+            values[key] = cursor.view[start : start + length].tobytes()
+        else:
+            values[key] = value = cursor.value()
+            if key == "schema_version":
+                _check_version(value)
 
 
 def _check_version(found: object) -> None:

@@ -9,11 +9,12 @@
     │   └── ChunkError                   a chunked transfer that cannot complete
     ├── TopicError (ValueError)          a topic outside the layout of DESIGN §3
     ├── TransportError                   the broker connection failed
-    ├── SignatureError (ValueError)      a global model not signed by a trusted key
+    ├── SignatureError (ValueError)      a global model or task not signed by a trusted key
     ├── ConfigError (ValueError)         a setting that cannot work
     │   └── AssetMissing                 packaged weights or data not installed yet
     └── UpdateRejected                   an update the aggregator will not merge
-        └── StaleUpdate                  ... because it is older than max_staleness
+        ├── StaleUpdate                  ... because it is older than max_staleness
+        └── SplitRejected                a split-learning request the server will not serve
 
 Errors carry their data as attributes so callers never parse messages.
 """
@@ -29,6 +30,7 @@ RejectReason = Literal[
     "unknown_client",
     "wrong_task",
     "wrong_method",
+    "too_many_samples",
     "wrong_shape",
     "wrong_dtype",
     "non_finite",
@@ -36,6 +38,7 @@ RejectReason = Literal[
     "wrong_proxy",
     "stale",
     "future_version",
+    "not_selected",
     "duplicate",
     "internal",
 ]
@@ -88,17 +91,27 @@ class TransportError(EdgeFedError):
 
 
 SignatureProblem = Literal["unsigned", "bad_signature"]
-"""Why a global model's signature was refused: none at all, or one no trusted key made."""
+"""Why a signature was refused: none at all, or one no trusted key made."""
+SignedKind = Literal["global", "task"]
+"""The aggregator's messages that carry a signature."""
 
 
 class SignatureError(EdgeFedError, ValueError):
-    """A global model whose signature is missing or was not made by a trusted key."""
+    """A global model or task whose signature is missing or was not made by a trusted key."""
 
-    def __init__(self, problem: SignatureProblem, *, version: int, detail: str) -> None:
-        super().__init__(f"global version {version} refused ({problem}): {detail}")
+    def __init__(
+        self,
+        problem: SignatureProblem,
+        *,
+        version: int,
+        detail: str,
+        subject: SignedKind = "global",
+    ) -> None:
+        super().__init__(f"{subject} version {version} refused ({problem}): {detail}")
         self.problem: SignatureProblem = problem
         self.version = version
         self.detail = detail
+        self.subject: SignedKind = subject
 
 
 class ConfigError(EdgeFedError, ValueError):
@@ -134,3 +147,7 @@ class StaleUpdate(UpdateRejected):
         )
         self.staleness = staleness
         self.max_staleness = max_staleness
+
+
+class SplitRejected(UpdateRejected):
+    """A split-learning request the split server refuses; the reply carries the reason."""

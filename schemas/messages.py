@@ -117,7 +117,12 @@ class Task(Message):
     max_staleness: NonNegative = 10
     proxy: ProxySpec | None = None
     """``kd`` only: the proxy slice devices answer with logits."""
+    round_clients: tuple[str, ...] = ()
+    """Synchronous rounds: the devices picked to train on this version; empty: every one."""
     created_at: float = Field(default_factory=time.time)
+    signature: bytes | None = Field(default=None, min_length=64, max_length=64)
+    """Ed25519 signature by the aggregator's key over ``edgefed.signing.task_digest`` (every
+    field but ``created_at`` and this one, plus the federation). None: unsigned."""
 
 
 class GlobalModel(Message):
@@ -285,7 +290,89 @@ class Chunk(Message):
         return self
 
 
+SplitVariant = Literal["vanilla", "u_shaped"]
+"""Split learning: the server runs the head and sees labels, or the device keeps the head."""
+SplitPhase = Literal["forward", "backward"]
+
+
+class SplitRequest(Message):
+    """One half-step of split learning from a device, on ``split/<client>/fwd`` (DESIGN §6).
+
+    ``forward`` carries ``tensors["hidden"]`` (activations after block ``cut``, ``[b, s, h]``),
+    optionally ``tensors["attention_mask"]`` (``[b, s]``) and, in the ``vanilla`` variant,
+    ``tensors["labels"]``. ``backward`` (``u_shaped`` only) carries ``tensors["grad"]``, the
+    gradient of the device's loss with respect to the hidden states the server returned for
+    the same ``step_id``. A retry re-sends the same ``request_id``.
+    """
+
+    kind: Literal["split_request"] = "split_request"
+    request_id: str = Field(default_factory=new_id, min_length=1)
+    step_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    task_id: str = Field(min_length=1)
+    cut: Positive
+    variant: SplitVariant = "vanilla"
+    phase: SplitPhase = "forward"
+    tensors: TensorMap
+    sent_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _phase_has_its_tensors(self) -> SplitRequest:
+        need = {"hidden"} if self.phase == "forward" else {"grad"}
+        if self.phase == "forward" and self.variant == "vanilla":
+            need.add("labels")
+        if self.phase == "backward" and self.variant == "vanilla":
+            raise ValueError("only the u_shaped variant sends a backward request")
+        allowed = need | ({"attention_mask"} if self.phase == "forward" else set())
+        if not need <= self.tensors.keys() <= allowed:
+            raise ValueError(
+                f"a {self.variant} {self.phase} request carries tensors {sorted(need)}"
+                f" (and optionally attention_mask), not {sorted(self.tensors)}"
+            )
+        return self
+
+
+class SplitReply(Message):
+    """The split server's answer to one ``SplitRequest``, on ``split/<client>/bwd``.
+
+    Accepted: ``tensors["grad"]`` (gradient for the device's activations) or, answering a
+    ``u_shaped`` forward, ``tensors["hidden"]`` (the server part's output). Rejected:
+    ``reason`` and ``detail`` say why, and nothing changed on the server.
+    """
+
+    kind: Literal["split_reply"] = "split_reply"
+    request_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    accepted: bool
+    reason: RejectReason | None = None
+    detail: str = ""
+    loss: float | None = None
+    """``vanilla``: the training loss of the step, computed on the server."""
+    tensors: TensorMap = Field(default_factory=dict)
+    server_s: float = Field(default=0.0, ge=0)
+    """Server compute time of this answer."""
+
+    @model_validator(mode="after")
+    def _rejection_has_reason(self) -> SplitReply:
+        if not self.accepted and self.reason is None:
+            raise ValueError("a rejected split request must carry a reason")
+        if self.accepted and not self.tensors:
+            raise ValueError("an accepted split reply carries a gradient or hidden states")
+        return self
+
+
 AnyMessage = Annotated[
-    Task | GlobalModel | Update | Ack | Status | Metrics | Chunk, Field(discriminator="kind")
+    Task | GlobalModel | Update | Ack | Status | Metrics | Chunk | SplitRequest | SplitReply,
+    Field(discriminator="kind"),
 ]
-MESSAGE_TYPES: tuple[type[Message], ...] = (Task, GlobalModel, Update, Ack, Status, Metrics, Chunk)
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Task,
+    GlobalModel,
+    Update,
+    Ack,
+    Status,
+    Metrics,
+    Chunk,
+    SplitRequest,
+    SplitReply,
+)

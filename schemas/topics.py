@@ -85,6 +85,11 @@ def split_bwd(federation: str, client_id: str) -> str:
     return f"{_base(federation)}/split/{check_name(client_id, 'client id')}/bwd"
 
 
+def split_fwd_filter(federation: str) -> str:
+    """Split learning: every client's activations, for the split server."""
+    return f"{_base(federation)}/split/+/fwd"
+
+
 def metrics(federation: str) -> str:
     """Progress reports for observers."""
     return f"{_base(federation)}/metrics"

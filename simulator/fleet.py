@@ -1,8 +1,13 @@
 """Run a whole federation in one process: an aggregator and N agents, each a real MQTT client.
 
-Agents differ in speed (a per-agent slowdown factor) and in how much data they
-hold, so updates really arrive stale and out of order. Everything goes through the
-broker at ``url``; nothing is short-circuited in memory.
+Agents differ in speed (a per-agent slowdown factor, or a whole device profile with
+links and availability) and in how much data they hold, so updates really arrive stale
+and out of order. Everything goes through the broker at ``url``; nothing is
+short-circuited in memory. ``mode="sync"`` runs the same fleet as classic synchronous
+FedAvg rounds on the same aggregator (``aggregator.rounds``): the devices selected for a
+round train once on its version and the aggregator merges when all of them have answered
+or the round's deadline has passed. Split devices reach a split server that runs beside
+the aggregator on its own connection, as ``edgefed aggregator`` runs it.
 """
 
 from __future__ import annotations
@@ -10,25 +15,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
 from aggregator.config import AggregatorConfig, StalenessName, StrategyName, StrategySettings
+from aggregator.results import VersionRecord
+from aggregator.rounds import RoundPlan, SyncRoundService
 from aggregator.service import AggregatorService
+from aggregator.session import aggregator_transport, split_transport
+from aggregator.split_service import SplitService
 from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
 from edgefed.data import TokenDataset
 from edgefed.datasets import Partition, is_text_spec
 from edgefed.transport import MqttTransport, TransportConfig
+from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, LoraMode, LoraSpec, Method, ModelRef, TensorMap
 from simulator.attacks import Attack
+from simulator.network import EmulatedDevice
+from simulator.profiles import DeviceSpec
 from simulator.workload import ShardPlan, fleet_shards, shard_spec
 
 log = logging.getLogger(__name__)
+
+Mode = Literal["async", "sync"]
+"""``async``: the configured strategy merges updates as they come; ``sync``: FedAvg rounds."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class FleetConfig:
     the results. Agents share this process, so peaks are estimated, not measured."""
     trainer: dict[str, dict[str, bool | int | float | str]] = field(default_factory=dict)
     """Trainer options by method name, e.g. ``{"fwdgrad": {"mode": "jvp"}}``."""
+    device_trainer: tuple[dict[str, dict[str, bool | int | float | str]], ...] = ()
+    """Per-agent trainer options by method name, cycled, laid over ``trainer`` (e.g. each
+    split device's ``{"split": {"cut": 2, "variant": "u_shaped"}}``); agents that plan (a
+    budget) pick their own shape."""
     strategy: StrategyName = "fedbuff"
     staleness: StalenessName | None = None
     lora_mode: LoraMode = "standard"
@@ -81,6 +101,48 @@ class FleetConfig:
     """Extra AggregatorConfig fields (e.g. max_staleness, train, strategy parameters)."""
     attack: Attack | None = None
     """Poisoned agents and what they do to their updates (robustness experiments)."""
+    mode: Mode = "async"
+    """``sync`` overrides the strategy with FedAvg rounds (FedBuff with a buffer of one
+    round's devices, constant staleness weight, server step 1, max staleness 0) and makes
+    each agent wait for the next round it is selected for after an accepted update."""
+    devices: tuple[DeviceSpec, ...] = ()
+    """Per-agent device profiles, cycled (overrides ``slowdowns``): compute speed, links and
+    availability are emulated (``simulator.network``)."""
+    target_loss: float | None = None
+    """Stop once a global's eval loss is at most this (``max_seconds`` still caps the run)."""
+    target_accuracy: float | None = None
+    """Stop once a global's eval accuracy is at least this."""
+    time_scale: float = 1.0
+    """With device profiles: the run's clock is this many times slower than real time, so
+    devices sharing this host's cores still keep their emulated pace. Times in the results
+    (and ``max_seconds``) are simulated seconds: real seconds / ``time_scale``."""
+    clients_per_round: int | None = None
+    """``sync``: devices drawn (with ``seed``) to train in each round; None: all of them."""
+    round_deadline_s: float | None = None
+    """``sync``: a round closes this many simulated seconds after it opened with whoever
+    arrived (at least one); later updates of it are refused as stale. None: no deadline."""
+
+    def __post_init__(self) -> None:
+        """Refuse combinations that cannot run (a sync round would wait forever, ...).
+
+        Raises:
+            ConfigError: With the reason.
+        """
+        if self.time_scale <= 0 or (self.time_scale != 1 and not self.devices):
+            raise ConfigError(
+                f"time_scale {self.time_scale} needs device profiles (devices) and must be > 0"
+            )
+        if self.mode == "sync" and self.late_joiners:
+            raise ConfigError("sync rounds wait for every device: late joiners would stall them")
+        if self.mode == "sync" and "kd" in {self.method, *self.methods}:
+            raise ConfigError("sync rounds average adapter deltas; kd sends logits instead")
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.agents:
+            raise ConfigError(
+                f"clients_per_round must be 1..{self.agents} (the fleet), "
+                f"got {self.clients_per_round}"
+            )
+        if self.round_deadline_s is not None and not self.round_deadline_s > 0:
+            raise ConfigError(f"round_deadline_s must be > 0, got {self.round_deadline_s}")
 
 
 @dataclass(frozen=True)
@@ -94,10 +156,14 @@ class FleetResult:
     final_version: int = 0
     snapshots: dict[int, TensorMap] = field(default_factory=dict)
     """Global adapters seen while running, by version (polled: a version may be missing)."""
+    devices: list[EmulatedDevice] = field(default_factory=list)
+    """The emulated devices, by agent (empty without device profiles)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, the layout of the results file."""
         agents = [asdict(report) | {"rejected": dict(report.rejected)} for report in self.agents]
+        for agent, device in zip(agents, self.devices, strict=False):
+            agent["device"] = {"profile": device.spec.name} | asdict(device.times)
         return self.results | {"agents": agents}
 
 
@@ -107,6 +173,14 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
     strategy = StrategySettings.model_validate(
         {"name": config.strategy, "staleness": config.staleness} | extra.pop("strategy", {})
     )
+    if config.mode == "sync":  # FedAvg: the sample-weighted mean of one update per device
+        strategy = StrategySettings(
+            name="fedbuff",
+            staleness="constant",
+            buffer_size=config.clients_per_round or config.agents,
+            server_lr=1.0,
+        )
+        extra["max_staleness"] = 0
     lora = LoraSpec.model_validate({"mode": config.lora_mode} | extra.pop("lora", {}))
     return AggregatorConfig.model_validate(
         {
@@ -149,38 +223,118 @@ async def run_fleet(config: FleetConfig, *, url: str, progress: bool = True) -> 
     """Run the fleet until the aggregator reaches ``max_versions``."""
     agg_config = aggregator_config(config)
     shards = fleet_shards(shard_plan(config, agg_config), model=config.model)
-    transport_config = TransportConfig(url=url, client_id=f"edgefed-{config.federation}-aggregator")
+    transport_config = aggregator_transport(agg_config, url=url)  # as `edgefed aggregator`
     threads = torch.get_num_threads()
     # Before any worker thread starts: each thread keeps the count it first saw, and a
     # two-thread team on an oversubscribed CPU starves (DESIGN §8b).
     torch.set_num_threads(1)
     try:
-        async with MqttTransport(transport_config) as transport:
-            service = AggregatorService(agg_config, transport)
+        async with contextlib.AsyncExitStack() as stack:
+            transport = await stack.enter_async_context(MqttTransport(transport_config))
+            service = _service(config, agg_config, transport)
+            split = await _split_service(config, service, transport_config, stack)
             reports = [AgentReport(client_id=_client_id(i)) for i in range(config.agents)]
             snapshots: dict[int, TensorMap] = {}
+            devices: list[EmulatedDevice] = []
             async with asyncio.TaskGroup() as group:
                 serving = group.create_task(service.run(), name="aggregator")
+                helpers = [group.create_task(split.run(), name="split-server")] if split else []
                 await service.ready.wait()
+                if split is not None:  # a request sent before it subscribes would be lost
+                    await split.ready.wait()
+                origin = time.monotonic()
+                devices = [
+                    EmulatedDevice(
+                        config.devices[i % len(config.devices)],
+                        seed=config.seed * 7919 + i,
+                        origin=origin,
+                        time_scale=config.time_scale,
+                    )
+                    for i in range(config.agents if config.devices else 0)
+                ]
                 agents = [
                     group.create_task(
-                        _agent(config, index, service, shards[index], reports[index], url=url),
+                        _agent(
+                            config,
+                            index,
+                            service,
+                            shards[index],
+                            reports[index],
+                            url=url,
+                            device=devices[index] if devices else None,
+                        ),
                         name=f"agent-{index}",
                     )
                     for index in range(config.agents)
                 ]
                 await _follow(serving, service, config, snapshots, progress=progress)
-                for task in [*agents, serving]:
+                for task in [*agents, *helpers, serving]:
                     task.cancel()
     finally:
         torch.set_num_threads(threads)
+    results = service.results.to_dict()
+    if isinstance(service, SyncRoundService):
+        results["rounds"] = [asdict(r) for r in service.rounds]
     return FleetResult(
-        results=service.results.to_dict(),
+        results=_simulated_times(results, config.time_scale) if config.devices else results,
         agents=reports,
         final_adapter=service.current,
         final_version=service.version,
         snapshots=snapshots,
+        devices=devices,
     )
+
+
+def _service(
+    config: FleetConfig, agg_config: AggregatorConfig, transport: MqttTransport
+) -> AggregatorService:
+    """The aggregator: FedAvg rounds (selection, deadline) in ``sync`` mode, else as set."""
+    if config.mode != "sync":
+        return AggregatorService(agg_config, transport)
+    plan = RoundPlan(
+        clients=tuple(_client_id(i) for i in range(config.agents)),
+        per_round=config.clients_per_round,
+        deadline_s=(
+            None if config.round_deadline_s is None else config.round_deadline_s * config.time_scale
+        ),
+        seed=config.seed,
+    )
+    return SyncRoundService(agg_config, transport, plan=plan)
+
+
+async def _split_service(
+    config: FleetConfig,
+    service: AggregatorService,
+    transport_config: TransportConfig,
+    stack: contextlib.AsyncExitStack,
+) -> SplitService | None:
+    """The split server beside ``service`` when any device may train ``split``.
+
+    It has a connection of its own, as ``edgefed aggregator`` runs it, and merges the
+    devices' parts through ``service``'s strategy.
+    """
+    if "split" not in {config.method, *config.methods}:
+        return None
+    transport = await stack.enter_async_context(MqttTransport(split_transport(transport_config)))
+    return SplitService.beside(service, transport)
+
+
+def _simulated_times(results: dict[str, Any], scale: float) -> dict[str, Any]:
+    """The aggregator's times (real seconds) as simulated seconds, and the scale used.
+
+    They count from version 0's record, made just before the devices start, so the
+    aggregator's first evaluation is not charged to the fleet and its clock agrees with
+    the devices' (``EmulatedDevice`` starts when the aggregator is ready).
+    """
+    history = results["history"]
+    start = history[0]["time_s"] if history else 0.0
+    for record in [*history, *results["updates"]]:
+        record["time_s"] = round(max(0.0, record["time_s"] - start) / scale, 4)
+    for record in results.get("rounds", []):
+        for key in ("opened_s", "closed_s"):
+            if record[key] is not None:
+                record[key] = round(max(0.0, record[key] - start) / scale, 4)
+    return results | {"time_scale": scale}
 
 
 def _client_id(index: int) -> str:
@@ -195,12 +349,15 @@ async def _agent(
     report: AgentReport,
     *,
     url: str,
+    device: EmulatedDevice | None = None,
 ) -> AgentReport:
     if index >= config.agents - config.late_joiners:
         await service.wait_for_version(2)
-    slowdown = config.slowdowns[index % len(config.slowdowns)]
+    slowdown = 1.0 if device else config.slowdowns[index % len(config.slowdowns)]
     method = config.methods[index % len(config.methods)] if config.methods else config.method
     budget = config.budgets_mb[index % len(config.budgets_mb)] if config.budgets_mb else None
+    name = device.spec.name if device else f"sim-x{slowdown:g}"
+    speed = device.spec.relative_speed if device else 1 / slowdown
     agent_config = AgentConfig(
         federation=config.federation,
         client_id=_client_id(index),
@@ -208,18 +365,25 @@ async def _agent(
         seed=config.seed * 7919 + index,
         ack_timeout_s=config.ack_timeout_s,
         slowdown=slowdown,
-        profile=DeviceProfile(
-            name=f"sim-x{slowdown:g}",
-            relative_speed=1 / slowdown,
-            memory_budget_mb=budget,
-        ),
+        once_per_version=config.mode == "sync",
+        profile=DeviceProfile(name=name, relative_speed=speed, memory_budget_mb=budget),
         shared_process=True,
         method=method if budget is None else None,  # with a budget, the planner chooses
         model=ModelRef(name=config.models[index % len(config.models)]) if config.models else None,
-        trainer=config.trainer.get(method, {}) if budget is None else {},
+        trainer=_trainer_options(config, index, method) if budget is None else {},
     )
     attack = config.attack if config.attack and index in config.attack.clients else None
-    return await run_agent(agent_config, url=url, data=shard, report=report, fit_filter=attack)
+    return await run_agent(
+        agent_config, url=url, data=shard, report=report, fit_filter=attack, emulation=device
+    )
+
+
+def _trainer_options(
+    config: FleetConfig, index: int, method: Method
+) -> dict[str, bool | int | float | str]:
+    """The method's fleet-wide trainer options, with this agent's own laid over them."""
+    own = config.device_trainer[index % len(config.device_trainer)] if config.device_trainer else {}
+    return config.trainer.get(method, {}) | own.get(method, {})
 
 
 async def _follow(
@@ -238,12 +402,13 @@ async def _follow(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deadline = started + config.max_seconds if config.max_seconds > 0 else None
+    scale = config.time_scale
+    deadline = started + config.max_seconds * scale if config.max_seconds > 0 else None
     by_time = deadline is not None and config.max_versions == 0
     total = config.max_seconds if by_time else config.max_versions
 
     def position() -> float:
-        return round(loop.time() - started) if by_time else service.version
+        return round((loop.time() - started) / scale) if by_time else service.version
 
     # disable=None lets tqdm hide the bar when stderr is not a terminal (CI, pipes).
     with tqdm(
@@ -252,7 +417,11 @@ async def _follow(
         unit="s" if by_time else "v",
         disable=None if progress else True,
     ) as bar:
-        while not serving.done() and (deadline is None or loop.time() < deadline):
+        while (
+            not serving.done()
+            and (deadline is None or loop.time() < deadline)
+            and not target_reached(service.results.history, config)
+        ):
             snapshots.setdefault(service.version, service.current)
             bar.n = min(position(), total)
             bar.set_postfix_str(_postfix(service), refresh=False)
@@ -263,6 +432,23 @@ async def _follow(
         bar.n = min(position(), total)
         bar.set_postfix_str(_postfix(service), refresh=False)
         bar.refresh()
+
+
+def target_reached(history: list[VersionRecord], config: FleetConfig) -> bool:
+    """Whether the newest evaluated global meets the fleet's target (False without one)."""
+    if config.target_loss is None and config.target_accuracy is None:
+        return False
+    scored = [h for h in history if h.eval_loss is not None]
+    if not scored:
+        return False
+    last = scored[-1]
+    if config.target_loss is not None and (
+        last.eval_loss is None or last.eval_loss > config.target_loss
+    ):
+        return False
+    return config.target_accuracy is None or (
+        last.eval_accuracy is not None and last.eval_accuracy >= config.target_accuracy
+    )
 
 
 def _postfix(service: AggregatorService) -> str:

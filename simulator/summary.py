@@ -8,6 +8,7 @@ bytes each way, and how stale merged updates were. Works on the results file lay
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,36 @@ def plot_staleness(results: dict[str, Any], path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """The runs of one fleet side by side, as a markdown table (outcome records)."""
+    columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("mode", lambda r: r["mode"]),
+        ("strategy", lambda r: r["strategy"]["name"]),
+        ("time to target (sim s)", lambda r: _secs(r["time_to_target_s"])),
+        ("final eval loss", lambda r: _num(r["final_eval_loss"], 4)),
+        ("final accuracy", lambda r: _num(r["final_eval_accuracy"], 3)),
+        ("versions", lambda r: str(r["versions"])),
+        ("accepted / rejected", lambda r: f"{r['accepted']} / {r['rejected']}"),
+        ("MB up / down", lambda r: f"{r['bytes_up'] / 1e6:.2f} / {r['bytes_down'] / 1e6:.2f}"),
+        (
+            "staleness mean / max",
+            lambda r: f"{r['staleness']['mean']:.2f} / {r['staleness']['max']}",
+        ),
+        ("sim s / real s", lambda r: f"{r['simulated_s']:.1f} / {r['real_s']:.1f}"),
+    ]
+    lines = [
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(cell(run) for _, cell in columns) + " |" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def _secs(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -143,10 +143,19 @@ class FedBuff:
         effective = weight if self.robust == "mean" else 1.0
         if len(self._buffer) < self.buffer_size:
             return MergeResult(new_global=None, weight=effective)
+        return self.flush(current=current, weight=effective)
+
+    def flush(self, *, current: TensorMap, weight: float = 0.0) -> MergeResult:
+        """Apply whatever is buffered now, full or not (a synchronous round's deadline).
+
+        An empty buffer gives no new global.
+        """
+        if not self._buffer:
+            return MergeResult(new_global=None, weight=weight)
         new_global = ops.add(current, self._reduce(), scale=self.server_lr)
         merged = tuple(entry.update_id for entry in self._buffer)
         self._buffer.clear()
-        return MergeResult(new_global=new_global, weight=effective, merged_update_ids=merged)
+        return MergeResult(new_global=new_global, weight=weight, merged_update_ids=merged)
 
     def _reduce(self) -> TensorMap:
         deltas = [entry.delta for entry in self._buffer]

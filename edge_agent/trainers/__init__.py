@@ -13,6 +13,7 @@ from edge_agent.trainers.base import FitResult, Trainer
 from edge_agent.trainers.fwdgrad import FwdGradConfig, FwdGradTrainer
 from edge_agent.trainers.kd import KdConfig, KdTrainer
 from edge_agent.trainers.lora import LoraConfig, LoraTrainer
+from edge_agent.trainers.split import SplitConfig, SplitTrainer
 from schemas.errors import ConfigError
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "KdTrainer",
     "LoraConfig",
     "LoraTrainer",
+    "SplitConfig",
+    "SplitTrainer",
     "Trainer",
     "TrainerEntry",
     "make_trainer",
@@ -42,7 +45,7 @@ class TrainerEntry:
 TRAINERS: dict[str, TrainerEntry] = {}
 """Method name -> entry; filled by :func:`register_trainer`."""
 
-_PLANNED = ("split",)
+_PLANNED: tuple[str, ...] = ()
 
 
 def register_trainer(
@@ -83,3 +86,4 @@ def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
 register_trainer("lora", LoraConfig, LoraTrainer)
 register_trainer("fwdgrad", FwdGradConfig, FwdGradTrainer)
 register_trainer("kd", KdConfig, KdTrainer)
+register_trainer("split", SplitConfig, SplitTrainer)

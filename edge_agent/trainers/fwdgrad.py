@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 GradMode = Literal["fd", "jvp"]
 Upload = Literal["seeds", "dense"]
+Loss = Literal["choices", "vocabulary"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class FwdGradConfig:
             faster on small models and costs that many times the activation memory.
         divergence_ratio: A step loss above this multiple of the first step's loss (or a
             non-finite one) counts as divergence.
+        loss: As for the ``lora`` trainer: ``choices`` scores a generative classifier's
+            answer among its label tokens only, ``vocabulary`` against every token. Data
+            without label tokens is always scored against the vocabulary.
     """
 
     mode: GradMode = "fd"
@@ -81,6 +85,7 @@ class FwdGradConfig:
     candidates: int = 1
     jvp_batch: int = 1
     divergence_ratio: float = 2.0
+    loss: Loss = "choices"
 
     def __post_init__(self) -> None:
         if self.mode not in ("fd", "jvp"):
@@ -89,6 +94,8 @@ class FwdGradConfig:
             raise ConfigError(f"upload must be 'seeds' or 'dense', got {self.upload!r}")
         if self.target not in ("all", "lora_B"):
             raise ConfigError(f"target must be 'all' or 'lora_B', got {self.target!r}")
+        if self.loss not in ("choices", "vocabulary"):
+            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
         for name in ("lr", "eps", "max_step_rms"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -123,14 +130,17 @@ def step_seed(seed: int, step: int) -> int:
 class _Objective(torch.nn.Module):
     """The model's loss on one batch as a module, so ``functional_call`` can swap its weights."""
 
-    def __init__(self, model: PeftModel, batch: TokenBatch) -> None:
+    def __init__(
+        self, model: PeftModel, batch: TokenBatch, choices: tuple[int, ...] | None
+    ) -> None:
         super().__init__()
         self.model = model
         self.batch = batch
+        self.choices = choices
 
     def forward(self) -> torch.Tensor:
-        """Mean cross-entropy over the batch's scored outputs."""
-        return batch_loss(self.model, self.batch)
+        """Mean cross-entropy over the batch's scored outputs (the trainers' shared loss)."""
+        return batch_loss(self.model, self.batch, choices=self.choices)
 
 
 def _endless_batches(
@@ -181,8 +191,8 @@ class FwdGradTrainer:
 
     # ------------------------------------------------------------------ derivatives
 
-    def _loss(self, batch: TokenBatch) -> float:
-        return float(batch_loss(self.model, batch))
+    def _loss(self, batch: TokenBatch, choices: tuple[int, ...] | None) -> float:
+        return float(batch_loss(self.model, batch, choices=choices))
 
     def _write(self, flat: torch.Tensor) -> None:
         """Set the perturbed parameters to ``flat`` (cast to their dtype)."""
@@ -191,7 +201,12 @@ class FwdGradTrainer:
             param.copy_(flat[offset : offset + length].view(param.shape))
 
     def _fd(
-        self, point: torch.Tensor, batch: TokenBatch, seed: int, indices: tuple[int, ...]
+        self,
+        point: torch.Tensor,
+        batch: TokenBatch,
+        seed: int,
+        indices: tuple[int, ...],
+        choices: tuple[int, ...] | None,
     ) -> Derivatives:
         eps = self.config.eps
         losses: list[float] = []
@@ -199,18 +214,23 @@ class FwdGradTrainer:
         for index in indices:
             v = rademacher(seed, index, self.layout.size).mul_(eps)
             self._write(point + v)
-            plus = self._loss(batch)
+            plus = self._loss(batch, choices)
             self._write(point - v)
-            minus = self._loss(batch)
+            minus = self._loss(batch, choices)
             d.append((plus - minus) / (2 * eps))
             losses.append((plus + minus) / 2)
         self._write(point)
         return Derivatives(loss=math.fsum(losses) / len(losses), d=tuple(d))
 
     def _jvp(
-        self, point: torch.Tensor, batch: TokenBatch, seed: int, indices: tuple[int, ...]
+        self,
+        point: torch.Tensor,
+        batch: TokenBatch,
+        seed: int,
+        indices: tuple[int, ...],
+        choices: tuple[int, ...] | None,
     ) -> Derivatives:
-        objective = _Objective(self.model, batch)
+        objective = _Objective(self.model, batch, choices)
         names = [f"model.{self._module_names[name]}" for name in self.layout.slices]
         shapes = [self._params[name].shape for name in self.layout.slices]
         spans = list(self.layout.slices.values())
@@ -247,17 +267,26 @@ class FwdGradTrainer:
                 d += [float(x) for x in derivative_b]
         return Derivatives(loss=math.fsum(losses) / len(losses), d=tuple(d))
 
-    def derivatives(self, batch: TokenBatch, *, seed: int, indices: tuple[int, ...]) -> Derivatives:
+    def derivatives(
+        self,
+        batch: TokenBatch,
+        *,
+        seed: int,
+        indices: tuple[int, ...],
+        choices: tuple[int, ...] | None = None,
+    ) -> Derivatives:
         """Loss and ``grad L . v(seed, i)`` for each index, at the adapter's current values.
 
-        The model must be in eval mode (no dropout) for central differences to mean anything;
-        :meth:`fit` sees to that, direct callers must too.
+        ``L`` is ``edgefed.objectives.batch_loss`` (attention mask, classifier labels and
+        ``choices`` included), the loss the ``lora`` trainer minimises too. The model must
+        be in eval mode (no dropout) for central differences to mean anything; :meth:`fit`
+        sees to that, direct callers must too.
         """
         point = self.layout.flatten(self._params).to(torch.float32)
         with torch.no_grad():
             if self.config.mode == "jvp":
-                return self._jvp(point, batch, seed, indices)
-            return self._fd(point, batch, seed, indices)
+                return self._jvp(point, batch, seed, indices, choices)
+            return self._fd(point, batch, seed, indices, choices)
 
     # ------------------------------------------------------------------ sampling
 
@@ -306,6 +335,7 @@ class FwdGradTrainer:
             else self.config.max_step_rms * math.sqrt(self.layout.size)
         )
         batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
+        choices = data.choices if self.config.loss == "choices" else None
         total = torch.zeros(self.layout.size, dtype=torch.float64)
         last_step = total
         steps: list[SeedStep] = []
@@ -328,7 +358,7 @@ class FwdGradTrainer:
                     )
                 seed_s = step_seed(seed, index)
                 indices = self._choose(seed_s, count, direction)
-                measured = self.derivatives(batch, seed=seed_s, indices=indices)
+                measured = self.derivatives(batch, seed=seed_s, indices=indices, choices=choices)
                 if self._diverging(measured, losses):
                     diverged = True
                     if steps:  # undo the step that led here

@@ -31,6 +31,9 @@ class LoraConfig:
         momentum: SGD momentum (ignored by AdamW).
         betas: AdamW moment decay rates.
         grad_clip: Max global grad norm per step; ``None`` disables clipping.
+        loss: ``choices`` scores a generative classifier's answer among its label tokens
+            only (what accuracy compares); ``vocabulary`` against every token. Data
+            without label tokens is always scored against the vocabulary.
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -38,10 +41,13 @@ class LoraConfig:
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
+    loss: Literal["choices", "vocabulary"] = "choices"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.loss not in ("choices", "vocabulary"):
+            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(
                 f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}"
@@ -106,6 +112,7 @@ class LoraTrainer:
         params = adapter_parameters(model)
         optimizer = self._optimizer(list(params.values()), spec.lr)
         batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
+        choices = data.choices if self.config.loss == "choices" else None
         visited = 0
         losses: list[float] = []
         was_training = model.training
@@ -123,7 +130,7 @@ class LoraTrainer:
                             input_ids=batch.input_ids[:, : spec.seq_len],
                             labels=batch.labels[:, : spec.seq_len],
                         )
-                    loss = batch_loss(model, batch)
+                    loss = batch_loss(model, batch, choices=choices)
                     loss.backward()  # type: ignore[no-untyped-call]
                     if self.config.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)

@@ -83,6 +83,7 @@ async def test_service_rejects_bad_updates_and_keeps_state(
                 "norm_bound": {"delta": {n: torch.full_like(t, 1e6) for n, t in initial.items()}},
                 "wrong_task": {"task_id": "another-task"},
                 "future_version": {"base_version": 5},
+                "too_many_samples": {"num_samples": 10**9},  # above local_steps x batch
             }
             for reason, changes in cases.items():
                 await device.publish(topics.update(federation, "dev1"), update(**changes))

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from aggregator.validation import ValidatedDelta, ValidationPolicy, validate_update
+from aggregator.validation import ValidatedDelta, ValidationPolicy, samples_cap, validate_update
 from schemas.errors import ConfigError, StaleUpdate, UpdateRejected
-from schemas.messages import TensorMap, Update
+from schemas.messages import TensorMap, TrainSpec, Update
 
 SHAPES = {"lora_A": (2, 3), "lora_B": (4, 2)}
 CURRENT_VERSION = 7
@@ -23,12 +23,13 @@ def make_update(
     method: str = "lora",
     base_version: int = 5,
     delta: TensorMap | None = None,
+    num_samples: int = 10,
 ) -> Update:
     return Update(
         client_id=client_id,
         task_id=task_id,
         base_version=base_version,
-        num_samples=10,
+        num_samples=num_samples,
         method=method,
         delta=good_delta() if delta is None else delta,
     )
@@ -220,6 +221,7 @@ ORDER = [
     "unknown_client",
     "wrong_task",
     "wrong_method",
+    "too_many_samples",
     "future_version",
     "wrong_shape",
     "wrong_dtype",
@@ -249,6 +251,7 @@ def faulty_update(faults: set[str]) -> Update:
         method="kd" if "wrong_method" in faults else "lora",
         base_version=base_version,
         delta=delta,
+        num_samples=11 if "too_many_samples" in faults else 10,
     )
 
 
@@ -260,6 +263,7 @@ def test_validate_update_checks_in_documented_order(version_fault: str) -> None:
         max_update_norm=10.0,
         norm_action="reject",
         known_clients=frozenset({"dev1"}),
+        max_samples=10,
     )
     for i, expected in enumerate(order):
         error = rejected(faulty_update(set(order[i:])), policy)
@@ -277,6 +281,9 @@ def test_validate_update_checks_in_documented_order(version_fault: str) -> None:
         ({"norm_action": "drop"}, "norm_action"),
         ({"allowed_dtypes": frozenset()}, "allowed_dtypes"),
         ({"allowed_dtypes": frozenset({torch.int64})}, "allowed_dtypes"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"max_samples": True}, "max_samples"),
+        ({"max_samples": 2.5}, "max_samples"),
     ],
 )
 def test_validation_policy_bad_settings_raise(kwargs: dict[str, object], match: str) -> None:
@@ -289,3 +296,22 @@ def test_validation_policy_normalises_sets() -> None:
     assert policy.known_clients == frozenset({"a", "b"})
     assert isinstance(policy.known_clients, frozenset)
     assert hash(policy) == hash(ValidationPolicy(known_clients=frozenset({"a", "b"})))
+
+
+def test_validate_update_caps_num_samples_at_the_policy_bound() -> None:
+    policy = ValidationPolicy(max_samples=40)
+    assert check(make_update(num_samples=40), policy).staleness == 2  # at the cap: accepted
+    update = make_update(num_samples=10**9)  # a client inflating its merge weight
+    before = {name: tensor.clone() for name, tensor in update.delta.items()}
+    error = rejected(update, policy)
+    assert error.reason == "too_many_samples"
+    assert "1000000000" in error.detail and "40" in error.detail
+    for name, tensor in update.delta.items():
+        assert torch.equal(tensor, before[name])
+    assert check(make_update(num_samples=10**9)).staleness == 2  # no cap configured
+
+
+def test_samples_cap_is_one_epoch_of_the_task_unless_configured() -> None:
+    train = TrainSpec(local_steps=5, batch_size=8)
+    assert samples_cap(train) == 40
+    assert samples_cap(train, 100) == 100

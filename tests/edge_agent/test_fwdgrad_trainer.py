@@ -8,12 +8,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaForCausalLM
 
 from aggregator.fwdgrad import expand_seeds
 from edge_agent.trainers import FwdGradConfig, FwdGradTrainer, LoraTrainer, make_trainer
-from edgefed.data import TokenBatch, evaluate, synthetic_dataset
+from edgefed.data import IGNORE_INDEX, TokenBatch, TokenDataset, evaluate, synthetic_dataset
 from edgefed.modeling import (
+    TINY_VOCAB,
     adapter_parameters,
     adapter_shapes,
     attach_lora,
@@ -22,6 +23,7 @@ from edgefed.modeling import (
     set_adapter,
     tiny_config,
 )
+from edgefed.objectives import batch_loss
 from edgefed.perturbation import Layout, estimate, rademacher, rebuild_delta
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TensorMap, TrainSpec, Update
@@ -214,3 +216,122 @@ def test_fwdgrad_config_errors() -> None:
     assert FwdGradConfig(jvp_batch=4.0).jvp_batch == 4  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="target"):
         FwdGradConfig(target="none")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="loss"):
+        FwdGradConfig(loss="hinge")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- shared objective
+
+
+def _objective_gradient(
+    trainer: FwdGradTrainer, batch: TokenBatch, choices: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Autograd of ``batch_loss`` (what the lora trainer minimises), in the trainer's layout."""
+    params = adapter_parameters(trainer.model)
+    names = list(trainer.layout.slices)
+    loss = batch_loss(trainer.model, batch, choices=choices)
+    grads = torch.autograd.grad(loss, [params[name] for name in names])
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def _directional(trainer: FwdGradTrainer, grad: torch.Tensor, seed: int, count: int) -> list[float]:
+    size = trainer.layout.size
+    return [float(rademacher(seed, i, size, dtype=torch.float64).dot(grad)) for i in range(count)]
+
+
+def _padded_text_batch() -> TokenBatch:
+    """Rows of different lengths, left-padded with junk tokens the mask must hide."""
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(1, TINY_VOCAB, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)  # real context
+    return TokenBatch(ids, labels, mask)
+
+
+@pytest.mark.parametrize("mode", ["fd", "jvp"])
+def test_fwdgrad_padded_text_uses_the_masked_loss(mode: str) -> None:
+    model, _ = _small_model()
+    batch = _padded_text_batch()
+    trainer = FwdGradTrainer(model, FwdGradConfig(mode=mode))  # type: ignore[arg-type]
+    masked = _objective_gradient(trainer, batch)
+    unmasked = _objective_gradient(trainer, TokenBatch(batch.input_ids, batch.labels))
+    assert float((masked - unmasked).norm()) > 0.05 * float(masked.norm())  # the mask matters
+    measured = trainer.derivatives(batch, seed=3, indices=(0, 1, 2))
+    expected = _directional(trainer, masked, 3, 3)
+    assert measured.d == pytest.approx(expected, rel=1e-2, abs=1e-3 if mode == "fd" else 1e-5)
+    with torch.no_grad():
+        assert measured.loss == pytest.approx(float(batch_loss(model, batch)), rel=1e-4)
+
+
+def _tiny_classifier() -> PeftModel:
+    """A one-block BERT with a 3-class head, LoRA rank 1 on query/value (the MiniLM layout)."""
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = BertForSequenceClassification(config)
+    model = attach_lora(base, LoraSpec(rank=1, target_modules=("q_proj", "v_proj")))
+    gen = torch.Generator().manual_seed(2)
+    set_adapter(
+        model, {n: 0.3 * torch.randn(t.shape, generator=gen) for n, t in get_adapter(model).items()}
+    )
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["fd", "jvp"])
+def test_fwdgrad_trains_a_sequence_classifier(mode: str) -> None:
+    model = _tiny_classifier()
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 64, (6, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = TokenBatch(ids, labels, mask)
+    trainer = FwdGradTrainer(model, FwdGradConfig(mode=mode))  # type: ignore[arg-type]
+    assert any("classifier" in name for name in trainer.layout.slices)  # the head trains too
+    measured = trainer.derivatives(batch, seed=4, indices=(0, 1))
+    expected = _directional(trainer, _objective_gradient(trainer, batch), 4, 2)
+    assert measured.d == pytest.approx(expected, rel=1e-2, abs=1e-3 if mode == "fd" else 1e-5)
+    data = TokenDataset(input_ids=ids, labels=labels, attention_mask=mask)
+    fit = trainer.fit(
+        get_adapter(model), data, TrainSpec(local_steps=2, batch_size=6, perturbations=4), seed=0
+    )
+    assert fit.steps == 2 and not fit.diverged
+    assert math.isfinite(fit.train_loss)
+    assert any(float(t.abs().max()) > 0 for t in fit.delta.values())
+
+
+@pytest.mark.parametrize(("loss", "scored"), [("choices", (5, 9)), ("vocabulary", None)])
+def test_fwdgrad_scores_label_tokens_like_the_lora_trainer(
+    loss: str, scored: tuple[int, ...] | None
+) -> None:
+    model, point = _small_model()
+    base = synthetic_dataset(8, seq_len=10, seed=4)
+    labels = torch.full_like(base.input_ids, IGNORE_INDEX)
+    labels[:, -1] = torch.where(torch.arange(8) % 2 == 0, 5, 9)
+    ids = base.input_ids.clone()
+    ids[:, -1] = labels[:, -1]
+    data = TokenDataset(input_ids=ids, labels=labels, choices=(5, 9))
+    batch = TokenBatch(ids, labels)
+    trainer = FwdGradTrainer(model, FwdGradConfig(mode="jvp", loss=loss))  # type: ignore[arg-type]
+    spec = TrainSpec(local_steps=1, batch_size=8, seq_len=10, perturbations=3)
+    fit = trainer.fit(point, data, spec, seed=0)
+    assert fit.seeds is not None
+    (step,) = fit.seeds.steps
+    set_adapter(model, point)
+    expected = _directional(trainer, _objective_gradient(trainer, batch, scored), step.seed, 3)
+    assert step.d == pytest.approx(expected, rel=2e-3, abs=1e-5)
+    other = (5, 9) if scored is None else None
+    wrong = _directional(trainer, _objective_gradient(trainer, batch, other), step.seed, 3)
+    assert step.d != pytest.approx(wrong, rel=2e-3, abs=1e-5)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from edge_agent.trainers import TRAINERS, LoraConfig, LoraTrainer, make_trainer
-from edgefed.data import evaluate, synthetic_dataset, synthetic_shards
+from edgefed.data import IGNORE_INDEX, TokenDataset, evaluate, synthetic_dataset, synthetic_shards
 from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.objectives import batch_loss
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TensorMap, TrainSpec
 
@@ -194,12 +195,31 @@ def test_sgd_optimizer_option():
     assert any(v.abs().sum() > 0 for v in result.delta.values())
 
 
+@pytest.mark.parametrize("loss", ["choices", "vocabulary"])
+def test_fit_loss_option_scores_label_tokens_or_whole_vocabulary(loss):
+    trainer = _trainer(loss=loss)
+    base = synthetic_dataset(16, seq_len=12, seed=4)
+    labels = torch.full_like(base.input_ids, IGNORE_INDEX)
+    labels[:, -1] = torch.where(torch.arange(16) % 2 == 0, 5, 9)
+    ids = base.input_ids.clone()
+    ids[:, -1] = labels[:, -1]
+    data = TokenDataset(input_ids=ids, labels=labels, choices=(5, 9))
+    glob = get_adapter(trainer.model)
+    (batch,) = data.batches(16, generator=None)
+    with torch.no_grad():
+        expected = batch_loss(trainer.model, batch, choices=(5, 9) if loss == "choices" else None)
+    result = trainer.fit(glob, data, TrainSpec(local_steps=1, batch_size=16, seq_len=12), seed=0)
+    assert result.train_loss == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss must be"):
+        LoraConfig(loss="label")  # type: ignore[arg-type]
+
+
 def test_make_trainer_registry_and_errors():
     assert "lora" in TRAINERS
     model = attach_lora(build_model("tiny"), LoraSpec())
     assert make_trainer("lora", model).method == "lora"
-    with pytest.raises(ConfigError, match="no trainer yet"):
-        make_trainer("split", model)
+    split_model = attach_lora(build_model("tiny"), LoraSpec())
+    assert make_trainer("split", split_model, cut=1).method == "split"
     with pytest.raises(ConfigError, match="unknown method"):
         make_trainer("magic", model)
     with pytest.raises(ConfigError, match="no option"):

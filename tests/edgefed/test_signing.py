@@ -1,4 +1,4 @@
-"""Signed global models: what the signature covers, and every way a global is refused."""
+"""Signed globals and tasks: what the signature covers, and every way one is refused."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from edgefed.signing import (
     global_digest,
     load_private_key,
     load_public_key,
+    signed_by,
+    task_digest,
     write_keypair,
 )
 from schemas import codec
 from schemas.errors import ConfigError, SignatureError
-from schemas.messages import GlobalModel
+from schemas.messages import GlobalModel, ModelRef, ProxySpec, Task, TrainSpec
 
 FED = "fed-a"
 
@@ -142,3 +144,71 @@ def test_signing_keys_are_checked_when_loaded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least one"):
         GlobalVerifier([])
     assert isinstance(load_private_key(tmp_path / "k.key"), Ed25519PrivateKey)
+
+
+def _task(**change: object) -> Task:
+    task = Task(
+        task_id="task-1",
+        federation=FED,
+        version=3,
+        model=ModelRef(name="tiny"),
+        train=TrainSpec(lr=5e-3, local_steps=4),
+        proxy=ProxySpec(dataset="synthetic", indices=(1, 5, 9), slice_id=3),
+    )
+    return task.model_copy(update=change)
+
+
+def test_signing_signed_task_verifies_after_the_wire(signer: GlobalSigner) -> None:
+    signed = signer.sign(_task(), federation=FED)
+    assert signed.signature is not None and len(signed.signature) == 64
+    received = codec.decode(codec.encode(signed))
+    assert isinstance(received, Task)
+    _verifier_for(signer).verify(received, federation=FED)
+    # informational, deliberately not covered
+    _verifier_for(signer).verify(signed.model_copy(update={"created_at": 0.0}), federation=FED)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": TrainSpec(lr=5.0, local_steps=4)},
+        {"method": "fwdgrad"},
+        {"version": 4},
+        {"model": ModelRef(name="other")},
+        {"proxy": ProxySpec(dataset="synthetic", indices=(1, 5, 10), slice_id=3)},
+        {"max_staleness": 1000},
+    ],
+)
+def test_signing_tampered_task_is_refused(signer: GlobalSigner, change: dict[str, object]) -> None:
+    signed = signer.sign(_task(), federation=FED)
+    with pytest.raises(SignatureError, match="task version") as caught:
+        _verifier_for(signer).verify(signed.model_copy(update=change), federation=FED)
+    assert caught.value.problem == "bad_signature"
+    assert caught.value.subject == "task"
+
+
+def test_signing_task_unsigned_wrong_key_or_federation_is_refused(signer: GlobalSigner) -> None:
+    verifier = _verifier_for(signer)
+    with pytest.raises(SignatureError, match="no signature") as caught:
+        verifier.verify(_task(), federation=FED)
+    assert caught.value.problem == "unsigned"
+    rogue = GlobalSigner(Ed25519PrivateKey.generate()).sign(_task(), federation=FED)
+    with pytest.raises(SignatureError, match="no trusted key"):
+        verifier.verify(rogue, federation=FED)
+    with pytest.raises(SignatureError, match="bad_signature"):
+        verifier.verify(signer.sign(_task(), federation=FED), federation="fed-b")
+
+
+def test_signing_task_and_global_signatures_never_swap(signer: GlobalSigner) -> None:
+    task = _task()
+    assert task_digest(task, federation=FED) != task_digest(task, federation="fed-b")
+    model = signer.sign(_global(), federation=FED)
+    assert model.signature is not None
+    forged = task.model_copy(update={"signature": model.signature})
+    with pytest.raises(SignatureError, match="bad_signature"):
+        _verifier_for(signer).verify(forged, federation=FED)
+
+
+def test_signing_signed_by_leaves_messages_alone_without_a_key(signer: GlobalSigner) -> None:
+    assert signed_by(None, _task(), federation=FED).signature is None
+    assert signed_by(signer, _task(), federation=FED).signature is not None

@@ -21,7 +21,7 @@ from edgefed.modeling import (
     load_tokenizer,
     model_kind,
 )
-from edgefed.objectives import batch_loss, predictions, scored_logits
+from edgefed.objectives import batch_loss, choice_cross_entropy, predictions, scored_logits
 from edgefed.text_tasks import encode_causal, label_tokens
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TrainSpec
@@ -67,6 +67,25 @@ def test_scored_logits_on_the_last_position_match_the_full_forward():
     expected = torch.nn.functional.cross_entropy(full, ids[:, -1])
     torch.testing.assert_close(batch_loss(model, batch), expected)
     assert predictions(logits, (5, 9)).tolist() == [(5, 9)[int(row[9] > row[5])] for row in logits]
+
+
+def test_choice_loss_scores_the_answer_among_the_label_tokens_only():
+    model = build_model("tiny", seed=2)
+    ids = torch.randint(1, 64, (4, 8))
+    ids[:, -1] = torch.tensor([5, 9, 9, 5])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -1] = ids[:, -1]
+    batch = TokenBatch(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -2]
+        two_way = torch.stack([full[:, 5], full[:, 9]], dim=1)
+        expected = torch.nn.functional.cross_entropy(two_way, torch.tensor([0, 1, 1, 0]))
+        torch.testing.assert_close(batch_loss(model, batch, choices=(5, 9)), expected)
+        # Order of the choices does not matter; the vocabulary-wide loss is another number.
+        torch.testing.assert_close(batch_loss(model, batch, choices=(9, 5)), expected)
+        assert float(batch_loss(model, batch)) > float(expected) + 1.0
+    with pytest.raises(ValueError, match=r"targets \[9\] are not among"):
+        choice_cross_entropy(full, ids[:, -1], (5, 7))
 
 
 def test_batches_drop_columns_that_are_padding_everywhere():

@@ -70,12 +70,14 @@ async def test_fleet_late_joiner_starts_from_retained_global(
 async def test_fleet_stale_update_is_nacked_and_agent_continues(
     mosquitto_url: str, federation: str
 ) -> None:
+    # The slow agent must answer twice before the fast pair reaches the last version, however
+    # long the fits take on a loaded host: 6x slower, against 15 fast fits each.
     config = FleetConfig(
         agents=3,
         strategy="fedasync",
-        max_versions=12,
+        max_versions=30,
         federation=federation,
-        slowdowns=(1.0, 1.0, 12.0),
+        slowdowns=(1.0, 1.0, 6.0),
         aggregator={"max_staleness": 1},
     )
     result = await run_fleet(config, url=mosquitto_url, progress=False)

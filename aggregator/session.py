@@ -1,0 +1,45 @@
+"""How the aggregator (and the split server beside it) connect to the broker.
+
+``edgefed aggregator`` and the simulator's in-process aggregator use these same settings, so
+what a fleet run shows about lost or queued updates holds for the real service.
+
+The aggregator keeps a stable client id and a persistent session: updates published while
+it is briefly away (a restart, a dropped link) are queued by the broker and delivered when
+it comes back (DESIGN §8b). The split server uses a clean session on a connection of its
+own: a split request is answered within the device's timeout or sent again by the device,
+so old ones queued for it would only be answered too late.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aggregator.config import AggregatorConfig
+from edgefed.transport import TransportConfig
+
+
+def aggregator_client_id(federation: str) -> str:
+    """The aggregator's MQTT client id: stable, because the broker keys sessions by it."""
+    return f"edgefed-{federation}-aggregator"
+
+
+def aggregator_transport(config: AggregatorConfig, *, url: str) -> TransportConfig:
+    """The aggregator's connection to ``url``: TLS and identity from ``config.mqtt``.
+
+    Raises:
+        ConfigError: a connection setting cannot work.
+    """
+    return config.mqtt.transport_config(
+        url=url,
+        client_id=aggregator_client_id(config.federation),
+        max_payload=config.max_payload,
+        max_message_bytes=config.max_message_bytes,
+        clean_session=False,
+    )
+
+
+def split_transport(aggregator: TransportConfig) -> TransportConfig:
+    """The split server's connection beside the aggregator's: same broker, own clean session."""
+    return dataclasses.replace(
+        aggregator, client_id=f"{aggregator.client_id}-split", clean_session=True
+    )

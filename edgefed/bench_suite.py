@@ -1,0 +1,301 @@
+"""``edgefed bench all|scale|throughput|merge|seed``: the benchmark suite and its RESULTS.md section.
+
+Each benchmark runs side by side with its baseline in one process and is reported as a
+ratio, with the command that reproduces it. ``bench all`` writes every figure to
+``bench/suite.json`` and rewrites only its own block of ``bench/RESULTS.md`` (between the
+``bench-suite`` markers); other sections of that file are left as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+START = "<!-- bench-suite:start -->"
+END = "<!-- bench-suite:end -->"
+FLEET = "simulator/fleets/stragglers.toml"
+MERGE_TARGET = 200.0
+THROUGHPUT_TARGET = 0.8
+
+console = Console(stderr=True)
+
+
+def _scale(agents: int, updates: int, spread_s: float) -> dict[str, Any]:
+    from simulator.scale import ScaleConfig, scale_run  # noqa: PLC0415 (heavy)
+    from simulator.scale_report import plot_lag, print_scale  # noqa: PLC0415
+
+    result = scale_run(
+        ScaleConfig(agents=agents, updates_per_agent=updates, spread_s=spread_s, buffer_size=20)
+    )
+    print_scale(result, console)
+    plot = plot_lag(result, BENCH_DIR / "scale_lag.png")
+    return result.to_json() | {"plot": plot.name}
+
+
+def _throughput(count: int, trials: int) -> dict[str, Any]:
+    from edgefed.bench_throughput import throughput_run  # noqa: PLC0415
+
+    return throughput_run(count=count, trials=trials).to_json()
+
+
+def _merges(rounds: int) -> dict[str, Any]:
+    from edgefed.bench_merge import bench_merges  # noqa: PLC0415
+
+    return {"results": [r.to_json() for r in bench_merges(rounds=rounds)]}
+
+
+def _seed(budget_s: float) -> dict[str, Any]:
+    """The seed-paper table: lora, kd, fwdgrad on AG News/MiniLM and SST-2/SmolLM2."""
+    from edgefed.broker import MosquittoProcess  # noqa: PLC0415
+    from simulator.seed_table import run_table  # noqa: PLC0415 (loads models)
+
+    with MosquittoProcess() as broker:
+        rows = asyncio.run(run_table(url=broker.url, budget_s=budget_s))
+    return {"budget_s": budget_s, "results": rows}
+
+
+def _codec() -> dict[str, Any]:
+    return _edgefed_json(["bench", "codec", "--json"])
+
+
+def _memory() -> dict[str, Any]:
+    return _edgefed_json(
+        ["bench", "memory", "--model", "smollm2-135m", "--batch", "8", "--seq", "128",
+         "--steps", "1", "--k", "8", "--json"]
+    )  # fmt: skip
+
+
+def _bytes() -> dict[str, Any]:
+    return _edgefed_json(["bench", "bytes", "--steps", "5", "--json"])
+
+
+def _time_to_target() -> dict[str, Any]:
+    """Async vs sync on the straggler fleet, through ``edgefed simulate --fleet``."""
+    if not (BENCH_DIR.parent / FLEET).exists():
+        return {"skipped": f"{FLEET} is not in this checkout"}
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefed-tta-") as folder:
+        for mode in ("async", "sync"):
+            out = Path(folder) / f"{mode}.json"
+            command = ["simulate", "--fleet", FLEET, "--mode", mode, "--json-out", str(out)]
+            done = _edgefed(command)
+            if done.returncode != 0:
+                return {"skipped": f"edgefed {' '.join(command)} failed: {done.stderr[-400:]}"}
+            runs[mode] = json.loads(out.read_text()).get("time_to_target_s")
+    fast, slow = runs["async"], runs["sync"]
+    ratio = slow / fast if fast and slow else None
+    return {"async_s": fast, "sync_s": slow, "sync_over_async": ratio}
+
+
+def _edgefed(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "edgefed.cli", *argv]
+    return subprocess.run(
+        command, capture_output=True, text=True, check=False, cwd=BENCH_DIR.parent
+    )
+
+
+def _edgefed_json(argv: list[str]) -> dict[str, Any]:
+    done = _edgefed(argv)
+    if done.returncode != 0:
+        return {"skipped": f"edgefed {' '.join(argv)} failed: {done.stderr.strip()[-400:]}"}
+    row: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return row
+
+
+def run_suite(*, quick: bool, agents: int) -> dict[str, Any]:
+    """Every benchmark in turn (``quick``: smaller runs, no model-loading ones)."""
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "codec": _codec,
+        "scale": lambda: _scale(agents, 1 if quick else 2, 5.0 if quick else 10.0),
+        "throughput": lambda: _throughput(32 if quick else 64, 2 if quick else 3),
+        "merges": lambda: _merges(2 if quick else 5),
+    }
+    if not quick:
+        steps |= {
+            "memory": _memory,
+            "bytes": _bytes,
+            "time_to_target": _time_to_target,
+            "seed_table": lambda: _seed(90.0),
+        }
+    results: dict[str, Any] = {"quick": quick}
+    for name, step in steps.items():
+        console.rule(f"bench {name}")
+        started = time.perf_counter()
+        results[name] = step()
+        results[name]["wall_s"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def _merge_rows(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in data.get("results", []):
+        ratio = row["merges_per_s"] / MERGE_TARGET
+        rows.append(
+            f"| merges/s, {row['strategy']}, {row['update_bytes'] / 1e6:.2f} MB LoRA r8 q,v "
+            f"({row['tensors']} tensors), 1 thread | {row['merges_per_s']:.0f}/s | "
+            f"{ratio:.2f}x of the 200/s target | `edgefed bench merge` |"
+        )
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The RESULTS.md block for ``results``."""
+    lines = [START, "# Benchmark suite (`edgefed bench all`)", ""]
+    lines += [
+        "Reproduce everything with `make bench` (or `.venv/bin/edgefed bench all`; `--quick` for",
+        "a small subset); raw figures in `bench/suite.json`. Each row's own command is given.",
+        "",
+        "| measure | measured | ratio / target | command |",
+        "|---|---|---|---|",
+    ]
+    scale = results.get("scale", {})
+    if scale:
+        lag, ok = scale["merge_lag_ms"], "yes" if scale["ok"] else "NO"
+        lines += [
+            f"| {scale['agents']} agents (real MQTT connections): connect all | "
+            f"{scale['connect_s']:.2f} s | broker RSS {scale['broker_rss_idle_mb']:.1f} → "
+            f"{scale['broker_rss_peak_mb']:.1f} MB peak; agents' process "
+            f"{scale.get('agents_rss_mb') or 0:.0f} MB | "
+            f"`edgefed bench scale --agents {scale['agents']}` |",
+            f"| {scale['agents']} agents: acked updates lost | {scale['lost']} of "
+            f"{scale['updates_accepted']} (merged once {scale['merged_once']}, buffered "
+            f"{scale['buffered']}, merged twice {scale['merged_twice_or_more']}) | zero lost: "
+            f"{ok} | same |",
+            f"| {scale['agents']} agents: publish→merged p50/p90/p99 | {lag['p50']:.0f} / "
+            f"{lag['p90']:.0f} / {lag['p99']:.0f} ms at {scale['updates_per_s']:.0f} updates/s "
+            f"| FedBuff K=20, {scale['update_bytes'] / 1024:.0f} KiB updates | same |",
+        ]
+    tput = results.get("throughput", {})
+    if tput:
+        lines += [
+            f"| 1 MiB updates publish→merged vs raw broker (same run), 256 KiB chunks | "
+            f"{tput['e2e_mbps']:.0f} vs {tput['raw_mbps']:.0f} MB/s | {tput['ratio']:.2f}x "
+            f"(target {THROUGHPUT_TARGET}x) | `edgefed bench throughput` |",
+            f"| same, `max_payload` 2 MiB (one frame per update) | {tput['e2e_whole_mbps']:.0f}"
+            f" vs {tput['raw_mbps']:.0f} MB/s | {tput['ratio_whole']:.2f}x | same |",
+        ]
+    lines += _merge_rows(results.get("merges", {}))
+    codec = results.get("codec", {})
+    for row in codec.get("results", []):
+        lines.append(
+            f"| codec round trip vs memcpy, {row['size_bytes'] / 1024:,.0f} KiB | "
+            f"{row['roundtrip_gbps']:.2f} vs {row['memcpy_gbps']:.2f} GB/s | "
+            f"{row['ratio_vs_memcpy']:.2f}x | `edgefed bench codec` |"
+        )
+    for name in ("memory", "bytes"):
+        rows = results.get(name, {}).get("results", [])
+        for row in rows:
+            lines.append(f"| {name}: {_compact(row)} | | | `edgefed bench {name}` (see above) |")
+    tta = results.get("time_to_target", {})
+    if "skipped" in tta:
+        lines.append(f"| time to target, async vs sync | not measured: {tta['skipped']} | | |")
+    elif tta:
+        lines.append(
+            f"| time to target, stragglers fleet | async {tta['async_s']} s, sync "
+            f"{tta['sync_s']} s | sync/async {tta['sync_over_async']} | `edgefed simulate "
+            f"--fleet {FLEET} --mode async` and `--mode sync` |"
+        )
+    lines += _seed_rows(results.get("seed_table", {}))
+    for name, data in results.items():
+        if isinstance(data, dict) and "skipped" in data and name != "time_to_target":
+            lines.append(f"| {name} | not measured: {data['skipped']} | | |")
+    if scale:
+        lines += ["", f"![publish→merged lag, {scale['agents']} agents]({scale['plot']})"]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _seed_rows(data: dict[str, Any]) -> list[str]:
+    """The seed-paper table, after the suite's rows."""
+    rows = data.get("results", [])
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Seed-paper table: 2 agents, FedBuff K=2, {data['budget_s']:.0f} s budget or 4 versions "
+        "per row, batch 4 x 64 tokens, 2 local steps, held-out 200 rows "
+        "(`edgefed bench seed`). Peak memory is the planner's estimate of one step.",
+        "",
+        "| task | method | accuracy before → after | versions | bytes/device up / down "
+        "| compute s/update | peak MB (est.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        task = f"{row['dataset']} / {row['model']}"
+        if "error" in row:
+            lines.append(f"| {task} | {row['method']} | failed: {row['error'][:120]} | | | | |")
+            continue
+        lines.append(
+            f"| {task} | {row['method']} | {_acc(row['accuracy_before'])} → "
+            f"{_acc(row['accuracy_after'])} | {row['versions']} | "
+            f"{row['bytes_up_per_device'] / 1e6:.2f} / {row['bytes_down_per_device'] / 1e6:.2f} MB"
+            f" | {row['compute_s_per_update']} | {row['peak_mb_estimated']:.0f} |"
+        )
+    return lines
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _compact(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict)))
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Replace (or append) the suite's block in ``path``; the rest stays as it is."""
+    text = path.read_text() if path.exists() else ""
+    block = markdown(results)
+    if START in text and END in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``edgefed bench scale|throughput|merge|seed|all``.
+
+    A single benchmark with ``--save`` replaces its own entry of ``bench/suite.json`` and
+    regenerates the suite block of RESULTS.md from it; ``all`` rewrites both.
+    """
+    which: str = args.which
+    suite = BENCH_DIR / "suite.json"
+    singles: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+        "scale": ("scale", lambda: _scale(args.agents, args.updates_per_agent, args.spread)),
+        "throughput": ("throughput", lambda: _throughput(64, args.repeat or 3)),
+        "merge": ("merges", lambda: _merges(args.repeat or 5)),
+        "seed": ("seed_table", lambda: _seed(args.budget)),
+    }
+    if which in singles:
+        key, step = singles[which]
+        data = step()
+        if args.save:
+            results = json.loads(suite.read_text()) if suite.exists() else {}
+            results[key] = data
+            _save(results, suite)
+    else:
+        data = run_suite(quick=args.quick, agents=args.agents)
+        _save(data, suite)
+    if args.json or which != "all":
+        sys.stdout.write(json.dumps(data) + "\n")
+    return 0
+
+
+def _save(results: dict[str, Any], suite: Path) -> None:
+    suite.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, BENCH_DIR / "RESULTS.md")
+    console.print(f"wrote {suite} and the suite block of {BENCH_DIR / 'RESULTS.md'}")

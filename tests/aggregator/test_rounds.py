@@ -1,0 +1,131 @@
+"""Synchronous rounds on the aggregator (in-memory broker): selection, refusals, deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+from aggregator.config import AggregatorConfig, StrategySettings
+from aggregator.rounds import RoundPlan, SyncRoundService
+from edgefed.transport import Delivery, MemoryBroker, MemoryTransport
+from schemas import topics
+from schemas.errors import ConfigError
+from schemas.messages import Ack, Task, Update
+
+FED = "rounds"
+CLIENTS = ("dev0", "dev1", "dev2")
+
+
+def make_config(size: int) -> AggregatorConfig:
+    return AggregatorConfig(
+        federation=FED,
+        strategy=StrategySettings(name="fedbuff", staleness="constant", buffer_size=size),
+        max_staleness=0,
+        eval_data="synthetic:n=8,seed=3",
+        eval_every=1000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    plan: RoundPlan,
+) -> AsyncIterator[tuple[SyncRoundService, MemoryTransport, MemoryTransport]]:
+    """The service, a device transport reading acks, and one reading tasks."""
+    broker = MemoryBroker()
+    async with (
+        broker.transport("aggregator") as transport,
+        broker.transport("device") as device,
+        broker.transport("watcher") as watcher,
+    ):
+        for client in CLIENTS:
+            await device.subscribe(topics.ack(FED, client))
+        service = SyncRoundService(make_config(plan.size), transport, plan=plan)
+        task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 30)
+        await watcher.subscribe(topics.task(FED))
+        try:
+            yield service, device, watcher
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def update(service: SyncRoundService, client: str, base: int) -> Update:
+    return Update(
+        client_id=client,
+        task_id=service.config.task_id,
+        base_version=base,
+        num_samples=8,
+        method="lora",
+        delta={n: torch.full_like(t, 0.01) for n, t in service.current.items()},
+    )
+
+
+async def send(device: MemoryTransport, message: Update) -> Ack:
+    await device.publish(topics.update(FED, message.client_id), message)
+    async with asyncio.timeout(10):
+        async for item in device.deliveries():
+            if (
+                isinstance(item, Delivery)
+                and isinstance(item.message, Ack)
+                and item.message.update_id == message.update_id
+            ):
+                return item.message
+    raise AssertionError("no ack")
+
+
+async def newest_task(device: MemoryTransport, version: int) -> Task:
+    async with asyncio.timeout(10):
+        async for item in device.deliveries():
+            if (
+                isinstance(item, Delivery)
+                and isinstance(item.message, Task)
+                and item.message.version >= version
+            ):
+                return item.message
+    raise AssertionError("no task")
+
+
+async def test_round_refuses_an_unselected_device_and_names_the_selected_in_the_task() -> None:
+    plan = RoundPlan(clients=CLIENTS, per_round=1, seed=3)
+    async with running(plan) as (service, device, watcher):
+        chosen = plan.selected(0)
+        outsider = next(c for c in CLIENTS if c not in chosen)
+        ack = await send(device, update(service, outsider, 0))
+        assert not ack.accepted and ack.reason == "not_selected"
+        assert outsider in (ack.detail or "") and service.version == 0
+        task = await newest_task(watcher, 0)
+        assert task.round_clients == chosen
+        ack = await send(device, update(service, chosen[0], 0))
+        assert ack.accepted and ack.version == 1  # a round of one: it closes at once
+        assert (await newest_task(watcher, 1)).round_clients == plan.selected(1)
+        assert service.rounds[0].closed == "full"
+        assert service.rejections == {"not_selected": 1}
+
+
+async def test_round_closes_at_its_deadline_and_refuses_the_late_update_as_stale() -> None:
+    plan = RoundPlan(clients=CLIENTS, per_round=2, deadline_s=1.0, seed=1)
+    async with running(plan) as (service, device, _):
+        first, second = plan.selected(0)
+        ack = await send(device, update(service, first, 0))
+        assert ack.accepted and service.version == 0
+        async with asyncio.timeout(5):
+            while service.version == 0:  # noqa: ASYNC110 (polling the closed round)
+                await asyncio.sleep(0.02)
+        record = service.rounds[0]
+        assert record.closed == "deadline" and record.closed_s is not None
+        assert 1.0 <= record.closed_s - record.opened_s < 2.0
+        late = await send(device, update(service, second, 0))
+        assert not late.accepted and late.reason == "stale"
+        assert len(service.results.merges) == 1
+
+
+def test_rounds_need_fedbuff_sized_to_the_round() -> None:
+    plan = RoundPlan(clients=CLIENTS, per_round=2)
+    with pytest.raises(ConfigError, match="buffer_size 2"):
+        SyncRoundService(make_config(3), MemoryBroker().transport("x"), plan=plan)

@@ -1,0 +1,102 @@
+"""Agents follow only tasks the aggregator signed, through a broker with no ACL at all.
+
+The task says what to train, at which learning rate, on which proxy rows: on the open
+development broker anyone may publish on ``task``, which is what its signature is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from edge_agent.agent import AgentReport, run_agent
+from edge_agent.config import AgentConfig
+from edgefed.data import synthetic_shards
+from edgefed.signing import GlobalSigner, GlobalVerifier, write_keypair
+from edgefed.transport import MqttTransport, TransportConfig
+from schemas import topics
+from schemas.messages import Task, TrainSpec
+from tests.edgefed.transport_helpers import receive_message
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {timeout_s} s")
+
+
+async def test_agent_refuses_forged_tasks_and_follows_the_genuine_one(
+    mosquitto_url: str, federation: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_keypair(tmp_path / "agg.key", tmp_path / "agg.pub")
+    write_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+    config = AggregatorConfig(
+        federation=federation,
+        signing_key=str(tmp_path / "agg.key"),
+        max_versions=2,
+        strategy={"name": "fedbuff", "buffer_size": 1},
+    )
+    agent_config = AgentConfig(
+        federation=federation,
+        client_id="dev-1",
+        data="synthetic",
+        trusted_global_keys=(str(tmp_path / "agg.pub"),),
+    )
+    report = AgentReport(client_id="dev-1")
+    shard = synthetic_shards(1, total=64, seq_len=config.train.seq_len, seed=3)[0]
+    settings = TransportConfig(url=mosquitto_url, client_id=f"agg-{uuid.uuid4().hex}")
+    async with (
+        MqttTransport(settings) as transport,
+        MqttTransport(TransportConfig(url=mosquitto_url, client_id="intruder")) as intruder,
+    ):
+        service = AggregatorService(config, transport)
+        serving = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 30)
+        await intruder.subscribe(topics.task(federation))
+        genuine = (await receive_message(intruder)).message
+        assert isinstance(genuine, Task) and genuine.signature is not None
+        GlobalVerifier.from_files([tmp_path / "agg.pub"]).verify(genuine, federation=federation)
+
+        # The genuine signature over a learning rate 1000x larger; a task signed by another
+        # key; no signature at all. The first is left retained, as an intruder would.
+        steered: TrainSpec = genuine.train.model_copy(update={"lr": 5.0})
+        tampered = genuine.model_copy(update={"train": steered})
+        rogue = GlobalSigner.from_file(tmp_path / "rogue.key").sign(tampered, federation=federation)
+        unsigned = tampered.model_copy(update={"signature": None})
+        await intruder.publish(topics.task(federation), tampered, retain=True)
+        agent = asyncio.create_task(
+            run_agent(agent_config, url=mosquitto_url, data=shard, report=report)
+        )
+        try:
+            await _until(lambda: report.refused_tasks == 1)
+            for forged in (rogue, unsigned):
+                await intruder.publish(topics.task(federation), forged, retain=True)
+            await _until(lambda: report.refused_tasks == 3)
+            await asyncio.sleep(0.5)
+            assert report.updates_sent == 0  # no task it trusts yet: it trains on nothing
+            # The genuine task again (as the aggregator republishes it with every version).
+            await intruder.publish(topics.task(federation), genuine, retain=True)
+            await asyncio.wait_for(serving, 60)
+        finally:
+            agent.cancel()
+            await asyncio.gather(agent, return_exceptions=True)
+            await intruder.clear_retained(topics.task(federation))
+
+    assert report.refused_tasks == 3
+    assert report.refused_globals == 0
+    assert service.version == 2
+    assert report.accepted >= 2
+    refusals = [r.getMessage() for r in caplog.records if "task version" in r.getMessage()]
+    assert len(refusals) == 3, refusals
+    assert any("(unsigned)" in line for line in refusals)
+    assert sum("(bad_signature)" in line for line in refusals) == 2

@@ -1,0 +1,80 @@
+"""The benchmark suite: merge shapes, the raw-vs-end-to-end harness, the RESULTS.md block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgefed.bench_merge import bench_merges, lora_shapes
+from edgefed.bench_suite import END, START, markdown, write_results
+from edgefed.bench_throughput import PAYLOAD_BYTES, e2e_trial, raw_trial
+from edgefed.broker import MosquittoProcess
+from edgefed.modeling import model_folder
+from schemas.errors import AssetMissing, ConfigError
+
+
+def _smollm2_installed() -> bool:
+    try:
+        model_folder("smollm2-135m")
+    except (AssetMissing, ConfigError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="SmolLM2 is not installed (edgefed assets)")
+def test_lora_shapes_match_smollm2_q_v_rank8() -> None:
+    shapes = lora_shapes("smollm2-135m")
+    assert len(shapes) == 30 * 2 * 2
+    assert shapes["model.layers.0.self_attn.q_proj.lora_B.weight"] == (576, 8)
+    assert shapes["model.layers.29.self_attn.v_proj.lora_B.weight"] == (192, 8)
+    total = sum(a * b for a, b in shapes.values()) * 4
+    assert total == 1_843_200  # the ~1.8 MB the merge target is stated for
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="SmolLM2 is not installed (edgefed assets)")
+def test_bench_merges_reports_both_strategies() -> None:
+    results = bench_merges(updates=10, rounds=1, buffer_size=5)
+    assert [r.strategy for r in results] == ["fedbuff K=5", "fedasync"]
+    assert all(r.merges_per_s > 0 and r.update_bytes == 1_843_200 for r in results)
+
+
+@pytest.mark.broker
+async def test_raw_and_end_to_end_trials_move_every_update(
+    mosquitto_process: MosquittoProcess,
+) -> None:
+    raw = await raw_trial(mosquitto_process.url, count=4, publishers=2)
+    # e2e_trial itself checks every update was merged exactly once before returning.
+    e2e = await e2e_trial(mosquitto_process.url, count=4, publishers=2, buffer_size=2)
+    assert raw > 0
+    assert e2e > 0
+    assert PAYLOAD_BYTES == 1024 * 1024
+
+
+def _results() -> dict[str, object]:
+    return {
+        "merges": {
+            "results": [
+                {"strategy": "fedbuff K=10", "update_bytes": 1843200, "tensors": 120,
+                 "merges_per_s": 300.0, "rounds": [300.0]},
+            ]
+        },
+        "time_to_target": {"skipped": "no fleet file"},
+    }  # fmt: skip
+
+
+def test_results_block_replaced_in_place_and_rest_kept(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Codec\n\nkept above\n")
+    write_results(_results(), path)
+    first = path.read_text()
+    assert first.startswith("# Codec\n\nkept above\n")
+    assert "| 300/s | 1.50x of the 200/s target |" in first
+    assert "not measured: no fleet file" in first
+    path.write_text(first + "\n# Split\n\nkept below\n")
+    write_results(_results(), path)
+    second = path.read_text()
+    assert second.count(START) == 1
+    assert second.count(END) == 1
+    assert second.endswith("# Split\n\nkept below\n")
+    assert markdown(_results()) in second

@@ -145,19 +145,26 @@ class SyncRoundService(AggregatorService):
         return task.model_copy(update={"round_clients": self.selection})
 
     async def _publish_version(self) -> None:
-        """Open the round of the new version: record its selection, start its deadline."""
+        """Open the round of the new version once its global is out and scored.
+
+        The deadline counts from then: scoring the global is the aggregator's time, not
+        the devices'.
+        """
         now = round(time.monotonic() - self._started, 4)
         if self.rounds and self.rounds[-1].closed is None:
             self.rounds[-1].closed, self.rounds[-1].closed_s = "full", now
-        self.rounds.append(RoundRecord(version=self.version, selected=self.selection, opened_s=now))
-        self._overdue = False
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
+        await super()._publish_version()
+        opened = round(time.monotonic() - self._started, 4)
+        self.rounds.append(
+            RoundRecord(version=self.version, selected=self.selection, opened_s=opened)
+        )
+        self._overdue = False
         if self.plan.deadline_s is not None:
             self._timer = asyncio.create_task(
                 self._deadline(self.version, self.plan.deadline_s), name="round-deadline"
             )
-        await super()._publish_version()
 
     async def _handle_update(self, update: Update, size: int) -> None:
         """Refuse unselected devices; close an overdue round on its first arrival."""

@@ -2,8 +2,8 @@
 
 :func:`plan_training` walks the task's allowed methods in preference order and, for each, the
 step shapes from the task's own (batch x sequence length) down by halves; the first that the
-estimate (``edge_agent.memory_estimate``, times this device's calibration ratio) fits in the
-budget wins. A preferred method is taken only at a shape of at least ``min_fraction`` of the
+estimate (``edge_agent.memory_estimate``, times this device's calibration ratio when that
+is above one) fits in the budget wins. A preferred method is taken only at a shape of at least ``min_fraction`` of the
 task's tokens per step; when no method reaches that, any shape of any method goes, in the
 same order; when nothing fits, the answer is :class:`CannotFit` with the smallest
 requirement, never an out-of-memory crash. The LoRA rank is the task's: every device must
@@ -195,7 +195,9 @@ def plan_training(
             perturbations=train.perturbations,
             cut=cut,
         )
-        ratio = ratios.get(key, 1.0)
+        # Calibration only ever raises an estimate: peaks of one shape scatter by ~10% between
+        # processes, so a low first measurement must not loosen the next plan into an overrun.
+        ratio = max(ratios.get(key, 1.0), 1.0)
         found = estimate(model, step, key, runtime_mb=runtime_mb)
         mb = found.total_mb * ratio
         return mb + headroom * found.step_mb, mb, ratio

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def _merges(rounds: int) -> dict[str, Any]:
 
 
 def _seed(budget_s: float) -> dict[str, Any]:
-    """The seed-paper table: lora, kd, fwdgrad on AG News/MiniLM and SST-2/SmolLM2."""
+    """The seed-paper table: lora, kd, fwdgrad (and split on causal LMs) per task."""
     from edgefed.broker import MosquittoProcess  # noqa: PLC0415
     from simulator.seed_table import run_table  # noqa: PLC0415 (loads models)
 
@@ -134,6 +135,7 @@ def run_suite(*, quick: bool, agents: int) -> dict[str, Any]:
         started = time.perf_counter()
         results[name] = step()
         results[name]["wall_s"] = round(time.perf_counter() - started, 1)
+        results[name]["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return results
 
 
@@ -159,6 +161,18 @@ def markdown(results: dict[str, Any]) -> str:
         "| measure | measured | ratio / target | command |",
         "|---|---|---|---|",
     ]
+    loads = {
+        k: v["load_avg_1m"]
+        for k, v in results.items()
+        if isinstance(v, dict) and "load_avg_1m" in v
+    }
+    if loads:
+        listed = ", ".join(f"{k} {v:g}" for k, v in loads.items())
+        lines[-2:-2] = [
+            f"Host load (1-minute load average on 2 cores, after each step): {listed}. Other jobs",
+            "shared the cores; the ratios are measured side by side, absolute rates are not.",
+            "",
+        ]
     scale = results.get("scale", {})
     if scale:
         lag, ok = scale["merge_lag_ms"], "yes" if scale["ok"] else "NO"
@@ -193,17 +207,34 @@ def markdown(results: dict[str, Any]) -> str:
             f"{row['roundtrip_gbps']:.2f} vs {row['memcpy_gbps']:.2f} GB/s | "
             f"{row['ratio_vs_memcpy']:.2f}x | `edgefed bench codec` |"
         )
-    for name in ("memory", "bytes"):
-        rows = results.get(name, {}).get("results", [])
-        for row in rows:
-            lines.append(f"| {name}: {_compact(row)} | | | `edgefed bench {name}` (see above) |")
+    memory = results.get("memory", {}).get("results", [])
+    if memory:
+        peaks = ", ".join(
+            f"{r['method']} {r['peak_rss_mb']:.0f} MB ({r['ratio_to_inference']:.2f}x)"
+            for r in memory
+        )
+        lines.append(
+            "| device peak RSS per method, SmolLM2-135M, batch 8 x 128, LoRA r8 q,v | "
+            f"{peaks} | ratio to inference | `edgefed bench memory --model smollm2-135m "
+            "--batch 8 --seq 128 --steps 1 --k 8` |"
+        )
+    sizes = results.get("bytes", {}).get("results", [])
+    if sizes:
+        listed = ", ".join(f"{r['update']}: {r['bytes']:,} B" for r in sizes)
+        dense = next((r["bytes"] for r in sizes if r["update"] == "lora dense none"), None)
+        ratio = f"dense fp32 = {dense:,} B" if dense else ""
+        lines.append(
+            f"| bytes per update per method (SmolLM2 adapter) | {listed} | {ratio} | "
+            "`edgefed bench bytes --steps 5` |"
+        )
     tta = results.get("time_to_target", {})
     if "skipped" in tta:
         lines.append(f"| time to target, async vs sync | not measured: {tta['skipped']} | | |")
     elif tta:
         lines.append(
-            f"| time to target, stragglers fleet | async {tta['async_s']} s, sync "
-            f"{tta['sync_s']} s | sync/async {tta['sync_over_async']} | `edgefed simulate "
+            f"| time to target loss, stragglers fleet (simulated time) | async "
+            f"{_num(tta['async_s'])} s, sync {_num(tta['sync_s'])} s | async "
+            f"{_num(tta['sync_over_async'])}x sooner (target 2x) | `edgefed simulate "
             f"--fleet {FLEET} --mode async` and `--mode sync` |"
         )
     lines += _seed_rows(results.get("seed_table", {}))
@@ -239,8 +270,8 @@ def _seed_rows(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {task} | {row['method']} | {_acc(row['accuracy_before'])} → "
             f"{_acc(row['accuracy_after'])} | {row['versions']} | "
-            f"{row['bytes_up_per_device'] / 1e6:.2f} / {row['bytes_down_per_device'] / 1e6:.2f} MB"
-            f" | {row['compute_s_per_update']} | {row['peak_mb_estimated']:.0f} |"
+            f"{_size(row['bytes_up_per_device'])} / {_size(row['bytes_down_per_device'])} | "
+            f"{_num(row['compute_s_per_update'])} | {row['peak_mb_estimated']:.0f} |"
         )
     return lines
 
@@ -249,8 +280,14 @@ def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _compact(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, (list, dict)))
+def _size(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} MB"
+    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:
@@ -270,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     """``edgefed bench scale|throughput|merge|seed|all``.
 
     A single benchmark with ``--save`` replaces its own entry of ``bench/suite.json`` and
-    regenerates the suite block of RESULTS.md from it; ``all`` rewrites both.
+    regenerates the suite block of RESULTS.md from it; ``all`` replaces every entry it
+    measured (``--quick`` measures fewer and keeps the others).
     """
     which: str = args.which
     suite = BENCH_DIR / "suite.json"
@@ -282,14 +320,15 @@ def run(args: argparse.Namespace) -> int:
     }
     if which in singles:
         key, step = singles[which]
-        data = step()
+        data = step() | {"load_avg_1m": round(os.getloadavg()[0], 2)}
         if args.save:
             results = json.loads(suite.read_text()) if suite.exists() else {}
             results[key] = data
             _save(results, suite)
     else:
         data = run_suite(quick=args.quick, agents=args.agents)
-        _save(data, suite)
+        kept = json.loads(suite.read_text()) if suite.exists() else {}
+        _save(kept | data, suite)  # a --quick run keeps the entries it did not re-measure
     if args.json or which != "all":
         sys.stdout.write(json.dumps(data) + "\n")
     return 0

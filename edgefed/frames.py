@@ -95,10 +95,9 @@ def encode_frames(
             f"a retained message of {len(data)} bytes needs chunk_topic: on one topic only "
             "its last chunk would stay retained"
         )
-    chunks = chunking.split_payload(memoryview(data), max_payload=max_payload)
-    del data
-    topics = [check_topic(chunk_topic(c.index)) if chunk_topic else topic for c in chunks]
-    return ((t, codec.encode(c)) for t, c in zip(topics, chunks, strict=True))
+    total, chunks = chunking.encode_chunks(data, max_payload=max_payload)
+    topics = [check_topic(chunk_topic(i)) if chunk_topic else topic for i in range(total)]
+    return zip(topics, chunks, strict=True)
 
 
 async def send_windowed(

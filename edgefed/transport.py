@@ -25,7 +25,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar
+from typing import Final, Protocol, Self, TypeVar, cast
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -136,6 +136,15 @@ class _ConnectionLost(Exception):
 class _Connection:
     client: aiomqtt.Client
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Future[object] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def mark_lost(self) -> None:
+        """Set ``lost`` and resolve ``gone``, which operations await without a task each."""
+        self.lost.set()
+        if not self.gone.done():
+            self.gone.set_result(None)
 
 
 def _reason_value(code: object) -> int:
@@ -412,7 +421,7 @@ class MqttTransport:
             finally:
                 self._conn = None
                 self._connected.clear()
-                conn.lost.set()
+                conn.mark_lost()
                 await self._disconnect(client)
             delay = backoff.next()
             log.info("%s: reconnecting in %.2f s", self.config.client_id, delay)
@@ -528,11 +537,10 @@ class MqttTransport:
         own timeout runs out, so every acknowledged operation races the loss.
         """
         task = asyncio.ensure_future(operation)
-        lost = asyncio.create_task(conn.lost.wait())
         try:
-            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+            either = {cast("asyncio.Future[object]", task), conn.gone}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lost.cancel()
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):

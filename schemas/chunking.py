@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
@@ -46,6 +46,50 @@ def split_payload(
     Raises:
         ConfigError: ``max_payload`` leaves no room for data next to a chunk's own fields.
     """
+    view, template, room, total = _plan(payload, max_payload, transfer_id)
+    return [
+        Chunk(
+            transfer_id=template.transfer_id,
+            index=index,
+            total=total,
+            size=template.size,
+            sha256=template.sha256,
+            data=view[index * room : (index + 1) * room].tobytes(),
+        )
+        for index in range(total)
+    ]
+
+
+def encode_chunks(
+    payload: bytes | memoryview,
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    transfer_id: str | None = None,
+) -> tuple[int, Iterator[bytes]]:
+    """The chunk count and the encoded chunks of ``payload``, as :func:`split_payload` cuts them.
+
+    The frames are encoded lazily, one at a time, and each chunk's data goes from a view
+    on ``payload`` straight into its frame: the frame is the only copy. The fields were
+    validated once on the template, so the per-chunk messages are built without it.
+
+    Raises:
+        ConfigError: as :func:`split_payload`.
+    """
+    view, template, room, total = _plan(payload, max_payload, transfer_id)
+    fields = template.__dict__
+
+    def frames() -> Iterator[bytes]:
+        for index in range(total):
+            data = view[index * room : (index + 1) * room]
+            yield encode(Chunk.model_construct(**(fields | {"index": index, "data": data})))
+
+    return total, frames()
+
+
+def _plan(
+    payload: bytes | memoryview, max_payload: int, transfer_id: str | None
+) -> tuple[memoryview, Chunk, int, int]:
+    """The payload's bytes, a validated chunk template, the data room per chunk and the count."""
     view = memoryview(payload).cast("B")
     size = view.nbytes
     digest = hashlib.sha256(view).hexdigest()
@@ -55,17 +99,7 @@ def split_payload(
     if room <= 0:
         raise ConfigError(f"max_payload {max_payload} leaves no room for chunk data")
     total = max(1, -(-size // room))
-    return [
-        Chunk(
-            transfer_id=tid,
-            index=index,
-            total=total,
-            size=size,
-            sha256=digest,
-            data=view[index * room : (index + 1) * room].tobytes(),
-        )
-        for index in range(total)
-    ]
+    return view, template.model_copy(update={"total": total}), room, total
 
 
 @dataclass(slots=True)

@@ -46,9 +46,10 @@ DEMO_FLEET = FleetConfig(
     max_versions=0,
     max_seconds=TRAIN_SECONDS,
     ack_timeout_s=600.0,
+    trainer={"lora": {"loss": "choices"}},
     aggregator={
-        "train": {"local_steps": 10, "batch_size": 8, "seq_len": 64, "lr": 1e-3},
-        "strategy": {"buffer_size": 3, "server_lr": 1.5},
+        "train": {"local_steps": 10, "batch_size": 8, "seq_len": 64, "lr": 5e-4},
+        "strategy": {"buffer_size": 3, "server_lr": 1.0},
         "max_staleness": 8,
         # A cheap progress signal for the bar while training (a subset of the held-out
         # reviews); the reported numbers are scored on all of them afterwards.
@@ -57,6 +58,12 @@ DEMO_FLEET = FleetConfig(
     },
 )
 """The default demo: SmolLM2 + LoRA under FedBuff on a fleet of mixed speeds.
+
+Devices train on the answer among the two label tokens only (``loss = "choices"``), the
+decision accuracy measures. AdamW restarts on every fit, so its first steps move every
+weight by about ``lr`` whatever the gradient's size; ``lr`` 5e-4 and a plain server step
+(``server_lr`` 1.0) keep the merged moves small enough that the global stops swinging
+(with 1e-3 and 1.5 one version dropped to 0.53 on the held-out reviews).
 
 Shares are IID: with two labels, label-skewed (Dirichlet) shares make every merge pull the
 answer prior one way or the other, and accuracy swings between versions (measured: 0.58 at

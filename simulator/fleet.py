@@ -370,7 +370,7 @@ async def _agent(
         shared_process=True,
         method=method if budget is None else None,  # with a budget, the planner chooses
         model=ModelRef(name=config.models[index % len(config.models)]) if config.models else None,
-        trainer=_trainer_options(config, index, method) if budget is None else {},
+        trainer=trainer_options(config, index, method) if budget is None else {},
     )
     attack = config.attack if config.attack and index in config.attack.clients else None
     return await run_agent(
@@ -378,7 +378,7 @@ async def _agent(
     )
 
 
-def _trainer_options(
+def trainer_options(
     config: FleetConfig, index: int, method: Method
 ) -> dict[str, bool | int | float | str]:
     """The method's fleet-wide trainer options, with this agent's own laid over them."""

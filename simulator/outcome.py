@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.budget import Budget
-from edge_agent.memory_estimate import model_shape
-from edge_agent.planner import plan_training
-from simulator.fleet import FleetConfig, aggregator_config
+from edge_agent.memory_estimate import StepShape, estimate, model_shape
+from edge_agent.planner import Plan, plan_training
+from simulator.fleet import FleetConfig, aggregator_config, trainer_options
 from simulator.summary import summarize
 
 
@@ -99,6 +99,17 @@ def fixed_method_plans(config: FleetConfig) -> dict[int, dict[str, Any]]:
             trainer=config.trainer,
         )
         plans[index] = dict(plan.to_status())
+        cut = trainer_options(config, index, method).get("cut")
+        if isinstance(plan, Plan) and isinstance(cut, int):  # split at the configured cut
+            step = StepShape(
+                batch=plan.batch_size,
+                seq_len=plan.seq_len,
+                rank=agg.lora.rank,
+                targets=agg.lora.target_modules,
+                cut=cut,
+            )
+            found = estimate(shape, step, "split")
+            plans[index] |= {"cut": cut, "estimate_mb": round(found.total_mb, 1)}
     return plans
 
 

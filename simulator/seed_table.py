@@ -20,14 +20,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_agent.memory_estimate import StepShape, estimate, model_shape
+from edgefed.datasets import num_labels
+from edgefed.modeling import model_kind
 from edgefed.transport import Delivery, MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import Method, Update
 from simulator.fleet import FleetConfig, run_fleet
 
-SEED_METHODS: tuple[Method, ...] = ("lora", "kd", "fwdgrad")
-"""The table's methods, in column order; split learning is one more entry once the fleet
-runs it (its estimator is in ``edge_agent.memory_estimate`` already)."""
+SEED_METHODS: tuple[Method, ...] = ("lora", "kd", "fwdgrad", "split")
+"""The table's methods, in column order. ``split`` runs on causal LMs only (the device part
+is embeddings and blocks of a Llama-style decoder); its bytes include the activations and
+gradients it exchanged with the split server."""
+SPLIT_CUT = 2
+"""Blocks a split device runs (of SmolLM2's 30)."""
 TASKS: tuple[tuple[str, str], ...] = (("ag-news", "minilm-l6"), ("sst2", "smollm2-135m"))
 """(dataset, model): AG News with MiniLM as in FwdLLM, SST-2 with SmolLM2."""
 
@@ -35,6 +40,7 @@ BATCH = 4
 SEQ_LEN = 64
 LOCAL_STEPS = 2
 PROXY_ROWS = 32
+TOP_K = 8
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,20 @@ class _UpdateObserver:
                 self.compute_s[delivery.message.update_id] = delivery.message.compute_s
 
 
-def _peak_mb(model: str, method: str) -> float:
-    step = StepShape(batch=BATCH, seq_len=SEQ_LEN, proxy_rows=PROXY_ROWS if method == "kd" else 0)
+def _peak_mb(dataset: str, model: str, method: str) -> float:
+    step = StepShape(
+        batch=BATCH,
+        seq_len=SEQ_LEN,
+        proxy_rows=PROXY_ROWS if method == "kd" else 0,
+        cut=SPLIT_CUT if method == "split" else None,
+    )
     return round(estimate(model_shape(model), step, method).total_mb, 1)
+
+
+def _top_k(dataset: str, model: str) -> int:
+    """KD logits per position: a classifier has only as many as it has classes."""
+    labels = num_labels(dataset) if model_kind(model) == "classifier" else None
+    return min(TOP_K, labels) if labels else TOP_K
 
 
 def fleet_for(
@@ -108,6 +125,7 @@ def fleet_for(
         max_seconds=budget_s,
         ack_timeout_s=600.0,
         federation=f"seed-{uuid.uuid4().hex[:8]}",
+        trainer={"split": {"cut": SPLIT_CUT}},
         aggregator={
             "train": {
                 "local_steps": LOCAL_STEPS,
@@ -120,6 +138,7 @@ def fleet_for(
                 "proxy_dataset": f"{dataset}:split=train",
                 "proxy_size": PROXY_ROWS,
                 "server_lr": 2e-3,
+                "top_k": _top_k(dataset, model),
             },
         },
     )
@@ -154,10 +173,17 @@ async def run_row(
         accuracy_before=scored[0]["eval_accuracy"] if scored else None,
         accuracy_after=scored[-1]["eval_accuracy"] if scored else None,
         updates=len(updates),
-        bytes_up_per_device=sum(u["bytes"] for u in updates) / agents,
-        bytes_down_per_device=sum(a.bytes_down for a in result.agents) / agents,
+        bytes_up_per_device=(
+            sum(u["bytes"] for u in updates) + sum(r["bytes_up"] for r in results["split"])
+        )
+        / agents,
+        bytes_down_per_device=(
+            sum(a.bytes_down for a in result.agents)
+            + sum(r["bytes_down"] for r in results["split"])
+        )
+        / agents,
         compute_s_per_update=round(statistics.median(computes), 3) if computes else None,
-        peak_mb_estimated=_peak_mb(model, method),
+        peak_mb_estimated=_peak_mb(dataset, model, method),
         wall_s=round(time.perf_counter() - started, 1),
     )
 
@@ -175,6 +201,8 @@ async def run_table(
     rows: list[dict[str, Any]] = []
     for dataset, model in tasks:
         for method in methods:
+            if method == "split" and model_kind(model) != "causal":
+                continue  # an encoder has no decoder blocks to cut
             try:
                 row = await run_row(
                     dataset,

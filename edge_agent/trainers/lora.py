@@ -31,8 +31,10 @@ class LoraConfig:
         momentum: SGD momentum (ignored by AdamW).
         betas: AdamW moment decay rates.
         grad_clip: Max global grad norm per step; ``None`` disables clipping.
-        loss: ``choices`` scores a generative classifier's answer among its label tokens
-            only (what accuracy compares); ``vocabulary`` against every token. Data
+        loss: ``vocabulary`` (default) scores every scored token against the whole
+            vocabulary, as ``evaluate`` reports its loss; ``choices`` scores a generative
+            classifier's answer among its label tokens only (what accuracy compares), which
+            trains the decision and leaves the full-vocabulary loss free to rise. Data
             without label tokens is always scored against the vocabulary.
     """
 
@@ -41,7 +43,7 @@ class LoraConfig:
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
-    loss: Literal["choices", "vocabulary"] = "choices"
+    loss: Literal["choices", "vocabulary"] = "vocabulary"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):

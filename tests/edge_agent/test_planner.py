@@ -95,6 +95,23 @@ def test_planner_follows_the_preference_order() -> None:
     assert isinstance(plan, Plan) and (plan.method, plan.batch_size) == ("fwdgrad", 8)
 
 
+def test_calibration_raises_estimates_but_never_lowers_them() -> None:
+    """A first step that measured low must not loosen the next plan past the estimate."""
+    options = {
+        "budget": Budget(mb=3500, source="config"),
+        "methods": ("lora",),
+        "train": TRAIN,
+        "lora": LoraSpec(),
+    }
+    plain = plan_training(SMOLLM2, **options)  # type: ignore[arg-type]
+    low = plan_training(SMOLLM2, calibration={"lora": 0.5}, **options)  # type: ignore[arg-type]
+    high = plan_training(SMOLLM2, calibration={"lora": 1.3}, **options)  # type: ignore[arg-type]
+    assert isinstance(plain, Plan) and isinstance(low, Plan) and isinstance(high, Plan)
+    assert (low.batch_size, low.seq_len, low.ratio) == (plain.batch_size, plain.seq_len, 1.0)
+    assert high.ratio == pytest.approx(1.3)
+    assert high.batch_size * high.seq_len < plain.batch_size * plain.seq_len
+
+
 def test_device_sizer_recalibrates_and_replans_when_the_peak_overran(tmp_path: Path) -> None:
     task = Task(
         task_id="t",

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from schemas.chunking import Reassembler, split_payload
+from schemas.chunking import Reassembler, encode_chunks, split_payload
 from schemas.codec import decode, encode
 from schemas.errors import ChunkError, ConfigError
 from schemas.messages import Chunk, Update
@@ -59,6 +59,20 @@ def test_split_payload_keeps_a_given_transfer_id_and_accepts_memoryview() -> Non
     chunks = split_payload(memoryview(payload), max_payload=1000, transfer_id="t-42")
     assert {c.transfer_id for c in chunks} == {"t-42"}
     assert b"".join(c.data for c in chunks) == payload
+
+
+@pytest.mark.parametrize("size", [0, 999, 5000, 64 * 1024 + 3])
+def test_encode_chunks_frames_match_the_encoded_split(size: int) -> None:
+    payload = _payload(size, 5)
+    total, frames = encode_chunks(payload, max_payload=1000, transfer_id="t-7")
+    expected = split_payload(payload, max_payload=1000, transfer_id="t-7")
+    assert total == len(expected)
+    assert list(frames) == [encode(chunk) for chunk in expected]
+
+
+def test_encode_chunks_rejects_a_limit_with_no_room_before_any_frame() -> None:
+    with pytest.raises(ConfigError):
+        encode_chunks(b"abc", max_payload=100)
 
 
 def test_split_payload_rejects_a_limit_with_no_room() -> None:
@@ -199,6 +213,12 @@ def test_reassembler_keeps_transfers_apart() -> None:
     chunks = split_payload(a, max_payload=1000) + split_payload(b, max_payload=1000)
     random.Random(7).shuffle(chunks)
     assert sorted(_reassemble(chunks, Reassembler())) == sorted([a, b])
+
+
+def test_reassembler_reversed_order() -> None:
+    payload = _payload(4321, 13)
+    chunks = split_payload(payload, max_payload=1000)
+    assert _reassemble(chunks[::-1], Reassembler()) == [payload]
 
 
 def test_reassembler_rejects_bad_settings() -> None:

@@ -9,10 +9,12 @@ import pytest
 from edge_agent.budget import Budget
 from edge_agent.memory_estimate import model_shape
 from edge_agent.planner import Plan, plan_training
+from edgefed.cli import build_parser
 from schemas.errors import ConfigError
+from simulator.cli import _flag_config as flag_config
 from simulator.fleet import FleetConfig, aggregator_config, run_fleet
 from simulator.fleet_spec import load_fleet_spec
-from simulator.outcome import fleet_outcome, split_table
+from simulator.outcome import fixed_method_plans, fleet_outcome, split_table
 
 SPEC = """
 [fleet]
@@ -74,6 +76,11 @@ def test_fleet_spec_carries_split_shapes_and_round_options(tmp_path: Path) -> No
         assert isinstance(plan, Plan) and plan.method == "split" and plan.cut is not None
         cuts.append(plan.cut)
     assert cuts[0] < cuts[1]
+    # Devices told their cut are estimated at that cut, not the planner's.
+    fixed = fixed_method_plans(config)
+    assert sorted(fixed) == [0, 1, 2]
+    assert fixed[0]["method"] == "split" and fixed[0]["cut"] == 1 and fixed[2]["method"] == "lora"
+    assert fixed[0]["estimate_mb"] < fixed[2]["estimate_mb"]
     overridden = load_fleet_spec(spec, clients_per_round=3, round_deadline_s=None)
     assert (overridden.clients_per_round, overridden.round_deadline_s) == (3, None)
 
@@ -145,3 +152,23 @@ async def test_fleet_mixed_split_and_lora_lowers_eval_loss(
         assert cost["compute_s_per_step"] > 0 and cost["peak_mb"] > 0
     table = split_table([outcome])
     assert "| dev000 |" in table and "| dev001 |" in table and "dev002" not in table
+
+
+def test_simulate_flags_set_split_shapes_and_rounds() -> None:
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--model=tiny-4l",
+            "--agents=3",
+            "--method=split",
+            "--cuts=1,3",
+            "--variant=u_shaped",
+            "--clients-per-round=2",
+            "--round-deadline=1.5",
+        ]
+    )
+    config = flag_config(args)
+    assert config.method == "split"
+    assert config.trainer["split"] == {"variant": "u_shaped"}
+    assert config.device_trainer == ({"split": {"cut": 1}}, {"split": {"cut": 3}})
+    assert (config.clients_per_round, config.round_deadline_s) == (2, 1.5)

@@ -1,0 +1,122 @@
+"""The codec's decoder against other writers' layouts: any field order, shared buffers, and
+its one-call path agreeing with the field-by-field reader on corrupted payloads."""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import msgpack
+import pytest
+import torch
+
+from schemas import codec
+from schemas.codec import decode, encode
+from schemas.errors import CodecError
+from schemas.messages import Message, ModelRef, ProxySpec, Task, Update
+from tests.schemas.test_codec import SAMPLES, _assert_messages_equal, _pack, _update, _wire
+
+
+def _reordered(message: Message, first: list[str]) -> bytes:
+    """The same map with ``first`` fields ahead of the rest: valid msgpack from another writer."""
+    wire = _wire(message)
+    return _pack({name: wire[name] for name in first} | wire)
+
+
+@pytest.mark.parametrize(
+    ("index", "first"),
+    [
+        (3, ["delta"]),  # tensors ahead of every small field
+        (3, ["logits", "delta", "kind"]),
+        (1, ["tensors", "schema_version"]),
+        (8, ["data"]),  # a bytes field first
+        (4, ["kind", "detail", "schema_version"]),
+    ],
+)
+def test_codec_decodes_any_field_order(index: int, first: list[str]) -> None:
+    message = SAMPLES[index]
+    data = _reordered(message, first)
+    assert data != encode(message)
+    _assert_messages_equal(message, decode(data))
+    buf = bytearray(data)
+    decoded = decode(buf)  # tensors still share the received buffer
+    start = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    for name in ("delta", "tensors"):
+        for tensor in getattr(decoded, name, {}).values():
+            if tensor.numel():
+                assert start <= tensor.data_ptr() < start + len(buf)
+
+
+def test_codec_decodes_small_fields_longer_than_the_parse_window() -> None:
+    proxy = ProxySpec(dataset="sst2", indices=tuple(range(5000)), slice_id=3)
+    task = Task(task_id="t", federation="f", version=3, model=ModelRef(name="tiny"), proxy=proxy)
+    data = encode(task)
+    assert len(data) > 10_000
+    _assert_messages_equal(task, decode(data))
+
+
+def test_codec_every_tensor_of_a_field_shares_the_buffer() -> None:
+    tensors = {f"layer{i}.lora_B": torch.full((64, 8), float(i)) for i in range(6)}
+    buf = bytearray(encode(_update(tensors)))
+    decoded = decode(buf)
+    assert isinstance(decoded, Update)
+    start = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    for name, tensor in decoded.delta.items():
+        assert start <= tensor.data_ptr() < start + len(buf)
+        assert torch.equal(tensor, tensors[name])
+
+
+def test_codec_bin_field_names_raise_codec_error() -> None:
+    wire = _wire(SAMPLES[4])
+    for placed in ({b"kind": "ack"} | wire, wire | {b"kind": "ack"}):
+        with pytest.raises(CodecError):
+            decode(msgpack.packb(placed))
+
+
+def test_codec_repeated_field_is_refused_whatever_its_position() -> None:
+    data = encode(SAMPLES[4])
+    n = data[0] & 0x0F
+    for name, value in (("client_id", "other"), ("kind", "ack"), ("detail", "")):
+        extra = msgpack.packb(name) + msgpack.packb(value)
+        for dup in (
+            bytes((0x80 | (n + 1),)) + extra + data[1:],
+            bytes((0x80 | (n + 1),)) + data[1:] + extra,
+        ):
+            with pytest.raises(CodecError, match="twice"):
+                decode(dup)
+
+
+def _outcome(data: bytes) -> object:
+    try:
+        message = decode(data)
+    except CodecError as exc:
+        return type(exc)
+    return {
+        name: (
+            {
+                k: (v.dtype, tuple(v.shape), v.reshape(-1).view(torch.uint8).tolist())
+                for k, v in value.items()
+            }
+            if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+            else value
+        )
+        for name, value in message
+    }
+
+
+def test_codec_one_call_path_agrees_with_field_by_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(7)
+    cases: list[bytes] = []
+    for message in (SAMPLES[3], SAMPLES[8], SAMPLES[9], _update({"w": torch.ones(3)})):
+        data = encode(message, compression="int8" if message is SAMPLES[9] else "none")
+        cases.append(data)
+        for _ in range(150):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            cases.append(bytes(mutated))
+    fast = [_outcome(data) for data in cases]
+    monkeypatch.setattr(codec, "_marked_values", lambda view: None)
+    exact = [_outcome(data) for data in cases]
+    assert fast == exact
+    assert sum(not isinstance(result, type) for result in fast) > len(cases) // 10

@@ -90,7 +90,10 @@ class AggregatorConfig(Settings):
     """What the federation trains on, announced in the task (agents size a classifier's head
     from it); agents bring their own part of it."""
     eval_data: str = "synthetic:n=256,seed=999"
-    eval_every: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=1, ge=0)
+    """Score every this many versions on ``eval_data`` (version 0 included); 0 scores only
+    the last version of a run bounded by ``max_versions`` (a caller that scores snapshots
+    itself keeps the cores for training)."""
     max_versions: int = Field(default=0, ge=0)
     """Stop after this many versions (0 = run until stopped)."""
     max_payload: int = Field(default=256 * 1024, ge=4096)

@@ -274,9 +274,9 @@ class AggregatorService:
     async def _evaluate_and_report(self) -> None:
         loss: float | None = None
         accuracy: float | None = None
-        if self.version % self.config.eval_every == 0 or self._finished():
-            result = await asyncio.to_thread(self._evaluate, self.current)
-            loss, accuracy = result
+        every = self.config.eval_every
+        if (every and self.version % every == 0) or self._finished():
+            loss, accuracy = await asyncio.to_thread(self._evaluate, self.current)
         record = VersionRecord(
             version=self.version,
             time_s=round(time.monotonic() - self._started, 4),

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edge_agent.config import AgentConfig
+from edge_agent.fit_stop import stoppable
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
@@ -346,17 +348,26 @@ class EdgeAgent:
             await self._announce("training")
             if isinstance(trainer, KdTrainer):  # logits answer the newest announced slice
                 await asyncio.to_thread(self._use_proxy, trainer, self._task or task)
+            stop = threading.Event()
             timed = _CpuTimed(
-                functools.partial(
-                    trainer.fit,
-                    start.tensors,
-                    data,
-                    spec,
-                    seed=self.config.seed * 1_000_003 + round_index,
+                stoppable(
+                    functools.partial(
+                        trainer.fit,
+                        start.tensors,
+                        data,
+                        spec,
+                        seed=self.config.seed * 1_000_003 + round_index,
+                    ),
+                    stop,
+                    getattr(trainer, "model", None),
                 )
             )
             fit_started = time.monotonic()
-            fit, replan = await self._sized_fit(timed, task, plan)
+            try:
+                fit, replan = await self._sized_fit(timed, task, plan)
+            except asyncio.CancelledError:
+                stop.set()  # the worker thread stops at its next forward pass
+                raise
             round_index += 1
             if isinstance(trainer, SplitTrainer):
                 self.report.split.append(trainer.history)

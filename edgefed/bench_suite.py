@@ -192,12 +192,18 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     tput = results.get("throughput", {})
     if tput:
+        raw, raw_cpu = tput["raw_mbps"], tput["raw_receiver_cpu_ms"]
         lines += [
             f"| 1 MiB updates publish→merged vs raw broker (same run), 256 KiB chunks | "
-            f"{tput['e2e_mbps']:.0f} vs {tput['raw_mbps']:.0f} MB/s | {tput['ratio']:.2f}x "
-            f"(target {THROUGHPUT_TARGET}x) | `edgefed bench throughput` |",
+            f"{tput['e2e_mbps']:.0f} vs {raw:.0f} MB/s; receiver CPU "
+            f"{tput['e2e_receiver_cpu_ms']:.1f} vs {raw_cpu:.1f} ms/update | "
+            f"{tput['ratio']:.2f}x (target {THROUGHPUT_TARGET}x) | `edgefed bench throughput` |",
+            f"| same, devices' encoding before the clock | {tput['e2e_encode_first_mbps']:.0f}"
+            f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_encode_first_receiver_cpu_ms']:.1f}"
+            f" ms/update | {tput['ratio_e2e_encode_first']:.2f}x | same |",
             f"| same, `max_payload` 2 MiB (one frame per update) | {tput['e2e_whole_mbps']:.0f}"
-            f" vs {tput['raw_mbps']:.0f} MB/s | {tput['ratio_whole']:.2f}x | same |",
+            f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_whole_receiver_cpu_ms']:.1f}"
+            f" ms/update | {tput['ratio_e2e_whole']:.2f}x | same |",
         ]
     lines += _merge_rows(results.get("merges", {}))
     codec = results.get("codec", {})

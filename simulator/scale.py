@@ -43,7 +43,7 @@ def _aggregator_config(config: ScaleConfig, audit: Path) -> AggregatorConfig:
         seed=config.seed,
         strategy=StrategySettings(name="fedbuff", buffer_size=config.buffer_size),
         max_staleness=versions + 10,  # nothing is refused as stale: every update must merge
-        eval_every=1_000_000,  # scoring the tiny model is not what this run measures
+        eval_every=0,  # scoring the tiny model is not what this run measures
         eval_data="synthetic:n=8,seed=999",
         audit_log=str(audit),
     )

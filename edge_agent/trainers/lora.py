@@ -16,6 +16,7 @@ from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenBatch, TokenDataset
 from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
 from edgefed.objectives import batch_loss
+from edgefed.precision import PRECISIONS, Precision, autocast
 from schemas.errors import ConfigError
 from schemas.messages import Method, TensorMap, TrainSpec
 
@@ -36,6 +37,9 @@ class LoraConfig:
             classifier's answer among its label tokens only (what accuracy compares), which
             trains the decision and leaves the full-vocabulary loss free to rise. Data
             without label tokens is always scored against the vocabulary.
+        precision: ``fp32`` (default), ``bf16`` autocast for the forward and backward
+            (weights and optimiser stay fp32), or ``auto``: bf16 where the hardware
+            computes it natively (see :mod:`edgefed.precision`).
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -44,12 +48,15 @@ class LoraConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     loss: Literal["choices", "vocabulary"] = "vocabulary"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.loss not in ("choices", "vocabulary"):
             raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(
                 f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}"
@@ -115,6 +122,7 @@ class LoraTrainer:
         optimizer = self._optimizer(list(params.values()), spec.lr)
         batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
         choices = data.choices if self.config.loss == "choices" else None
+        device = next(iter(params.values())).device
         visited = 0
         losses: list[float] = []
         was_training = model.training
@@ -132,7 +140,8 @@ class LoraTrainer:
                             input_ids=batch.input_ids[:, : spec.seq_len],
                             labels=batch.labels[:, : spec.seq_len],
                         )
-                    loss = batch_loss(model, batch, choices=choices)
+                    with autocast(self.config.precision, device):
+                        loss = batch_loss(model, batch, choices=choices)
                     loss.backward()  # type: ignore[no-untyped-call]
                     if self.config.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from aggregator.strategies import Strategy, make_strategy
 from aggregator.strategies.fedbuff import RobustMode
 from edgefed.config import Settings
 from edgefed.connection import MqttSettings
@@ -31,6 +32,23 @@ class StrategySettings(Settings):
     ``trimmed_mean``, so a few poisoned updates cannot drag the global (DESIGN §5)."""
     trim_ratio: float = Field(default=0.2, ge=0, lt=0.5)
     """``trimmed_mean``: fraction of values dropped at each end of every coordinate."""
+
+    def build(self) -> Strategy:
+        """The strategy these settings describe (each strategy gets only its own options)."""
+        params: dict[str, float | str] = (
+            {"alpha": self.alpha}
+            if self.name == "fedasync"
+            else {
+                "buffer_size": float(self.buffer_size),
+                "server_lr": self.server_lr,
+                "trim_ratio": self.trim_ratio,
+            }
+        )
+        if self.name == "fedbuff" or self.robust != "mean":
+            params["robust"] = self.robust  # fedasync refuses anything but mean
+        return make_strategy(
+            self.name, staleness=self.staleness, staleness_params=self.staleness_params, **params
+        )
 
 
 class FwdGradSettings(Settings):

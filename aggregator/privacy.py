@@ -57,6 +57,11 @@ class PrivateFedBuff:
         """Updates buffered in the wrapped FedBuff."""
         return self._inner.pending
 
+    @property
+    def interpolates(self) -> bool:
+        """As the wrapped FedBuff: deltas are added, not interpolated toward."""
+        return self._inner.interpolates
+
     def noise_std(self, weights: list[float]) -> float:
         """Standard deviation of the noise on a global merged from deltas of ``weights``."""
         share = max(weights) / sum(weights)
@@ -85,9 +90,22 @@ class PrivateFedBuff:
             num_samples=1,
             update_id=update_id,
         )
+        return self._noised(result, [*weights, result.weight])
+
+    def flush(self, *, current: TensorMap) -> MergeResult:
+        """Apply a partial buffer (a synchronous round's deadline), noised like any release.
+
+        Fewer deltas give each one a larger share, so the noise grows with it; the
+        accountant's sampling rate (``buffer_size / population``) only overstates the
+        rate of a smaller buffer, so the privacy reported stays an upper bound.
+        """
+        weights = [entry.weight for entry in self._inner.buffered]
+        return self._noised(self._inner.flush(current=current), weights)
+
+    def _noised(self, result: MergeResult, weights: list[float]) -> MergeResult:
+        """``result`` with noise on its new global (one release), or as is when none."""
         if result.new_global is None:
             return result
-        weights.append(result.weight)
         noised = add_gaussian_noise(result.new_global, self.noise_std(weights), self._generator)
         self.accountant.step()
         return MergeResult(

@@ -36,7 +36,7 @@ Closed = Literal["full", "deadline"]
 
 @runtime_checkable
 class Flushable(Protocol):
-    """A strategy that can apply a partial buffer (``FedBuff.flush``, ``SplitFed.flush``)."""
+    """A strategy that can apply a partial buffer (FedBuff, SplitFed and PrivateFedBuff)."""
 
     def flush(self, *, current: TensorMap) -> MergeResult:
         """Apply what is buffered now."""
@@ -118,6 +118,8 @@ class SyncRoundService(AggregatorService):
         if config.max_staleness != 0:
             raise ConfigError("synchronous rounds need max_staleness 0 (late updates are stale)")
         super().__init__(config, transport)
+        if plan.deadline_s is not None and not isinstance(self._strategy, Flushable):
+            raise ConfigError(f"{self._strategy!r} cannot close a round at its deadline")
         self.plan = plan
         self.rounds: list[RoundRecord] = []
         self._overdue = False
@@ -215,7 +217,7 @@ class SyncRoundService(AggregatorService):
     async def _close_round(self) -> None:
         """Merge whoever arrived into the next version and publish it (under the lock)."""
         strategy = self._strategy
-        if not isinstance(strategy, Flushable):
+        if not isinstance(strategy, Flushable):  # ``use_strategy`` swapped it since
             log.error("strategy %s cannot close a partial round", strategy.name)
             return
         result = strategy.flush(current=self.current)

@@ -27,8 +27,13 @@ from aggregator.fwdgrad import PerturbationController, expand_seeds, perturbatio
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
-from aggregator.strategies import Strategy, make_strategy
-from aggregator.validation import ValidationPolicy, samples_cap, validate_update
+from aggregator.strategies import Strategy
+from aggregator.validation import (
+    ValidationPolicy,
+    check_metadata,
+    samples_cap,
+    validate_update,
+)
 from edgefed.data import TokenDataset, evaluate, load_data
 from edgefed.datasets import num_labels
 from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
@@ -50,23 +55,7 @@ class AggregatorService:
     def __init__(self, config: AggregatorConfig, transport: Transport) -> None:
         self.config = config
         self._transport = transport
-        params: dict[str, float | str] = (
-            {"alpha": config.strategy.alpha}
-            if config.strategy.name == "fedasync"
-            else {
-                "buffer_size": float(config.strategy.buffer_size),
-                "server_lr": config.strategy.server_lr,
-                "trim_ratio": config.strategy.trim_ratio,
-            }
-        )
-        if config.strategy.name == "fedbuff" or config.strategy.robust != "mean":
-            params["robust"] = config.strategy.robust  # fedasync refuses anything but mean
-        self._strategy: Strategy = make_strategy(
-            config.strategy.name,
-            staleness=config.strategy.staleness,
-            staleness_params=config.strategy.staleness_params,
-            **params,
-        )
+        self._strategy: Strategy = config.strategy.build()
         max_update_norm = config.max_update_norm
         if config.privacy is not None:  # DP's sensitivity bound needs every update clipped
             self._strategy = PrivateFedBuff(self._strategy, config.privacy)
@@ -346,6 +335,14 @@ class AggregatorService:
             if update.method == "kd" and self._kd is not None:  # logits, not a delta
                 kd = await asyncio.to_thread(self._kd.check, update, current_version=self.version)
             elif update.seeds is not None:  # rebuild the dense delta, off the event loop
+                # ... once the cheap checks passed: a stale or foreign update costs nothing.
+                check_metadata(
+                    update,
+                    task_id=self.config.task_id,
+                    method=self.config.method,
+                    current_version=self.version,
+                    policy=self._policy,
+                )
                 update = await asyncio.to_thread(
                     expand_seeds,
                     update,

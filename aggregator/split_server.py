@@ -406,9 +406,9 @@ class SplitFed:
     """A merge strategy for split learning: devices' parts merged, the server's folded in.
 
     Devices send deltas over the whole adapter, zero where they did not train (the blocks
-    of the server part). FedAsync would mix those zeros in as "the device's model equals the
-    base there"; for it a zero tensor means "the device's model equals the current global
-    there" instead. Every new global then gets the server's own progress (``compose``).
+    of the server part). An interpolating rule (FedAsync) would mix those zeros in as "the
+    device's model equals the base there"; for it a zero tensor means "the device's model
+    equals the current global there" instead. Every new global then gets the server's own progress (``compose``).
     """
 
     def __init__(self, inner: Strategy, server: SplitServer) -> None:
@@ -426,6 +426,11 @@ class SplitFed:
         """Updates the wrapped strategy buffers."""
         return self._inner.pending
 
+    @property
+    def interpolates(self) -> bool:
+        """As the wrapped strategy."""
+        return self._inner.interpolates
+
     def submit(
         self,
         *,
@@ -437,7 +442,7 @@ class SplitFed:
         update_id: str,
     ) -> MergeResult:
         """Merge the device part through the wrapped strategy, then add the server part."""
-        if self._inner.name == "fedasync":
+        if self._inner.interpolates:  # untouched parts must say "stay where you are"
             delta = {n: d if bool(d.any()) else current[n] - base[n] for n, d in delta.items()}
         result = self._inner.submit(
             current=current,

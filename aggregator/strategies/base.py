@@ -59,6 +59,16 @@ class Strategy(Protocol):
         """Number of updates buffered and not yet merged into a global."""
         ...
 
+    @property
+    def interpolates(self) -> bool:
+        """Whether merging moves the global toward the device's model ``base + delta``.
+
+        True for FedAsync; False for FedBuff, which adds deltas to the current global. With
+        an interpolating rule a zero delta means "back to the base", so a part the device
+        did not train (split learning's server blocks) must come as ``current - base``.
+        """
+        ...
+
     def submit(
         self,
         *,

@@ -54,6 +54,11 @@ class FedAsync:
         """Always 0: FedAsync never buffers."""
         return 0
 
+    @property
+    def interpolates(self) -> bool:
+        """True: the global moves toward ``base + delta`` (see ``Strategy``)."""
+        return True
+
     def submit(
         self,
         *,

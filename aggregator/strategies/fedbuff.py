@@ -97,6 +97,11 @@ class FedBuff:
         return "fedbuff"
 
     @property
+    def interpolates(self) -> bool:
+        """False: deltas are added to the current global (see ``Strategy``)."""
+        return False
+
+    @property
     def pending(self) -> int:
         """Number of deltas buffered since the last flush."""
         return len(self._buffer)

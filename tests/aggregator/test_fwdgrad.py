@@ -217,4 +217,9 @@ async def test_service_merges_a_seed_update_and_asks_for_more_perturbations(
             await client.publish(topics.update(federation, "dev1"), _update(wrong))
             nack = await _next(client, Ack)
             assert isinstance(nack, Ack) and nack.reason == "wrong_shape"
+            # Task, method and staleness are checked before any seed is regenerated.
+            foreign = _update(wrong, task_id="another-task")
+            await client.publish(topics.update(federation, "dev1"), foreign)
+            nack = await _next(client, Ack)
+            assert isinstance(nack, Ack) and nack.reason == "wrong_task"
             await client.clear_retained(topics.status(federation, "dev1"))

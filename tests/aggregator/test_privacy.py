@@ -48,6 +48,22 @@ def test_privacy_noise_std_is_sigma_c_times_the_largest_share() -> None:
     assert private.noise_std([1.0, 1.0, 0.5]) == pytest.approx(SIGMA * CLIP / 2.5)
 
 
+def test_privacy_flush_of_a_partial_buffer_is_noised_for_its_own_shares() -> None:
+    private = PrivateFedBuff(FedBuff(4), _settings())
+    for index in range(2):  # a round's deadline passes with 2 of 4 devices in
+        private.submit(
+            current=ZEROS, base=ZEROS, delta=ZEROS, staleness=0, num_samples=1,
+            update_id=f"u{index}",
+        )  # fmt: skip
+    result = private.flush(current=ZEROS)
+    assert result.new_global is not None and result.merged_update_ids == ("u0", "u1")
+    # Two equal shares: each client moves the global by C/2, so the noise is sigma C / 2.
+    assert float(result.new_global["w"].std()) == pytest.approx(SIGMA * CLIP / 2, rel=0.05)
+    assert private.accountant.steps == 1 and private.pending == 0
+    empty = private.flush(current=ZEROS)  # nothing buffered: no release, nothing spent
+    assert empty.new_global is None and private.accountant.steps == 1
+
+
 def test_privacy_state_keeps_the_releases_across_a_restart() -> None:
     private = PrivateFedBuff(FedBuff(1), _settings())
     private.submit(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from aggregator.config import AggregatorConfig, StrategySettings
+from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundPlan, SyncRoundService
 from edgefed.transport import Delivery, MemoryBroker, MemoryTransport
 from schemas import topics
@@ -20,19 +20,22 @@ FED = "rounds"
 CLIENTS = ("dev0", "dev1", "dev2")
 
 
-def make_config(size: int) -> AggregatorConfig:
-    return AggregatorConfig(
-        federation=FED,
-        strategy=StrategySettings(name="fedbuff", staleness="constant", buffer_size=size),
-        max_staleness=0,
-        eval_data="synthetic:n=8,seed=3",
-        eval_every=1000,
+def make_config(size: int, **extra: object) -> AggregatorConfig:
+    return AggregatorConfig.model_validate(
+        {
+            "federation": FED,
+            "strategy": {"name": "fedbuff", "staleness": "constant", "buffer_size": size},
+            "max_staleness": 0,
+            "eval_data": "synthetic:n=8,seed=3",
+            "eval_every": 1000,
+        }
+        | extra
     )
 
 
 @contextlib.asynccontextmanager
 async def running(
-    plan: RoundPlan,
+    plan: RoundPlan, **extra: object
 ) -> AsyncIterator[tuple[SyncRoundService, MemoryTransport, MemoryTransport]]:
     """The service, a device transport reading acks, and one reading tasks."""
     broker = MemoryBroker()
@@ -43,7 +46,7 @@ async def running(
     ):
         for client in CLIENTS:
             await device.subscribe(topics.ack(FED, client))
-        service = SyncRoundService(make_config(plan.size), transport, plan=plan)
+        service = SyncRoundService(make_config(plan.size, **extra), transport, plan=plan)
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 30)
         await watcher.subscribe(topics.task(FED))
@@ -123,6 +126,22 @@ async def test_round_closes_at_its_deadline_and_refuses_the_late_update_as_stale
         late = await send(device, update(service, second, 0))
         assert not late.accepted and late.reason == "stale"
         assert len(service.results.merges) == 1
+
+
+async def test_private_round_closes_at_its_deadline_with_a_noised_release() -> None:
+    plan = RoundPlan(clients=CLIENTS, per_round=2, deadline_s=0.5, seed=1)
+    privacy = {"noise_multiplier": 1.0, "clip_norm": 10.0, "seed": 3}
+    async with running(plan, privacy=privacy) as (service, device, _):
+        start = service.current
+        sent = update(service, plan.selected(0)[0], 0)
+        assert (await send(device, sent)).accepted
+        async with asyncio.timeout(5):
+            while service.version == 0:  # noqa: ASYNC110 (polling the closed round)
+                await asyncio.sleep(0.02)
+        assert service.rounds[0].closed == "deadline"
+        # The one delta moved the global, plus noise of sigma * C (its share is 1).
+        moved = torch.cat([(service.current[n] - start[n] - 0.01).flatten() for n in start])
+        assert float(moved.std()) == pytest.approx(10.0, rel=0.1)
 
 
 def test_rounds_need_fedbuff_sized_to_the_round() -> None:

@@ -41,7 +41,7 @@ async def _scored_versions(eval_every: int) -> list[int]:
             )
             await device.publish(topics.update(FED, "dev0"), update)
             async with asyncio.timeout(30):
-                while service.version == version and not running.done():
+                while service.version == version and not running.done():  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
         results = await asyncio.wait_for(running, 30)
     return [h.version for h in results.history if h.eval_loss is not None]

@@ -25,6 +25,7 @@ class RunSummary:
     agents: int
     base_accuracy: float | None
     final_accuracy: float | None
+    """Of the model the run hands over (the demo's: the mean of its last versions)."""
     held_out: int
     versions: int
     accepted: int
@@ -36,6 +37,10 @@ class RunSummary:
     max_staleness: int
     train_s: float
     wall_s: float
+    last_version_accuracy: float | None = None
+    """Of the last global version alone, when the final model is an average of several."""
+    averaged_versions: tuple[int, ...] = ()
+    """The versions the final model averages (empty: it is the last version)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -54,6 +59,8 @@ def summarize(
     train_s: float,
     wall_s: float,
     versions: int | None = None,
+    last_version_accuracy: float | None = None,
+    averaged_versions: list[int] | None = None,
 ) -> RunSummary:
     """Collect the headline from a fleet's results and the final check.
 
@@ -70,6 +77,8 @@ def summarize(
         agents=len(agents),
         base_accuracy=base_accuracy,
         final_accuracy=final_accuracy,
+        last_version_accuracy=last_version_accuracy,
+        averaged_versions=tuple(averaged_versions or ()),
         held_out=held_out,
         versions=(
             versions
@@ -113,6 +122,15 @@ def summary_table(summary: RunSummary) -> Table:
         ("training time", f"{summary.train_s:.0f} s"),
         ("wall time", f"{summary.wall_s:.0f} s"),
     ]
+    if len(summary.averaged_versions) > 1:  # the final model is a tail average
+        last = summary.last_version_accuracy
+        rows.insert(
+            2,
+            (
+                f"  = mean of versions {', '.join(map(str, summary.averaged_versions))}",
+                "" if last is None else f"last alone {_acc(last)}",
+            ),
+        )
     for name, value in rows:
         table.add_row(name, value)
     return table

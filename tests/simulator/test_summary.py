@@ -42,6 +42,22 @@ def test_summarize_counts_bytes_and_staleness_of_accepted_updates():
     console.print(summary_table(summary))
     text = console.export_text()
     assert "0.700" in text and "0.800" in text and "3 / 1" in text and "0.0 MB" in text
+    assert "mean of versions" not in text  # the final model is the last version
+
+
+def test_summary_table_names_the_versions_a_tail_average_holds():
+    common = {
+        "model": "m", "dataset": "d", "base_accuracy": 0.7, "final_accuracy": 0.8,
+        "held_out": 400, "device_steps": 32, "train_s": 10.0, "wall_s": 12.0,
+    }  # fmt: skip
+    console = Console(record=True, width=100)
+    averaged = summarize(RESULTS, **common, averaged_versions=[1, 2])
+    console.print(summary_table(averaged))
+    assert "= mean of versions 1, 2" in console.export_text()
+    assert "last alone" not in console.export_text()
+    scored = summarize(RESULTS, **common, averaged_versions=[1, 2], last_version_accuracy=0.75)
+    console.print(summary_table(scored))
+    assert "last alone 0.750" in console.export_text()
 
 
 def test_plots_are_written_as_png(tmp_path):

@@ -54,8 +54,8 @@ DEMO_FLEET = FleetConfig(
         "train": {"local_steps": 10, "batch_size": 8, "seq_len": 64, "lr": 5e-4},
         "strategy": {"buffer_size": 3, "server_lr": 2.0},
         "max_staleness": 8,
-        # No scoring while training: it would take the cores from the devices. The base,
-        # a middle version and the final one are scored on the held-out reviews afterwards.
+        # No scoring while training: it would take the cores from the devices. The base
+        # and the final model are scored on the held-out reviews afterwards.
         "eval_data": "rotten-tomatoes:split=test,n=8",
         "eval_every": 0,
     },

@@ -12,7 +12,7 @@ they cannot be combined with this.
 
 from __future__ import annotations
 
-from aggregator.strategies import FedBuff, MergeResult, Strategy
+from aggregator.strategies import FedBuff, MergeResult, Strategy, StrategyWrapper
 from edgefed.privacy import PrivacyAccountant, PrivacySettings, add_gaussian_noise, new_generator
 from schemas.errors import ConfigError
 from schemas.messages import TensorMap
@@ -20,7 +20,7 @@ from schemas.messages import TensorMap
 _STEPS_KEY = "privacy_steps"
 
 
-class PrivateFedBuff:
+class PrivateFedBuff(StrategyWrapper[FedBuff]):
     """A :class:`Strategy` that wraps FedBuff and noises each new global (module docstring)."""
 
     def __init__(self, inner: Strategy, settings: PrivacySettings) -> None:
@@ -34,7 +34,7 @@ class PrivateFedBuff:
                 "differential privacy needs strategy fedbuff with robust = 'mean' "
                 f"(got {inner!r}): only its merge has a bounded sensitivity"
             )
-        self._inner = inner
+        super().__init__(inner)
         self.settings = settings
         population = settings.population
         rate = 1.0 if population is None else min(1.0, inner.buffer_size / population)
@@ -46,21 +46,6 @@ class PrivateFedBuff:
             f"PrivateFedBuff({self._inner!r}, noise_multiplier={self.settings.noise_multiplier}, "
             f"clip_norm={self.settings.clip_norm})"
         )
-
-    @property
-    def name(self) -> str:
-        """The wrapped strategy's name (``fedbuff``)."""
-        return self._inner.name
-
-    @property
-    def pending(self) -> int:
-        """Updates buffered in the wrapped FedBuff."""
-        return self._inner.pending
-
-    @property
-    def interpolates(self) -> bool:
-        """As the wrapped FedBuff: deltas are added, not interpolated toward."""
-        return self._inner.interpolates
 
     def noise_std(self, weights: list[float]) -> float:
         """Standard deviation of the noise on a global merged from deltas of ``weights``."""

@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor
 
-from aggregator.strategies.base import MergeResult, Strategy
+from aggregator.strategies import MergeResult, Strategy, StrategyWrapper
 from edgefed.modeling import adapter_parameters, get_adapter
 from edgefed.objectives import IGNORE_INDEX
 from edgefed.split_model import head_loss, model_config, num_blocks, run_blocks
@@ -402,34 +402,21 @@ def _refusal(request: SplitRequest, exc: SplitRejected) -> SplitReply:
     )
 
 
-class SplitFed:
+class SplitFed(StrategyWrapper[Strategy]):
     """A merge strategy for split learning: devices' parts merged, the server's folded in.
 
     Devices send deltas over the whole adapter, zero where they did not train (the blocks
     of the server part). An interpolating rule (FedAsync) would mix those zeros in as "the
     device's model equals the base there"; for it a zero tensor means "the device's model
-    equals the current global there" instead. Every new global then gets the server's own progress (``compose``).
+    equals the current global there" instead. Every new global then gets the server's own
+    progress (``compose``). The state checkpointed here is the wrapped strategy's; the server
+    part's own state is checkpointed apart.
     """
 
     def __init__(self, inner: Strategy, server: SplitServer) -> None:
         """Wrap ``inner`` (FedAsync or FedBuff) for ``server``."""
-        self._inner = inner
+        super().__init__(inner)
         self._server = server
-
-    @property
-    def name(self) -> str:
-        """The wrapped strategy's name (checkpoints stay compatible)."""
-        return self._inner.name
-
-    @property
-    def pending(self) -> int:
-        """Updates the wrapped strategy buffers."""
-        return self._inner.pending
-
-    @property
-    def interpolates(self) -> bool:
-        """As the wrapped strategy."""
-        return self._inner.interpolates
 
     def submit(
         self,
@@ -465,11 +452,3 @@ class SplitFed:
         if result.new_global is None:
             return result
         return dataclasses.replace(result, new_global=self._server.compose(result.new_global))
-
-    def state_dict(self) -> dict[str, object]:
-        """The wrapped strategy's state (the server's own state is checkpointed apart)."""
-        return self._inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore the wrapped strategy's state."""
-        self._inner.load_state_dict(state)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Literal, get_args
 
 from aggregator.staleness import STALENESS_NAMES, StalenessName, StalenessRule, staleness_rule
-from aggregator.strategies.base import MergeResult, Strategy
+from aggregator.strategies.base import MergeResult, Strategy, StrategyWrapper
 from aggregator.strategies.fedasync import FedAsync
 from aggregator.strategies.fedbuff import ROBUST_MODES, BufferedDelta, FedBuff, RobustMode
 from schemas.errors import ConfigError
@@ -21,6 +21,7 @@ __all__ = [
     "RobustMode",
     "Strategy",
     "StrategyName",
+    "StrategyWrapper",
     "make_strategy",
 ]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from schemas.messages import TensorMap
 
@@ -102,6 +102,44 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore what :meth:`state_dict` returned, e.g. after a crash."""
         ...
+
+
+S = TypeVar("S", bound=Strategy)
+
+
+class StrategyWrapper(Generic[S]):
+    """What a strategy wrapping another (DP noise, split learning) passes straight through.
+
+    Name, buffer, merge rule and checkpointed state are the wrapped strategy's, so the
+    service and earlier checkpoints see the same strategy; a wrapper changes ``submit``.
+    """
+
+    def __init__(self, inner: S) -> None:
+        """Wrap ``inner``."""
+        self._inner = inner
+
+    @property
+    def name(self) -> str:
+        """The wrapped strategy's name (checkpoints stay compatible)."""
+        return self._inner.name
+
+    @property
+    def pending(self) -> int:
+        """Updates the wrapped strategy buffers."""
+        return self._inner.pending
+
+    @property
+    def interpolates(self) -> bool:
+        """As the wrapped strategy."""
+        return self._inner.interpolates
+
+    def state_dict(self) -> dict[str, object]:
+        """The wrapped strategy's state."""
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore the wrapped strategy's state."""
+        self._inner.load_state_dict(state)
 
 
 def check_submission(*, staleness: int, num_samples: int, update_id: str) -> None:

@@ -168,16 +168,7 @@ async def _publish(job: PublishJob, ready: EventLike, go: EventLike) -> None:
                 )
                 for i in range(job.publishers)
             ]
-            updates = [
-                Update(
-                    client_id=f"dev{i % job.publishers}",
-                    task_id=job.task_id,
-                    base_version=0,
-                    num_samples=1,
-                    delta=job.delta,
-                )
-                for i in range(job.count)
-            ]
+            updates = [_update(job, i) for i in range(job.count)]
 
             async def send(index: int) -> None:
                 for update in updates[index :: job.publishers]:
@@ -190,16 +181,22 @@ async def _publish(job: PublishJob, ready: EventLike, go: EventLike) -> None:
         await asyncio.gather(*(send(i) for i in range(job.publishers)))
 
 
-def _frames(job: PublishJob, index: int) -> Iterator[tuple[str, bytes]]:
-    """Update ``index`` of ``job`` as the (topic, payload) frames the transport would send."""
-    assert job.delta is not None
-    update = Update(
+def _update(job: PublishJob, index: int) -> Update:
+    """The ``index``-th update of ``job``; publishers take turns by index."""
+    if job.delta is None:
+        raise AssertionError("a raw job sends no updates")
+    return Update(
         client_id=f"dev{index % job.publishers}",
         task_id=job.task_id,
         base_version=0,
         num_samples=1,
         delta=job.delta,
     )
+
+
+def _frames(job: PublishJob, index: int) -> Iterator[tuple[str, bytes]]:
+    """Update ``index`` of ``job`` as the (topic, payload) frames the transport would send."""
+    update = _update(job, index)
     return encode_frames(
         topics.update(job.topic_prefix, update.client_id),
         update,

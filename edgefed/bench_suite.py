@@ -139,6 +139,12 @@ def run_suite(*, quick: bool, agents: int) -> dict[str, Any]:
     return results
 
 
+def _cpu_split(tput: dict[str, Any], variant: str) -> str:
+    """``total ms (receiver + publishers + broker)`` of one throughput variant."""
+    parts = (tput[f"{variant}_{p}_cpu_ms"] for p in ("receiver", "publishers", "broker"))
+    return f"{tput[f'{variant}_total_cpu_ms']:.1f} ms ({' + '.join(f'{x:.1f}' for x in parts)})"
+
+
 def _merge_rows(data: dict[str, Any]) -> list[str]:
     rows = []
     for row in data.get("results", []):
@@ -205,6 +211,13 @@ def markdown(results: dict[str, Any]) -> str:
             f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_whole_receiver_cpu_ms']:.1f}"
             f" ms/update | {tput['ratio_e2e_whole']:.2f}x | same |",
         ]
+        if tput.get("ratio_cpu_bound") is not None:
+            lines.append(
+                "| same, CPU per update of every process (receiver + publishers + broker),"
+                f" 256 KiB chunks | {_cpu_split(tput, 'e2e')} vs {_cpu_split(tput, 'raw')} | "
+                f"{tput['ratio_cpu_bound']:.2f}x: the ratio these totals allow on a host"
+                " whose cores all three share | same |"
+            )
     lines += _merge_rows(results.get("merges", {}))
     codec = results.get("codec", {})
     for row in codec.get("results", []):

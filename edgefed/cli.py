@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edgefed.heap import reuse_freed_memory
 from schemas.errors import AssetMissing
 
 _HANDLERS = {
@@ -251,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reuse_freed_memory()  # every sub-command moves message-sized buffers
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.run(args)

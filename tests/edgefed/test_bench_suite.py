@@ -43,15 +43,24 @@ def test_bench_merges_reports_both_strategies() -> None:
 async def test_raw_and_end_to_end_trials_move_every_update(
     mosquitto_process: MosquittoProcess,
 ) -> None:
-    raw = await raw_trial(mosquitto_process.url, count=4, publishers=2)
+    pid = mosquitto_process.pid
+    raw = await raw_trial(mosquitto_process.url, count=4, publishers=2, broker_pid=pid)
     # e2e_trial itself checks every update was merged exactly once before returning.
-    e2e = await e2e_trial(mosquitto_process.url, count=4, publishers=2, buffer_size=2)
+    e2e = await e2e_trial(
+        mosquitto_process.url, count=4, publishers=2, buffer_size=2, broker_pid=pid
+    )
     first = await e2e_trial(
         mosquitto_process.url, count=4, publishers=2, buffer_size=2, encode_first=True
     )
     assert min(raw.mbps, e2e.mbps, first.mbps) > 0
     # The receiver's CPU is its own process's: the publishers run in another one.
     assert 0 < raw.receiver_cpu_ms < 1000 and 0 < e2e.receiver_cpu_ms < 1000
+    # The publishers' process reports its own CPU; the broker's is read from /proc, and
+    # not at all without a pid.
+    assert 0 < raw.publishers_cpu_ms < 1000 and 0 < e2e.publishers_cpu_ms < 1000
+    assert raw.broker_cpu_ms is not None and e2e.total_cpu_ms is not None
+    assert e2e.total_cpu_ms > e2e.receiver_cpu_ms + e2e.publishers_cpu_ms - 1e-9
+    assert first.broker_cpu_ms is None and first.total_cpu_ms is None
     assert PAYLOAD_BYTES == 1024 * 1024
 
 

@@ -5,7 +5,8 @@ tensors: who sent it, for which task and method, against which version, then the
 names and shapes, dtypes, finiteness and finally their norm. The first failing check raises
 :class:`~schemas.errors.UpdateRejected` whose ``reason`` goes into the nack and whose
 ``detail`` tells the device what exactly was wrong. The update's tensors are never mutated;
-the accepted delta is a fresh float32 copy.
+the accepted delta is float32 and may share the update's memory (strategies copy what they
+keep), so it is read, never written.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class ValidatedDelta:
     """An update's delta that passed every check, ready for a strategy.
 
     Attributes:
-        delta: Fresh float32 tensors (clipped when ``clipped`` is True).
+        delta: Float32 tensors, to be read only: the update's own when they were float32
+            and not clipped (strategies copy what they keep).
         staleness: ``current_version - base_version``.
         norm: Global L2 norm of the delta as received, before any clipping.
         clipped: Whether the delta was scaled down to ``max_update_norm``.
@@ -259,7 +261,7 @@ def validate_update(
     bound = policy.max_update_norm
     if bound is None or norm <= bound:
         return ValidatedDelta(
-            delta=ops.clone(update.delta), staleness=staleness, norm=norm, clipped=False
+            delta=ops.as_float32(update.delta), staleness=staleness, norm=norm, clipped=False
         )
     if policy.norm_action == "reject":
         raise UpdateRejected(

@@ -217,3 +217,11 @@ def test_robust_reductions_empty_raise() -> None:
         ops.coordinate_median([])
     with pytest.raises(ValueError, match="at least one"):
         ops.trimmed_mean([], trim_ratio=0.1)
+
+
+def test_global_norm_falls_back_to_float64_where_float32_squares_overflow() -> None:
+    huge = {"a": torch.full((4,), 1e30), "b": torch.tensor([3e30])}
+    assert ops.global_norm(huge) == pytest.approx(math.sqrt(4 * 1e60 + 9e60), rel=1e-6)
+    assert math.isnan(ops.global_norm({"a": torch.tensor([1.0, float("nan")])}))
+    half = {"a": torch.full((3,), 300.0, dtype=torch.float16)}  # squares beyond float16
+    assert ops.global_norm(half) == pytest.approx(math.sqrt(3) * 300.0, rel=1e-3)

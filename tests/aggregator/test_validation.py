@@ -208,10 +208,15 @@ def test_validate_update_never_mutates_the_update() -> None:
     update = make_update(delta=delta)
     result = check(update, ValidationPolicy(max_update_norm=1.0))
     assert result.clipped
+    for tensor in result.delta.values():  # clipped: fresh tensors, the caller's to change
+        tensor.add_(100.0)
     unclipped = check(update)
-    for out in (result, unclipped):
-        for tensor in out.delta.values():
-            tensor.add_(100.0)
+    assert not unclipped.clipped
+    assert all(t.dtype == torch.float32 for t in unclipped.delta.values())
+    # Unclipped float32 tensors are handed on without a copy (strategies copy what they
+    # keep); a float16 one is converted into a new float32 tensor.
+    assert unclipped.delta["lora_B"].data_ptr() == update.delta["lora_B"].data_ptr()
+    assert unclipped.delta["lora_A"].data_ptr() != update.delta["lora_A"].data_ptr()
     for name, tensor in update.delta.items():
         assert tensor.dtype == before[name].dtype
         assert torch.equal(tensor, before[name])

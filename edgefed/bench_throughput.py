@@ -32,7 +32,6 @@ from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
 from edgefed.broker import MosquittoProcess
 from edgefed.frames import encode_frames
-from edgefed.heap import reuse_freed_memory
 from edgefed.transport import MqttTransport, TransportConfig, raw_client
 from schemas import topics
 from schemas.messages import LoraSpec, ModelRef, TensorMap, Update
@@ -169,7 +168,6 @@ def _publisher_process(job: PublishJob, ready: EventLike, go: EventLike, cpu: Va
     Leaves the CPU seconds spent from ``go`` to the last publish in ``cpu``.
     """
     torch.set_num_threads(1)
-    reuse_freed_memory()  # as the ``edgefed`` command does in every device's process
     asyncio.run(_publish(job, ready, go, cpu))
 
 

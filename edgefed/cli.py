@@ -15,6 +15,12 @@ from collections.abc import Sequence
 from edgefed.heap import reuse_freed_memory
 from schemas.errors import AssetMissing
 
+_RECEIVES_MANY_UPDATES = frozenset({"aggregator", "bench", "simulate", "demo"})
+"""Commands whose process takes in every device's updates (an aggregator, in-process or
+not): they keep freed message buffers for reuse (:mod:`edgefed.heap`). A device's agent
+keeps the allocator's defaults: one update per round costs little CPU, and its memory
+budget is what it plans with."""
+
 _HANDLERS = {
     "broker": "edgefed.broker",
     "bench": "edgefed.bench",
@@ -252,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    reuse_freed_memory()  # every sub-command moves message-sized buffers
+    if args.command in _RECEIVES_MANY_UPDATES:
+        reuse_freed_memory()
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.run(args)

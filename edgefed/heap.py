@@ -2,15 +2,17 @@
 
 Every received chunk, reassembled update, encoded frame and cloned delta is a fresh
 allocation of 256 KiB to a few MiB. glibc serves allocations of that size with ``mmap``
-and hands them back on ``free``, or trims the top of its heap as soon as 128 KiB lie free
-there, so each new buffer is fresh memory and costs a page fault per 4 KiB: about
+and hands them back on ``free``, or trims the top of its heap once a little more than that
+lies free there, so each new buffer is fresh memory and costs a page fault per 4 KiB: about
 1.9 GB/s, far below a memory copy (DESIGN §8b). Raising the mmap and trim thresholds keeps
 those buffers in the heap, where the next one reuses them: on this host reassembling a
 1 MiB update from four chunks went from 2.5 ms to 0.85 ms, and encoding one into chunks
 from 2.3 ms to 0.85 ms.
 
-The cost is that up to ``trim_threshold`` bytes of freed memory stay with the process.
-Python has no binding for ``mallopt``, hence ``ctypes``; on a C library without it
+The cost is memory: up to ``trim_threshold`` bytes of freed memory stay with the process,
+and allocations below ``mmap_threshold`` come from the heap, whose freed memory below its top
+is never given back. Worth it for an aggregator, not for a device working to a memory budget,
+so the ``edgefed`` command applies it to the aggregator's commands only. Python has no binding for ``mallopt``, hence ``ctypes``; on a C library without it
 (musl, macOS) nothing changes.
 """
 
@@ -40,7 +42,7 @@ def reuse_freed_memory(
 ) -> bool:
     """Ask glibc to keep message-sized buffers for reuse; True when it applied.
 
-    Call once, early, in processes that move large messages (the ``edgefed`` command does).
+    Call once, early, in a process that takes in many large messages.
     Repeated calls change nothing.
     """
     global _tuned  # noqa: PLW0603  # a process-wide setting, applied once

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from edgefed.bench_merge import bench_merges, lora_shapes
 from edgefed.bench_suite import END, START, markdown, write_results
-from edgefed.bench_throughput import PAYLOAD_BYTES, e2e_trial, raw_trial
+from edgefed.bench_throughput import PAYLOAD_BYTES, e2e_trial, process_cpu_s, raw_trial
 from edgefed.broker import MosquittoProcess
 from edgefed.modeling import model_folder
 from schemas.errors import AssetMissing, ConfigError
@@ -91,3 +93,16 @@ def test_results_block_replaced_in_place_and_rest_kept(tmp_path: Path) -> None:
     assert second.count(END) == 1
     assert second.endswith("# Split\n\nkept below\n")
     assert markdown(_results()) in second
+
+
+def test_process_cpu_s_reads_a_running_process_and_nothing_else() -> None:
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        pytest.skip("no /proc on this system")
+    first = process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    second = process_cpu_s(os.getpid())
+    assert first is not None and second is not None and second > first
+    assert process_cpu_s(None) is None
+    assert process_cpu_s(2**22 + 12345) is None  # above the default pid_max

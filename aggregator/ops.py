@@ -19,6 +19,8 @@ from schemas.messages import TensorMap
 
 _NAME_LIMIT = 5
 _F32 = torch.float32
+_WIDE = frozenset({torch.float32, torch.float64})
+"""Dtypes whose norms are taken in their own precision; narrower ones in float32."""
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,7 @@ def global_norm(x: TensorMap) -> float:
     # The merge hot path: one float32 reduction per tensor (half the time of float64 on an
     # adapter's many small tensors), the per-tensor norms combined in float64.
     norms = [
-        torch.linalg.vector_norm(t.detach(), dtype=None if t.dtype is torch.float32 else _F32)
+        torch.linalg.vector_norm(t.detach(), dtype=None if t.dtype in _WIDE else _F32)
         for t in x.values()
     ]
     total = float(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))

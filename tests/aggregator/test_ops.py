@@ -223,5 +223,7 @@ def test_global_norm_falls_back_to_float64_where_float32_squares_overflow() -> N
     huge = {"a": torch.full((4,), 1e30), "b": torch.tensor([3e30])}
     assert ops.global_norm(huge) == pytest.approx(math.sqrt(4 * 1e60 + 9e60), rel=1e-6)
     assert math.isnan(ops.global_norm({"a": torch.tensor([1.0, float("nan")])}))
+    wide = {"a": torch.full((2,), 1e100, dtype=torch.float64)}
+    assert ops.global_norm(wide) == pytest.approx(math.sqrt(2) * 1e100)
     half = {"a": torch.full((3,), 300.0, dtype=torch.float16)}  # squares beyond float16
     assert ops.global_norm(half) == pytest.approx(math.sqrt(3) * 300.0, rel=1e-3)

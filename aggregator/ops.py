@@ -89,7 +89,7 @@ def as_float32(x: TensorMap) -> TensorMap:
     float32 delta is handed on as it is, and a strategy that keeps it copies it itself.
     """
     return {
-        name: t if t.dtype is torch.float32 and not t.requires_grad else _f32(t).clone()
+        name: t if t.dtype is torch.float32 and not t.requires_grad else _f32(t)
         for name, t in x.items()
     }
 
@@ -146,7 +146,7 @@ def weighted_mean(maps: Sequence[TensorMap], *, weights: Sequence[float]) -> Ten
         raise ValueError("weights sum to zero")
     shares = [w / total for w in weights]
     # One flat float64 accumulator for the whole map: an adapter has a hundred or more
-    # small tensors, and one add per map instead of one per tensor halves the time.
+    # small tensors, and one add per map instead of one per tensor about halves the time.
     first = maps[0]
     if not first:
         return {}

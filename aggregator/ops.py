@@ -25,6 +25,8 @@ _WIDE = frozenset({torch.float32, torch.float64})
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """Return a float32 view for computing; may alias ``t`` when it is already float32."""
+    if t.dtype is _F32 and not t.requires_grad:
+        return t  # the common case, without two calls into torch per tensor
     return t.detach().to(torch.float32)
 
 

@@ -18,14 +18,13 @@ import torch
 from schemas.messages import TensorMap
 
 _NAME_LIMIT = 5
-_F32 = torch.float32
 _WIDE = frozenset({torch.float32, torch.float64})
 """Dtypes whose norms are taken in their own precision; narrower ones in float32."""
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """Return a float32 view for computing; may alias ``t`` when it is already float32."""
-    if t.dtype is _F32 and not t.requires_grad:
+    if t.dtype is torch.float32 and not t.requires_grad:
         return t  # the common case, without two calls into torch per tensor
     return t.detach().to(torch.float32)
 
@@ -90,10 +89,7 @@ def as_float32(x: TensorMap) -> TensorMap:
     The one exception to this module's fresh results, for validation's hot path: a received
     float32 delta is handed on as it is, and a strategy that keeps it copies it itself.
     """
-    return {
-        name: t if t.dtype is torch.float32 and not t.requires_grad else _f32(t)
-        for name, t in x.items()
-    }
+    return {name: _f32(t) for name, t in x.items()}
 
 
 def zeros_like(x: TensorMap) -> TensorMap:
@@ -173,7 +169,7 @@ def global_norm(x: TensorMap) -> float:
     # The merge hot path: one float32 reduction per tensor (half the time of float64 on an
     # adapter's many small tensors), the per-tensor norms combined in float64.
     norms = [
-        torch.linalg.vector_norm(t.detach(), dtype=None if t.dtype in _WIDE else _F32)
+        torch.linalg.vector_norm(t.detach(), dtype=None if t.dtype in _WIDE else torch.float32)
         for t in x.values()
     ]
     total = float(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))

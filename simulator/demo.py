@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     final = scorer.score(adapter)
     adapter_dir = scorer.export(adapter, run_dir / "adapter")
     between = max(0, args.curve_points)
-    last = None  # scored only when a curve is asked for: each pass costs about 30 s
+    last = None  # scored only when a curve is asked for: each pass costs about 40 s
     if between and len(averaged) > 1:
         last = scorer.score(result.final_adapter).accuracy
     curve = _accuracy_curve(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar, cast
@@ -102,8 +103,6 @@ class _Spec:
 
     cls: type[Message]
     field_names: frozenset[str]
-    plain_fields: tuple[str, ...]
-    """Fields msgpack packs itself, in declaration order."""
     tensor_fields: tuple[str, ...]
     bytes_fields: tuple[str, ...]
     map_header: bytes
@@ -120,7 +119,6 @@ def _spec_for(cls: type[Message]) -> _Spec:
     return _Spec(
         cls=cls,
         field_names=frozenset(fields),
-        plain_fields=tuple(n for n in fields if n not in special),
         tensor_fields=tensor_fields,
         bytes_fields=bytes_fields,
         map_header=_map_header(len(fields)),
@@ -145,25 +143,28 @@ _BYTES_FIELDS: Final[frozenset[str]] = frozenset().union(
 
 
 _DATA_KEY: Final[bytes] = msgpack.packb("data")
-_SCALE_KEY: Final[bytes] = msgpack.packb("scale")
 
 _Piece = bytes | memoryview
 
 
 @functools.lru_cache(maxsize=4096)
-def _tensor_prefix(dtype: str, shape: tuple[int, ...], nbytes: int, *, scaled: bool) -> bytes:
-    """A tensor map up to its data (an adapter's layouts repeat, so they are cached)."""
+def _tensor_prefix(
+    name: str, dtype: str, shape: tuple[int, ...], nbytes: int, scaled: bool
+) -> bytes:
+    """A tensor's name and its map up to the data (an adapter's layouts repeat: cached)."""
     items: bytes = msgpack.packb(["dtype", dtype, "shape", shape])[1:]  # the array's items
-    return _map_header(4 if scaled else 3) + items + _DATA_KEY + _bin_header(nbytes)
+    key: bytes = msgpack.packb(name)
+    return key + _map_header(4 if scaled else 3) + items + _DATA_KEY + _bin_header(nbytes)
 
 
-def _append_tensor(pieces: list[_Piece], packed: Packed) -> None:
-    data = packed.data
-    scaled = packed.scale is not None
-    pieces += (_tensor_prefix(packed.dtype, packed.shape, data.nbytes, scaled=scaled), data)
-    if packed.scale is not None:
-        pieces.append(_SCALE_KEY)
-        _append_tensor(pieces, packed.scale)
+def _append_tensor(pieces: list[_Piece], name: str, packed: Packed) -> None:
+    data, scale = packed.data, packed.scale
+    pieces += (
+        _tensor_prefix(name, packed.dtype, packed.shape, data.nbytes, scale is not None),
+        data,
+    )
+    if scale is not None:
+        _append_tensor(pieces, "scale", scale)
 
 
 def _nested_to_wire(obj: object) -> object:
@@ -171,6 +172,18 @@ def _nested_to_wire(obj: object) -> object:
     if isinstance(obj, BaseModel):
         return obj.model_dump()
     raise TypeError(f"a {type(obj).__name__} cannot travel")
+
+
+_PACKERS: Final = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's packer: reusing one skips building a packer per message."""
+    try:
+        packer: msgpack.Packer = _PACKERS.packer
+    except AttributeError:
+        packer = _PACKERS.packer = msgpack.Packer(default=_nested_to_wire)
+    return packer
 
 
 def encode(message: Message, *, compression: Compression = "none") -> bytes:
@@ -184,23 +197,24 @@ def encode(message: Message, *, compression: Compression = "none") -> bytes:
     if spec is None:
         raise CodecError(f"{type(message).__name__} is not a wire message")
     fields = message.__dict__  # a frozen model's validated values, in declaration order
-    plain = {name: fields[name] for name in spec.plain_fields}
+    plain = dict(fields)  # minus the tensor and bytes fields, below (cheaper than picking)
     heavy: list[str] = []
     for name in spec.tensor_fields:
-        if fields[name]:
+        if plain.pop(name):
             heavy.append(name)
         else:
             plain[name] = {}  # empty: msgpack packs it with the rest
+    for name in spec.bytes_fields:
+        del plain[name]
     try:
-        small: bytes = msgpack.packb(plain, default=_nested_to_wire)
+        small = _packer().pack(plain)
         skip = 1 + _MAP_WIDTHS.get(small[0], 0)  # packb's own map header, replaced by ours
         pieces: list[_Piece] = [spec.map_header, small[skip:]]
         for name in heavy:
             tensors: TensorMap = fields[name]
             pieces += (spec.keys[name], _map_header(len(tensors)))
             for tensor_name, tensor in tensors.items():
-                pieces.append(msgpack.packb(tensor_name))
-                _append_tensor(pieces, pack(tensor, compression))
+                _append_tensor(pieces, tensor_name, pack(tensor, compression))
         for name in spec.bytes_fields:
             raw: bytes = fields[name]
             pieces += (spec.keys[name], _bin_header(len(raw)), raw)
@@ -397,18 +411,23 @@ def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
 
 _SECRET: Final = os.urandom(14)
 """Drawn per process and never sent: markers built from it cannot be forged by a sender."""
+_MARKER_HEADER: Final = b"\xc4\x10"
+"""A marker travels as a 16-byte bin: ``_SECRET``, then its index."""
 _DATA_BIN: Final = re.compile(rb"\xa4data[\xc4-\xc6]")
 """A ``"data"`` key followed by a bin header: where a tensor's (or a chunk's) bytes start."""
 
+_Spans = dict[bytes, tuple[int, int]]
+"""Payload ``(start, length)`` by marker; taking a span pops it, so each is used once."""
 
-def _strip_payloads(view: memoryview) -> tuple[bytes, list[tuple[int, int]]]:
-    """``view`` with each ``"data"`` bin payload swapped for marker i, and each payload's span.
 
-    Marker i is a 16-byte bin holding ``_SECRET`` and i. A candidate may be no payload at
-    all (the pattern can sit inside a string): ``_marked_values`` checks every marker.
+def _strip_payloads(view: memoryview) -> tuple[bytes, _Spans]:
+    """``view`` with each ``"data"`` bin payload swapped for a marker, and each payload's span.
+
+    A candidate may be no payload at all (the pattern can sit inside a string):
+    ``_marked_values`` checks that every marker comes back exactly where a payload belongs.
     """
     pieces: list[bytes | memoryview] = []
-    spans: list[tuple[int, int]] = []
+    spans: _Spans = {}
     pos = 0
     found = _DATA_BIN.search(view)
     while found is not None and len(spans) < _MAX_TENSORS:
@@ -417,33 +436,18 @@ def _strip_payloads(view: memoryview) -> tuple[bytes, list[tuple[int, int]]]:
         end = start + int.from_bytes(view[head + 1 : start], "big")
         if end > view.nbytes:
             break
-        pieces += (view[pos:head], b"\xc4\x10" + _SECRET + len(spans).to_bytes(2, "big"))
-        spans.append((start, end - start))
+        marker = _SECRET + len(spans).to_bytes(2, "big")
+        pieces += (view[pos:head], _MARKER_HEADER, marker)
+        spans[marker] = (start, end - start)
         pos = end
         found = _DATA_BIN.search(view, end)
     pieces.append(view[pos:])
     return b"".join(pieces), spans
 
 
-class _Marks:
-    """Hands out the payload span of each marker; every marker must come back exactly once."""
-
-    __slots__ = ("spans", "taken", "used")
-
-    def __init__(self, spans: list[tuple[int, int]]) -> None:
-        self.spans = spans
-        self.taken = bytearray(len(spans))
-        self.used = 0
-
-    def take(self, value: object) -> tuple[int, int] | None:
-        if type(value) is not bytes or len(value) != 16 or not value.startswith(_SECRET):
-            return None
-        index = int.from_bytes(value[14:], "big")
-        if index >= len(self.spans) or self.taken[index]:
-            return None
-        self.taken[index] = 1
-        self.used += 1
-        return self.spans[index]
+def _take(spans: _Spans, value: object) -> tuple[int, int] | None:
+    """The span ``value`` marks, once; None when it is no marker or one already taken."""
+    return spans.pop(value, None) if type(value) is bytes else None
 
 
 def _marked_values(view: memoryview) -> dict[str, object] | None:
@@ -460,36 +464,50 @@ def _marked_values(view: memoryview) -> dict[str, object] | None:
         return None
     try:
         values = msgpack.unpackb(skeleton, use_list=False, raw=False, strict_map_key=True)
-        fields, _ = _top_map(view)
-    except (*_PARSE_ERRORS, CodecError):
+    except _PARSE_ERRORS:
         return None
-    if type(values) is not dict or len(values) != fields:
+    if type(values) is not dict or len(values) != _map_size(skeleton):
         return None  # a repeated field (msgpack keeps the last), or no message at all
     version = values.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         return None  # the field-by-field path reports what it is
-    marks = _Marks(spans)
     for key in _TENSOR_FIELD_ORDER:
-        if key in values:
-            tensors = _marked_tensors(values[key], marks, view)
-            if tensors is None:
-                return None
-            values[key] = tensors
+        value = values.get(key, _ABSENT)
+        if value is _ABSENT or (type(value) is dict and not value):
+            continue  # an empty field is already what it decodes to
+        tensors = _marked_tensors(value, spans, view)
+        if tensors is None:
+            return None
+        values[key] = tensors
     for key in _BYTES_FIELD_ORDER:
         if key in values:
-            span = marks.take(values[key])
+            span = _take(spans, values[key])
             if span is None:
                 return None
             values[key] = view[span[0] : span[0] + span[1]].tobytes()
-    return cast("dict[str, object]", values) if marks.used == len(spans) else None
+    if spans:
+        return None
+    found: dict[str, object] = values  # str keys or not, pydantic reports what is wrong
+    return found
 
 
-def _marked_tensors(value: object, marks: _Marks, view: memoryview) -> TensorMap | None:
+_ABSENT: Final = object()
+
+
+def _map_size(skeleton: bytes) -> int:
+    """Entries in the map header that ``skeleton`` (which unpacked to a dict) starts with."""
+    first = skeleton[0]
+    if first <= 0x8F:
+        return first & 0x0F
+    return int.from_bytes(skeleton[1 : 3 if first == 0xDE else 5], "big")
+
+
+def _marked_tensors(value: object, spans: _Spans, view: memoryview) -> TensorMap | None:
     if type(value) is not dict or len(value) > _MAX_TENSORS:
         return None
     tensors: TensorMap = {}
     for name, entry in value.items():
-        tensor = _marked_tensor(entry, marks, view, allow_scale=True)
+        tensor = _marked_tensor(entry, spans, view, allow_scale=True)
         if type(name) is not str or tensor is None:
             return None
         tensors[name] = tensor
@@ -497,18 +515,20 @@ def _marked_tensors(value: object, marks: _Marks, view: memoryview) -> TensorMap
 
 
 def _marked_tensor(
-    entry: object, marks: _Marks, view: memoryview, *, allow_scale: bool
+    entry: object, spans: _Spans, view: memoryview, *, allow_scale: bool
 ) -> torch.Tensor | None:
-    if type(entry) is not dict or not (
-        entry.keys() == _TENSOR_KEYS or (allow_scale and entry.keys() == _SCALED_KEYS)
-    ):
+    if type(entry) is not dict:
         return None
-    span = marks.take(entry["data"])
-    scale = None
-    if "scale" in entry:
-        scale = _marked_tensor(entry["scale"], marks, view, allow_scale=False)
+    keys = entry.keys()
+    if keys == _TENSOR_KEYS:
+        scale = None
+    elif allow_scale and keys == _SCALED_KEYS:
+        scale = _marked_tensor(entry["scale"], spans, view, allow_scale=False)
         if scale is None:
             return None
+    else:
+        return None
+    span = _take(spans, entry["data"])
     if span is None:
         return None
     try:
@@ -542,19 +562,18 @@ def decode(
         values = _marked_values(view)
         if values is None:  # anything unusual, wrong or foreign: field by field, exactly
             values = _exact_values(view)
-    _check_version(values.get("schema_version"))
     kind = values.get("kind")
     spec = _SPECS_BY_KIND.get(kind) if isinstance(kind, str) else None
     if spec is None:
         raise CodecError(f"unknown message kind {kind!r}")
-    if not spec.field_names.issuperset(values):  # keys may be bin as well as str: repr
-        unknown = sorted(map(repr, values.keys() - spec.field_names))
-        raise CodecError(f"a {kind} message has unknown fields {unknown}")
     try:  # what model_validate runs, without its wrapper
-        message = spec.cls.__pydantic_validator__.validate_python(values, strict=True)
+        message: AnyMessage = spec.cls.__pydantic_validator__.validate_python(values, strict=True)
     except ValidationError as exc:
+        if not spec.field_names.issuperset(values):  # keys may be bin as well as str: repr
+            unknown = sorted(map(repr, values.keys() - spec.field_names))
+            raise CodecError(f"a {kind} message has unknown fields {unknown}") from None
         raise CodecError(f"invalid {kind} message: {exc}") from exc
-    return cast("AnyMessage", message)
+    return message
 
 
 def _exact_values(view: memoryview) -> dict[str, object]:
@@ -568,6 +587,7 @@ def _exact_values(view: memoryview) -> dict[str, object]:
     _read_fields(cursor, values, n)
     if cursor.pos != view.nbytes:
         raise CodecError(f"{view.nbytes - cursor.pos} bytes of trailing data after the message")
+    _check_version(values.get("schema_version"))  # a message without one is refused too
     return values
 
 

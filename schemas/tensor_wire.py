@@ -42,6 +42,8 @@ DTYPES: Final[dict[str, torch.dtype]] = {
 }
 """The dtypes that may travel, by their wire name."""
 _DTYPE_NAMES: Final[dict[torch.dtype, str]] = {dtype: name for name, dtype in DTYPES.items()}
+_NUMPY_DTYPE_NAMES: Final = {d: n for d, n in _DTYPE_NAMES.items() if d is not torch.bfloat16}
+"""The dtypes whose bytes ``Tensor.numpy`` exposes as they are (numpy has no bfloat16)."""
 
 _MAX_NDIM: Final = 64
 _MAX_DIM: Final = 2**62
@@ -101,10 +103,10 @@ def pack(t: torch.Tensor, compression: Compression) -> Packed:
     """Apply ``compression`` (floating tensors only) and expose the tensor's bytes."""
     try:
         if compression == "none" and t.is_contiguous():  # the common case, in few calls
-            name = _DTYPE_NAMES.get(t.dtype)
-            if name is not None and t.dtype is not torch.bfloat16:
-                try:
-                    return Packed(name, tuple(t.shape), t.numpy().data)
+            name = _NUMPY_DTYPE_NAMES.get(t.dtype)
+            if name is not None:
+                try:  # torch.Size is a tuple of ints already
+                    return Packed(name, t.shape, t.numpy().data)
                 except (RuntimeError, TypeError):  # needs grad, not on the CPU, negated
                     pass
         return _pack_dense(t, compression)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -120,3 +122,29 @@ def test_codec_one_call_path_agrees_with_field_by_field(monkeypatch: pytest.Monk
     exact = [_outcome(data) for data in cases]
     assert fast == exact
     assert sum(not isinstance(result, type) for result in fast) > len(cases) // 10
+
+
+def test_codec_names_unknown_bin_field_names() -> None:
+    wire = _wire(SAMPLES[4])
+    with pytest.raises(CodecError, match=r"unknown fields \[\"b'surprise'\"\]"):
+        decode(msgpack.packb(wire | {b"surprise": 1}))
+
+
+def test_codec_encodes_correctly_after_a_value_it_could_not_pack() -> None:
+    message = _update({"w": torch.ones(3)})
+    expected = encode(message)
+    with pytest.raises(CodecError, match="cannot be packed"):
+        encode(message.model_copy(update={"base_version": 2**70}))
+    assert encode(message) == expected  # nothing of the failed message is left behind
+
+
+def test_codec_encodes_from_many_threads_at_once() -> None:
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads inside packing as often as possible
+    try:
+        expected = [encode(message) for message in SAMPLES]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            for _ in range(30):
+                assert list(pool.map(encode, SAMPLES * 3)) == expected * 3
+    finally:
+        sys.setswitchinterval(interval)

@@ -479,16 +479,29 @@ def _marked_values(view: memoryview) -> dict[str, object] | None:
         if tensors is None:
             return None
         values[key] = tensors
+    tensor_maps = len(spans)  # one marker per tensor map (scales included) or bytes field
     for key in _BYTES_FIELD_ORDER:
         if key in values:
             span = _take(spans, values[key])
             if span is None:
                 return None
             values[key] = view[span[0] : span[0] + span[1]].tobytes()
-    if spans:
+            tensor_maps -= 1
+    if spans or not _names_dtype_and_shape_once(skeleton, tensor_maps):
         return None
     found: dict[str, object] = values  # str keys or not, pydantic reports what is wrong
     return found
+
+
+def _names_dtype_and_shape_once(skeleton: bytes, tensor_maps: int) -> bool:
+    """Whether the keys ``dtype`` and ``shape`` occur once per tensor map, as encode writes them.
+
+    msgpack keeps the last of a repeated key without a word; a repeated ``data`` or
+    ``scale`` loses a marker, but a repeated ``dtype`` or ``shape`` would pass unseen
+    (and the field-by-field reader refuses it). Any other count, a repeat or another
+    writer's spelling, goes field by field.
+    """
+    return skeleton.count(b"\xa5dtype") == tensor_maps == skeleton.count(b"\xa5shape")
 
 
 _ABSENT: Final = object()

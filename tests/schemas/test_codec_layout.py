@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from schemas import codec
-from schemas.codec import decode, encode
+from schemas.codec import Compression, decode, encode
 from schemas.errors import CodecError
 from schemas.messages import Message, ModelRef, ProxySpec, Task, Update
 from tests.schemas.test_codec import SAMPLES, _assert_messages_equal, _pack, _update, _wire
@@ -86,6 +86,21 @@ def test_codec_repeated_field_is_refused_whatever_its_position() -> None:
         ):
             with pytest.raises(CodecError, match="twice"):
                 decode(dup)
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+@pytest.mark.parametrize("key", ["dtype", "shape"])
+def test_codec_repeated_tensor_key_is_refused(key: str, compression: Compression) -> None:
+    data = encode(_update({"w": torch.ones(2, 4)}), compression=compression)
+    entries = [i for i in range(len(data)) if data.startswith(b"\xa5dtype", i)]
+    assert len(entries) == (2 if compression == "int8" else 1)
+    repeat = msgpack.packb(key) + msgpack.packb("int8" if key == "dtype" else [8])
+    for start in entries:  # the tensor's own map, then its scale's
+        header = start - 1
+        dup = data[:header] + bytes((data[header] + 1,)) + repeat + data[start:]
+        assert msgpack.unpackb(dup)  # plain msgpack reads it, keeping the last value
+        with pytest.raises(CodecError, match=r"repeated|has keys"):  # too many keys for int8
+            decode(dup)
 
 
 def _outcome(data: bytes) -> object:

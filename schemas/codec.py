@@ -462,6 +462,7 @@ def _marked_values(view: memoryview) -> dict[str, object] | None:
     skeleton, spans = _strip_payloads(view)
     if len(skeleton) > _MAX_SEGMENT:
         return None
+    tensor_maps = len(spans)  # one marker per tensor map (scales included) or bytes field
     try:
         values = msgpack.unpackb(skeleton, use_list=False, raw=False, strict_map_key=True)
     except _PARSE_ERRORS:
@@ -479,7 +480,6 @@ def _marked_values(view: memoryview) -> dict[str, object] | None:
         if tensors is None:
             return None
         values[key] = tensors
-    tensor_maps = len(spans)  # one marker per tensor map (scales included) or bytes field
     for key in _BYTES_FIELD_ORDER:
         if key in values:
             span = _take(spans, values[key])

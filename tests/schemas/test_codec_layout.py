@@ -103,6 +103,21 @@ def test_codec_repeated_tensor_key_is_refused(key: str, compression: Compression
             decode(dup)
 
 
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_codec_reads_its_own_messages_in_one_call(
+    compression: Compression, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded = [encode(message, compression=compression) for message in SAMPLES]
+
+    def field_by_field(view: memoryview) -> dict[str, object]:
+        raise AssertionError("decode fell back to the field-by-field reader")
+
+    monkeypatch.setattr(codec, "_exact_values", field_by_field)
+    for message, data in zip(SAMPLES, encoded, strict=True):
+        decoded = decode(data)
+        assert type(decoded) is type(message)
+
+
 def _outcome(data: bytes) -> object:
     try:
         message = decode(data)

@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from edge_agent.config import AgentConfig
+from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
@@ -65,26 +65,6 @@ class AgentReport:
     """The memory plan (method, shape, estimate, measured peak) or the refusal (DESIGN §7)."""
     split: list[SplitHistory] = field(default_factory=list)
     """Split learning: per fit, every step's bytes up/down and device compute, and the peak."""
-
-
-class DeviceEmulation(Protocol):
-    """Emulated device conditions around the agent's work (the simulator's profiles)."""
-
-    async def before_fit(self) -> None:
-        """Return once the device is online."""
-        ...
-
-    async def after_fit(self, *, wall_s: float, cpu_s: float) -> bool:
-        """Stretch a fit to the device's speed; False when the device lost it."""
-        ...
-
-    async def uplink(self, nbytes: int) -> None:
-        """Delay an outgoing message of ``nbytes``."""
-        ...
-
-    async def downlink(self, nbytes: int) -> None:
-        """Delay an incoming message of ``nbytes``."""
-        ...
 
 
 class _CpuTimed:
@@ -465,6 +445,7 @@ class EdgeAgent:
                 task_id=task.task_id,
                 timeout_s=trainer.config.timeout_s,
                 retries=trainer.config.retries,
+                emulation=self._emulation,
             )
             trainer.connect(self._split)
         return trainer

@@ -4,8 +4,10 @@
 reply with the same ``request_id`` on ``split/<client>/bwd``; on a timeout it sends the same
 request again (the server answers a repeat from memory, never training twice) and gives up
 with ``TimeoutError`` after ``retries``. Replies nobody waits for any more (late, duplicate)
-are counted and dropped. :class:`DirectSplitChannel` calls a server object in-process through
-the same codec bytes, for tests and benchmarks.
+are counted and dropped. In the simulator each exchange is held for the emulated device's
+links once its reply is in (the device waits for the reply either way).
+:class:`DirectSplitChannel` calls a server object in-process through the same codec bytes,
+for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import concurrent.futures
 import logging
 from typing import TYPE_CHECKING
 
+from edge_agent.emulation import DeviceEmulation
 from edgefed.transport import Transport
 from schemas import codec, topics
 from schemas.codec import Compression
@@ -40,8 +43,12 @@ class MqttSplitChannel:
         task_id: str,
         timeout_s: float = 10.0,
         retries: int = 2,
+        emulation: DeviceEmulation | None = None,
     ) -> None:
-        """Publish through ``transport`` on ``loop`` (the agent's event loop)."""
+        """Publish through ``transport`` on ``loop`` (the agent's event loop).
+
+        With ``emulation`` every answered exchange is held for the emulated device's links.
+        """
         if not timeout_s > 0 or retries < 0:
             raise ConfigError(f"need timeout_s > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.client_id = client_id
@@ -51,6 +58,7 @@ class MqttSplitChannel:
         self._federation = federation
         self._timeout_s = timeout_s
         self._retries = retries
+        self._emulation = emulation
         self._waiting: dict[str, asyncio.Future[tuple[SplitReply, int]]] = {}
         self.ignored = 0
         """Replies that arrived for no waiting request (late or duplicate)."""
@@ -88,6 +96,8 @@ class MqttSplitChannel:
                         attempt + 1,
                     )
                 else:
+                    if self._emulation is not None:
+                        await self._emulation.exchange(up=sent, down=size)
                     return reply, sent, size
             raise TimeoutError(
                 f"split server did not answer {request.request_id} in {self._retries + 1} tries"

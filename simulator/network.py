@@ -3,7 +3,8 @@
 Each simulated device gets an :class:`EmulatedDevice` that the agent consults around its
 work: it waits out offline periods before a fit, stretches a fit to the device's speed
 (the step's CPU time on this host divided by ``relative_speed``), drops a fit with the
-profile's dropout chance, and delays every transfer by latency plus size / bandwidth.
+profile's dropout chance, and delays every transfer by latency plus size / bandwidth (split
+learning's per-step exchanges too, which then add to the fit's time).
 Delays are real ``asyncio.sleep`` calls, so every device of a fleet shares one clock: the
 simulated wall time is seconds since the fleet started divided by ``time_scale``. Stretching
 every emulated delay by ``time_scale`` leaves room for the devices' real compute, which
@@ -94,6 +95,8 @@ class EmulatedDevice:
         cycle = spec.availability.online_s + spec.availability.offline_s
         self._phase = self._rng.uniform(0, cycle) if cycle > 0 else 0.0
         self._origin = time.monotonic() if origin is None else origin
+        self._fit_links_s = 0.0
+        """Simulated seconds of exchanges inside the running fit."""
 
     def elapsed(self) -> float:
         """Simulated seconds since the fleet started."""
@@ -104,18 +107,24 @@ class EmulatedDevice:
 
     async def before_fit(self) -> None:
         """Wait while the device is offline."""
+        self._fit_links_s = 0.0
         wait = offline_wait_s(self.elapsed(), self.spec.availability, phase_s=self._phase)
         if wait > 0:
             self.times.offline_s += wait
             await self._sleep(wait)
 
     async def after_fit(self, *, wall_s: float, cpu_s: float) -> bool:
-        """Stretch the fit to the device's speed; False when the device dropped it."""
+        """Stretch the fit to the device's speed; False when the device dropped it.
+
+        The fit lasts the device's compute plus the links of its exchanges, which were
+        already waited out inside it.
+        """
         device_s = emulated_compute_s(cpu_s, relative_speed=self.spec.relative_speed)
-        wall_simulated = wall_s / self.time_scale
-        self.times.compute_s += max(device_s, wall_simulated)
-        if device_s > wall_simulated:
-            await self._sleep(device_s - wall_simulated)
+        links_s, self._fit_links_s = self._fit_links_s, 0.0
+        host_s = wall_s / self.time_scale - links_s  # what this host spent on the rest
+        self.times.compute_s += max(device_s, host_s)
+        if device_s > host_s:
+            await self._sleep(device_s - host_s)
         else:
             self.times.host_overruns += 1
         if self._rng.random() < self.spec.availability.dropout:
@@ -137,3 +146,14 @@ class EmulatedDevice:
         self.times.bytes_down += nbytes
         await self._sleep(delay)
         self.times.downloads.append((round(self.elapsed(), 4), nbytes))
+
+    async def exchange(self, *, up: int, down: int) -> None:
+        """Hold a request and its reply made during a fit for both links (split steps)."""
+        up_s = transfer_s(up, mbps=self.spec.uplink_mbps, latency_ms=self.spec.latency_ms)
+        down_s = transfer_s(down, mbps=self.spec.downlink_mbps, latency_ms=self.spec.latency_ms)
+        self.times.upload_s += up_s
+        self.times.download_s += down_s
+        self.times.bytes_up += up
+        self.times.bytes_down += down
+        self._fit_links_s += up_s + down_s
+        await self._sleep(up_s + down_s)

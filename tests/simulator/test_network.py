@@ -71,3 +71,22 @@ async def test_dropout_loses_about_its_share_of_fits() -> None:
     kept = [await device.after_fit(wall_s=0.0, cpu_s=0.0) for _ in range(400)]
     assert device.times.dropped_fits == kept.count(False)
     assert 80 <= kept.count(False) <= 160
+
+
+async def test_device_adds_exchange_links_to_the_fit_instead_of_overlapping_compute() -> None:
+    device = EmulatedDevice(_spec(), seed=1, time_scale=2.0)
+    await device.before_fit()
+    started = time.monotonic()
+    await device.exchange(up=10_000, down=100_000)  # 30 ms up and 30 ms down, simulated
+    await device.exchange(up=10_000, down=100_000)
+    inside = time.monotonic() - started
+    assert await device.after_fit(wall_s=inside, cpu_s=0.05)  # 0.1 s of device compute
+    real = time.monotonic() - started
+    assert device.times.upload_s == pytest.approx(0.06)
+    assert device.times.download_s == pytest.approx(0.06)
+    assert (device.times.bytes_up, device.times.bytes_down) == (20_000, 200_000)
+    assert device.times.downloads == []  # no global model came down
+    # compute plus links, 0.22 simulated seconds at time_scale 2: not max(compute, links)
+    assert 0.44 <= real < 0.7
+    assert device.times.compute_s == pytest.approx(0.1, abs=0.02)
+    assert device.times.host_overruns == 0

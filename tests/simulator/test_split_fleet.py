@@ -15,6 +15,7 @@ from simulator.cli import _flag_config as flag_config
 from simulator.fleet import FleetConfig, aggregator_config, run_fleet
 from simulator.fleet_spec import load_fleet_spec
 from simulator.outcome import fixed_method_plans, fleet_outcome, split_table
+from simulator.profiles import DeviceSpec
 
 SPEC = """
 [fleet]
@@ -172,3 +173,44 @@ def test_simulate_flags_set_split_shapes_and_rounds() -> None:
     assert config.trainer["split"] == {"variant": "u_shaped"}
     assert config.device_trainer == ({"split": {"cut": 1}}, {"split": {"cut": 3}})
     assert (config.clients_per_round, config.round_deadline_s) == (2, 1.5)
+
+
+@pytest.mark.broker
+async def test_fleet_holds_split_steps_for_the_device_links(
+    mosquitto_url: str, federation: str
+) -> None:
+    slow = DeviceSpec(
+        name="slow-link",
+        memory_budget_mb=4000,
+        relative_speed=1.0,
+        uplink_mbps=2.0,
+        downlink_mbps=4.0,
+        latency_ms=20.0,
+    )
+    config = FleetConfig(
+        model="tiny-4l",
+        agents=1,
+        method="split",
+        methods=("split",),
+        device_trainer=({"split": {"cut": 1}},),
+        devices=(slow,),
+        max_versions=1,
+        train_samples=200,
+        federation=federation,
+        aggregator={
+            "train": {"local_steps": 3, "batch_size": 8, "seq_len": 32, "lr": 2e-2},
+            "strategy": {"buffer_size": 1},
+            "eval_data": "synthetic:n=16,seed=999",
+        },
+    )
+    agent = (await run_fleet(config, url=mosquitto_url, progress=False)).to_dict()["agents"][0]
+    steps = [step for fit in agent["split"] for step in fit["steps"]]
+    assert len(steps) >= 3
+    up = sum(step["bytes_up"] for step in steps)
+    down = sum(step["bytes_down"] for step in steps)
+    device = agent["device"]
+    # Every step's activations went up and its gradients came down over the slow links,
+    # on top of the update itself and the global models.
+    assert device["bytes_up"] > up and device["bytes_down"] > down
+    assert device["upload_s"] > up * 8 / 2e6 + len(steps) * 0.02
+    assert device["download_s"] > down * 8 / 4e6 + len(steps) * 0.02

@@ -57,6 +57,8 @@ class AgentReport:
     """Global versions refused because their signature was missing or wrong."""
     refused_tasks: int = 0
     """Task messages refused because their signature was missing or wrong."""
+    stale_tasks: int = 0
+    """Task messages ignored as older versions of the task followed (a replay)."""
     privacy: dict[str, float | int | str] | None = None
     """Local DP: noise multiplier, releases and the (ε, δ) estimate so far."""
     bytes_down: int = 0
@@ -203,8 +205,8 @@ class EdgeAgent:
                 continue
             message = delivery.message
             if isinstance(message, Task):
-                if not self._trusted(message):
-                    continue  # keep following the last genuine task
+                if not self._trusted(message) or self._stale(message):
+                    continue  # keep following the last genuine, current task
                 self._task = message
                 self._news.set()
             elif isinstance(message, GlobalModel):
@@ -244,6 +246,25 @@ class EdgeAgent:
                 self.report.refused_globals += 1
             log.error("%s: %s", self.config.client_id, exc)  # noqa: TRY400 (expected, explained)
             return False
+        return True
+
+    def _stale(self, task: Task) -> bool:
+        """Whether ``task`` is an older version of the task followed: a replay, ignored.
+
+        A signature proves who wrote a task, not when; without this, anyone able to publish
+        could send a device back to an earlier round's task.
+        """
+        current = self._task
+        if current is None or task.task_id != current.task_id or task.version >= current.version:
+            return False
+        self.report.stale_tasks += 1
+        log.warning(
+            "%s: ignoring version %d of task %s, older than version %d already followed",
+            self.config.client_id,
+            task.version,
+            task.task_id,
+            current.version,
+        )
         return True
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:

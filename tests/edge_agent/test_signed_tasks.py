@@ -21,7 +21,7 @@ from edgefed.data import synthetic_shards
 from edgefed.signing import GlobalSigner, GlobalVerifier, write_keypair
 from edgefed.transport import MqttTransport, TransportConfig
 from schemas import topics
-from schemas.messages import Task, TrainSpec
+from schemas.messages import ModelRef, Task, TrainSpec
 from tests.edgefed.transport_helpers import receive_message
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -100,3 +100,49 @@ async def test_agent_refuses_forged_tasks_and_follows_the_genuine_one(
     assert len(refusals) == 3, refusals
     assert any("(unsigned)" in line for line in refusals)
     assert sum("(bad_signature)" in line for line in refusals) == 2
+
+
+async def test_agent_ignores_a_replayed_older_version_of_its_task(
+    mosquitto_url: str, federation: str, tmp_path: Path
+) -> None:
+    write_keypair(tmp_path / "agg.key", tmp_path / "agg.pub")
+    signer = GlobalSigner.from_file(tmp_path / "agg.key")
+    agent_config = AgentConfig(
+        federation=federation,
+        client_id="dev-1",
+        data="synthetic",
+        trusted_global_keys=(str(tmp_path / "agg.pub"),),
+    )
+    report = AgentReport(client_id="dev-1")
+    shard = synthetic_shards(1, total=16, seq_len=TrainSpec().seq_len, seed=3)[0]
+
+    def task(version: int, task_id: str = "t1") -> Task:
+        unsigned = Task(
+            task_id=task_id,
+            federation=federation,
+            version=version,
+            model=ModelRef(name="tiny"),
+            round_clients=("dev-1",) if version % 2 else (),
+        )
+        return signer.sign(unsigned, federation=federation)
+
+    settings = TransportConfig(url=mosquitto_url, client_id=f"replayer-{uuid.uuid4().hex}")
+    async with MqttTransport(settings) as replayer:
+        agent = asyncio.create_task(
+            run_agent(agent_config, url=mosquitto_url, data=shard, report=report)
+        )
+        try:
+            await replayer.publish(topics.task(federation), task(5), retain=True)
+            await asyncio.sleep(1.0)  # the agent follows version 5
+            # Genuine signatures all: an earlier round's task, the same version again,
+            # a newer version, then a new task whose versions start again.
+            for replayed in (task(3), task(5), task(6), task(4), task(1, task_id="t2")):
+                await replayer.publish(topics.task(federation), replayed)
+            await _until(lambda: report.stale_tasks == 2)
+            await asyncio.sleep(0.5)
+        finally:
+            agent.cancel()
+            await asyncio.gather(agent, return_exceptions=True)
+            await replayer.clear_retained(topics.task(federation))
+    assert report.stale_tasks == 2  # versions 3 and 4 of t1; t2 is a task of its own
+    assert report.refused_tasks == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import time
@@ -160,8 +161,13 @@ def run(args: argparse.Namespace) -> int:
         results = [bench_codec(size, repeat=repeat) for size in SIZES]
     finally:
         torch.set_num_threads(threads)
+    data = {"results": [r.to_json() for r in results]}
     if args.json:
-        sys.stdout.write(json.dumps({"results": [r.to_json() for r in results]}) + "\n")
+        sys.stdout.write(json.dumps(data) + "\n")
     else:
         _print_table(results)
+    if args.save:
+        from edgefed import bench_suite  # noqa: PLC0415  # only when asked
+
+        bench_suite.save_entry("codec", data | {"load_avg_1m": round(os.getloadavg()[0], 2)})
     return 0

@@ -326,11 +326,11 @@ def run(args: argparse.Namespace) -> int:
     """``edgefed bench scale|throughput|merge|seed|all``.
 
     A single benchmark with ``--save`` replaces its own entry of ``bench/suite.json`` and
-    regenerates the suite block of RESULTS.md from it; ``all`` replaces every entry it
-    measured (``--quick`` measures fewer and keeps the others).
+    regenerates the suite block of RESULTS.md from it (``edgefed bench codec --save`` too);
+    ``all`` replaces every entry it measured (``--quick`` measures fewer and keeps the
+    others).
     """
     which: str = args.which
-    suite = BENCH_DIR / "suite.json"
     singles: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
         "scale": ("scale", lambda: _scale(args.agents, args.updates_per_agent, args.spread)),
         "throughput": ("throughput", lambda: _throughput(64, args.repeat or 3)),
@@ -341,16 +341,23 @@ def run(args: argparse.Namespace) -> int:
         key, step = singles[which]
         data = step() | {"load_avg_1m": round(os.getloadavg()[0], 2)}
         if args.save:
-            results = json.loads(suite.read_text()) if suite.exists() else {}
-            results[key] = data
-            _save(results, suite)
+            save_entry(key, data)
     else:
+        suite = BENCH_DIR / "suite.json"
         data = run_suite(quick=args.quick, agents=args.agents)
         kept = json.loads(suite.read_text()) if suite.exists() else {}
         _save(kept | data, suite)  # a --quick run keeps the entries it did not re-measure
     if args.json or which != "all":
         sys.stdout.write(json.dumps(data) + "\n")
     return 0
+
+
+def save_entry(key: str, data: dict[str, Any]) -> None:
+    """Replace one benchmark's entry of ``bench/suite.json`` and regenerate RESULTS.md."""
+    suite = BENCH_DIR / "suite.json"
+    results = json.loads(suite.read_text()) if suite.exists() else {}
+    results[key] = data
+    _save(results, suite)
 
 
 def _save(results: dict[str, Any], suite: Path) -> None:

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="all: a fast subset")
     bench.add_argument("--budget", type=float, default=90.0, help="seed: seconds per row")
     bench.add_argument(
-        "--save", action="store_true", help="scale, throughput, merge, seed: into RESULTS.md"
+        "--save", action="store_true", help="codec, scale, throughput, merge, seed: into RESULTS.md"
     )
     bench.add_argument("--plot", default=None, help="split: write the memory figure (PNG) here")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from edgefed import bench_suite
 from edgefed.bench_merge import bench_merges, lora_shapes
 from edgefed.bench_suite import END, START, markdown, write_results
 from edgefed.bench_throughput import PAYLOAD_BYTES, e2e_trial, process_cpu_s, raw_trial
@@ -106,3 +108,18 @@ def test_process_cpu_s_reads_a_running_process_and_nothing_else() -> None:
     assert first is not None and second is not None and second > first
     assert process_cpu_s(None) is None
     assert process_cpu_s(2**22 + 12345) is None  # above the default pid_max
+
+
+def test_save_entry_replaces_one_benchmark_and_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_suite, "BENCH_DIR", tmp_path)
+    (tmp_path / "suite.json").write_text(json.dumps(_results()))
+    row = {"size_bytes": 1 << 20, "roundtrip_gbps": 30.0, "memcpy_gbps": 50.0}
+    bench_suite.save_entry("codec", {"results": [row | {"ratio_vs_memcpy": 0.6}]})
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert saved["codec"]["results"][0]["ratio_vs_memcpy"] == 0.6
+    assert saved["merges"] == _results()["merges"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| codec round trip vs memcpy, 1,024 KiB | 30.00 vs 50.00 GB/s | 0.60x |" in text
+    assert "| 300/s | 1.50x of the 200/s target |" in text

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,17 @@ from edgefed.signing import GlobalSigner, GlobalVerifier, write_keypair
 from edgefed.transport import MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import ModelRef, Task, TrainSpec
-from tests.edgefed.transport_helpers import receive_message
+from tests.edgefed.transport_helpers import receive_message, until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-async def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true within {timeout_s} s")
+def _trusting_agent(federation: str, key: Path) -> tuple[AgentConfig, AgentReport]:
+    """Device ``dev-1``, trusting only tasks and globals signed with ``key``'s private half."""
+    config = AgentConfig(
+        federation=federation, client_id="dev-1", data="synthetic", trusted_global_keys=(str(key),)
+    )
+    return config, AgentReport(client_id="dev-1")
 
 
 async def test_agent_refuses_forged_tasks_and_follows_the_genuine_one(
@@ -46,13 +45,7 @@ async def test_agent_refuses_forged_tasks_and_follows_the_genuine_one(
         max_versions=2,
         strategy={"name": "fedbuff", "buffer_size": 1},
     )
-    agent_config = AgentConfig(
-        federation=federation,
-        client_id="dev-1",
-        data="synthetic",
-        trusted_global_keys=(str(tmp_path / "agg.pub"),),
-    )
-    report = AgentReport(client_id="dev-1")
+    agent_config, report = _trusting_agent(federation, tmp_path / "agg.pub")
     shard = synthetic_shards(1, total=64, seq_len=config.train.seq_len, seed=3)[0]
     settings = TransportConfig(url=mosquitto_url, client_id=f"agg-{uuid.uuid4().hex}")
     async with (
@@ -78,15 +71,16 @@ async def test_agent_refuses_forged_tasks_and_follows_the_genuine_one(
             run_agent(agent_config, url=mosquitto_url, data=shard, report=report)
         )
         try:
-            await _until(lambda: report.refused_tasks == 1)
+            await until(lambda: report.refused_tasks == 1)
             for forged in (rogue, unsigned):
                 await intruder.publish(topics.task(federation), forged, retain=True)
-            await _until(lambda: report.refused_tasks == 3)
+            await until(lambda: report.refused_tasks == 3)
             await asyncio.sleep(0.5)
             assert report.updates_sent == 0  # no task it trusts yet: it trains on nothing
             # The genuine task again (as the aggregator republishes it with every version).
             await intruder.publish(topics.task(federation), genuine, retain=True)
             await asyncio.wait_for(serving, 60)
+            await until(lambda: report.accepted >= 2)  # the last ack is on its way
         finally:
             agent.cancel()
             await asyncio.gather(agent, return_exceptions=True)
@@ -107,13 +101,7 @@ async def test_agent_ignores_a_replayed_older_version_of_its_task(
 ) -> None:
     write_keypair(tmp_path / "agg.key", tmp_path / "agg.pub")
     signer = GlobalSigner.from_file(tmp_path / "agg.key")
-    agent_config = AgentConfig(
-        federation=federation,
-        client_id="dev-1",
-        data="synthetic",
-        trusted_global_keys=(str(tmp_path / "agg.pub"),),
-    )
-    report = AgentReport(client_id="dev-1")
+    agent_config, report = _trusting_agent(federation, tmp_path / "agg.pub")
     shard = synthetic_shards(1, total=16, seq_len=TrainSpec().seq_len, seed=3)[0]
 
     def task(version: int, task_id: str = "t1") -> Task:
@@ -138,7 +126,7 @@ async def test_agent_ignores_a_replayed_older_version_of_its_task(
             # a newer version, then a new task whose versions start again.
             for replayed in (task(3), task(5), task(6), task(4), task(1, task_id="t2")):
                 await replayer.publish(topics.task(federation), replayed)
-            await _until(lambda: report.stale_tasks == 2)
+            await until(lambda: report.stale_tasks == 2)
             await asyncio.sleep(0.5)
         finally:
             agent.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -42,6 +43,15 @@ async def receive_message(transport: Transport, *, timeout_s: float = 10.0) -> D
     [item] = await receive(transport, timeout_s=timeout_s)
     assert isinstance(item, Delivery), item
     return item
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Return once ``condition()`` holds, checking every 50 ms; fail after ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {timeout_s} s")
 
 
 async def assert_silent(transport: Transport, *, timeout_s: float = 0.3) -> None:

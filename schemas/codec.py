@@ -7,10 +7,10 @@ decodes back to float32 so receivers never need to know how a sender compressed
 
 Speed comes from never letting msgpack copy tensor bytes, and from few calls per message:
 
-- ``encode`` packs every field without tensor or raw bytes in one ``msgpack.packb`` call,
-  writes map/bin headers around each tensor itself and joins everything once, into one
-  buffer of the final size: the tensor bytes are copied exactly once, and the result is
-  exactly ``msgpack.packb``'s bytes for the same map.
+- ``encode`` packs every field without tensor or raw bytes in one call (of a packer kept
+  per thread), writes map/bin headers around each tensor itself and joins everything once,
+  into one buffer of the final size: the tensor bytes are copied exactly once, and the
+  result is exactly ``msgpack.packb``'s bytes for the same map.
 - ``decode`` hands msgpack a copy of the message without its tensor payloads (each
   swapped for a marker, see ``_marked_values``) and parses everything in one call, then
   calls ``torch.frombuffer`` on the received buffer at each payload. Anything unusual
@@ -208,7 +208,7 @@ def encode(message: Message, *, compression: Compression = "none") -> bytes:
         del plain[name]
     try:
         small = _packer().pack(plain)
-        skip = 1 + _MAP_WIDTHS.get(small[0], 0)  # packb's own map header, replaced by ours
+        skip = 1 + _MAP_WIDTHS.get(small[0], 0)  # the packer's map header, replaced by ours
         pieces: list[_Piece] = [spec.map_header, small[skip:]]
         for name in heavy:
             tensors: TensorMap = fields[name]

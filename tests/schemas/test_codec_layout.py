@@ -112,7 +112,7 @@ def test_codec_reads_its_own_messages_in_one_call(
     def field_by_field(view: memoryview) -> dict[str, object]:
         raise AssertionError("decode fell back to the field-by-field reader")
 
-    monkeypatch.setattr(codec, "_exact_values", field_by_field)
+    monkeypatch.setattr(codec, "exact_values", field_by_field)
     for message, data in zip(SAMPLES, encoded, strict=True):
         decoded = decode(data)
         assert type(decoded) is type(message)
@@ -148,7 +148,7 @@ def test_codec_one_call_path_agrees_with_field_by_field(monkeypatch: pytest.Monk
                 mutated[rng.randrange(len(mutated))] = rng.randrange(256)
             cases.append(bytes(mutated))
     fast = [_outcome(data) for data in cases]
-    monkeypatch.setattr(codec, "_marked_values", lambda view: None)
+    monkeypatch.setattr(codec, "marked_values", lambda view: None)
     exact = [_outcome(data) for data in cases]
     assert fast == exact
     assert sum(not isinstance(result, type) for result in fast) > len(cases) // 10

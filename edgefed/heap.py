@@ -12,8 +12,9 @@ from 2.3 ms to 0.85 ms.
 The cost is memory: up to ``trim_threshold`` bytes of freed memory stay with the process,
 and allocations below ``mmap_threshold`` come from the heap, whose freed memory below its top
 is never given back. Worth it for an aggregator, not for a device working to a memory budget,
-so the ``edgefed`` command applies it to the aggregator's commands only. Python has no binding for ``mallopt``, hence ``ctypes``; on a C library without it
-(musl, macOS) nothing changes.
+so the ``edgefed`` command applies it to the aggregator's commands only. Python has no
+binding for ``mallopt``, hence ``ctypes``; on a C library without it (musl, macOS) nothing
+changes.
 """
 
 from __future__ import annotations

@@ -134,26 +134,29 @@ class EmulatedDevice:
 
     async def uplink(self, nbytes: int) -> None:
         """Hold an outgoing message for as long as the device's uplink needs."""
-        delay = transfer_s(nbytes, mbps=self.spec.uplink_mbps, latency_ms=self.spec.latency_ms)
-        self.times.upload_s += delay
-        self.times.bytes_up += nbytes
-        await self._sleep(delay)
+        await self._sleep(self._sent(nbytes))
 
     async def downlink(self, nbytes: int) -> None:
         """Hold an incoming message for as long as the device's downlink needs."""
-        delay = transfer_s(nbytes, mbps=self.spec.downlink_mbps, latency_ms=self.spec.latency_ms)
-        self.times.download_s += delay
-        self.times.bytes_down += nbytes
-        await self._sleep(delay)
+        await self._sleep(self._received(nbytes))
         self.times.downloads.append((round(self.elapsed(), 4), nbytes))
 
     async def exchange(self, *, up: int, down: int) -> None:
         """Hold a request and its reply made during a fit for both links (split steps)."""
-        up_s = transfer_s(up, mbps=self.spec.uplink_mbps, latency_ms=self.spec.latency_ms)
-        down_s = transfer_s(down, mbps=self.spec.downlink_mbps, latency_ms=self.spec.latency_ms)
-        self.times.upload_s += up_s
-        self.times.download_s += down_s
-        self.times.bytes_up += up
-        self.times.bytes_down += down
-        self._fit_links_s += up_s + down_s
-        await self._sleep(up_s + down_s)
+        delay = self._sent(up) + self._received(down)
+        self._fit_links_s += delay
+        await self._sleep(delay)
+
+    def _sent(self, nbytes: int) -> float:
+        """Count ``nbytes`` going up; the seconds the uplink takes."""
+        delay = transfer_s(nbytes, mbps=self.spec.uplink_mbps, latency_ms=self.spec.latency_ms)
+        self.times.upload_s += delay
+        self.times.bytes_up += nbytes
+        return delay
+
+    def _received(self, nbytes: int) -> float:
+        """Count ``nbytes`` coming down; the seconds the downlink takes."""
+        delay = transfer_s(nbytes, mbps=self.spec.downlink_mbps, latency_ms=self.spec.latency_ms)
+        self.times.download_s += delay
+        self.times.bytes_down += nbytes
+        return delay

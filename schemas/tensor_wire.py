@@ -181,42 +181,36 @@ def _check_layout(dtype_name: object, shape: object) -> tuple[torch.dtype, tuple
 
 @functools.lru_cache(maxsize=4096)
 def _cached_layout(
-    dtype_name: object, shape: object, types: tuple[type, ...]
+    dtype_name: str, shape: tuple[int, ...]
 ) -> tuple[torch.dtype, tuple[int, ...], int]:
     """``_check_layout`` of the layouts seen lately; an adapter's never change.
 
-    Errors are not cached. ``types`` is part of the key because ``True == 1 == 1.0``.
+    Errors are not cached. The shape must hold ints only: ``True == 1`` would find the
+    layout of a shape it is not.
     """
-    del types
     return _check_layout(dtype_name, shape)
 
 
 def build(
-    dtype_name: object,
-    shape: object,
-    buf: memoryview,
-    *,
-    start: int,
-    length: int,
-    scale: torch.Tensor | None,
+    dtype_name: str, shape: tuple[int, ...], data: memoryview, *, scale: torch.Tensor | None
 ) -> torch.Tensor:
-    """A tensor on ``buf[start:start + length]``, after every check the wire contract makes."""
-    try:
-        dtype, dims, numel = _cached_layout(dtype_name, shape, tuple(map(type, shape)))  # type: ignore[call-overload]
-    except TypeError:  # not iterable or not hashable: no shape msgpack would give
-        dtype, dims, numel = _check_layout(dtype_name, shape)
-    if numel * dtype.itemsize != length:
+    """A tensor over all of ``data``, after every check the wire contract makes.
+
+    ``shape`` holds ints only, as the codec's typed decoding delivers it.
+    """
+    dtype, dims, numel = _cached_layout(dtype_name, shape)
+    if numel * dtype.itemsize != data.nbytes:
         raise CodecError(
             f"a {dtype_name} tensor of shape {list(dims)} needs "
-            f"{numel * dtype.itemsize} bytes, its data holds {length}"
+            f"{numel * dtype.itemsize} bytes, its data holds {data.nbytes}"
         )
     if numel == 0:
         tensor = torch.empty(dims, dtype=dtype)
     else:
-        tensor = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start)
+        tensor = torch.frombuffer(data, dtype=dtype)
         if len(dims) != 1:
             tensor = tensor.reshape(dims)
-        if buf.readonly:
+        if data.readonly:
             # Only decode passes read-only buffers, inside allow_readonly: torch has now
             # spent its warning, so later decodes may skip the filter.
             _ReadonlyWarning.spent = True
@@ -271,5 +265,6 @@ def _tensor_from_dict(obj: object, *, allow_scale: bool) -> torch.Tensor:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"tensor data must be bin, not {type(data).__name__}")
     scale = _tensor_from_dict(obj["scale"], allow_scale=False) if "scale" in keys else None
-    buf = memoryview(bytearray(data))
-    return build(obj["dtype"], obj["shape"], buf, start=0, length=buf.nbytes, scale=scale)
+    dtype_name, shape = obj["dtype"], obj["shape"]
+    _check_layout(dtype_name, shape)  # what build's cache must not be handed
+    return build(dtype_name, tuple(shape), memoryview(bytearray(data)), scale=scale)

@@ -1,7 +1,7 @@
-"""The msgpack layout every codec module shares: limits, headers and message specs.
+"""What the encoder and decoder share: the tensor map, limits, and which fields hold what.
 
 A message is a msgpack map of every field; the specs say which fields carry tensors or raw
-bytes, the parts the encoder writes and the decoders find without msgpack copying them.
+bytes, the parts that travel as bin without a copy on either side.
 """
 
 from __future__ import annotations
@@ -9,45 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, cast
 
-import msgpack
+import msgspec
 
-from schemas.errors import CodecError, SchemaVersionError
+from schemas.errors import SchemaVersionError
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, TensorMap
 
 MAX_TENSORS: Final = 65_536
 """Tensors one field may hold; bounds the work a hostile payload can cause."""
-MAX_SEGMENT: Final = 1024 * 1024
-"""Bytes of msgpack (outside bin payloads) read between two tensors; bounds memory too."""
-PARSE_ERRORS: Final = (ValueError, TypeError, msgpack.UnpackException)
-"""What msgpack raises on bytes it cannot parse."""
 
 
-def map_header(n: int) -> bytes:
-    """The msgpack header of a map of ``n`` entries."""
-    if n <= 0x0F:
-        return bytes((0x80 | n,))
-    if n <= 0xFFFF:
-        return b"\xde" + n.to_bytes(2, "big")
-    if n <= 0xFFFFFFFF:
-        return b"\xdf" + n.to_bytes(4, "big")
-    raise CodecError(f"a map of {n} entries exceeds msgpack's limit")
+class WireTensor(msgspec.Struct, forbid_unknown_fields=True):
+    """A tensor map as it travels: ``{dtype, shape, data}``, plus ``scale`` for int8.
 
+    ``data`` is a memoryview both ways: of the tensor's own memory when encoding, of the
+    received buffer when decoding. msgspec checks the types; ``schemas.tensor_wire.build``
+    checks the rest (whitelisted dtype, sizes, bytes). An unset scale is not written.
+    """
 
-def bin_header(n: int) -> bytes:
-    """The msgpack header of a bin of ``n`` bytes."""
-    if n <= 0xFF:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n <= 0xFFFF:
-        return b"\xc5" + n.to_bytes(2, "big")
-    if n <= 0xFFFFFFFF:
-        return b"\xc6" + n.to_bytes(4, "big")
-    raise CodecError(f"a bin of {n} bytes exceeds msgpack's limit")
-
-
-MAP_WIDTHS: Final = {0xDE: 2, 0xDF: 4}
-"""map16, map32: the width of their length field (a fixmap holds it in its first byte)."""
-BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
-"""bin8, bin16, bin32: the width of their length field."""
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    scale: WireTensor | msgspec.UnsetType = msgspec.UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,41 +37,22 @@ class Spec:
     """How one message class travels: which fields hold tensors or raw bytes."""
 
     cls: type[Message]
-    field_names: frozenset[str]
+    kind: str
     tensor_fields: tuple[str, ...]
     bytes_fields: tuple[str, ...]
-    map_header: bytes
-    """The message's map header: every field always travels."""
-    keys: dict[str, bytes]
-    """Packed names of the tensor and bytes fields."""
 
 
 def _spec_for(cls: type[Message]) -> Spec:
     fields = cls.model_fields
-    tensor_fields = tuple(n for n, f in fields.items() if f.annotation == TensorMap)
-    bytes_fields = tuple(n for n, f in fields.items() if f.annotation is bytes)
-    special = {*tensor_fields, *bytes_fields}
     return Spec(
         cls=cls,
-        field_names=frozenset(fields),
-        tensor_fields=tensor_fields,
-        bytes_fields=bytes_fields,
-        map_header=map_header(len(fields)),
-        keys={n: msgpack.packb(n) for n in special},
+        kind=cast("str", fields["kind"].default),
+        tensor_fields=tuple(n for n, f in fields.items() if f.annotation == TensorMap),
+        bytes_fields=tuple(n for n, f in fields.items() if f.annotation is bytes),
     )
 
 
 SPECS_BY_TYPE: Final[dict[type[Message], Spec]] = {c: _spec_for(c) for c in MESSAGE_TYPES}
-SPECS_BY_KIND: Final[dict[str, Spec]] = {
-    cast("str", c.model_fields["kind"].default): s for c, s in SPECS_BY_TYPE.items()
-}
-MAX_FIELDS: Final = max(len(c.model_fields) for c in MESSAGE_TYPES)
-TENSOR_FIELDS: Final[frozenset[str]] = frozenset().union(
-    *(s.tensor_fields for s in SPECS_BY_TYPE.values())
-)
-BYTES_FIELDS: Final[frozenset[str]] = frozenset().union(
-    *(s.bytes_fields for s in SPECS_BY_TYPE.values())
-)
 
 
 def check_version(found: object) -> None:

@@ -1,0 +1,188 @@
+"""Decoding: one msgspec call per message, tensor payloads left where they arrived.
+
+Each message class gets a msgspec Struct made from its pydantic model, tagged by ``kind``:
+a tensor field is a map of ``WireTensor`` (whose ``data`` is a memoryview on the received
+buffer, never a copy), a bytes field is ``bytes``, and every other field is ``Any``, left
+for pydantic to validate. msgspec parses the whole message in C, refuses unknown fields,
+truncation and trailing bytes, and this module then checks what msgspec does not: the
+schema version, a field sent twice (msgspec keeps the last one silently, as msgpack-python
+does, so the map header's count is compared with the fields found), and each tensor's
+layout (``schemas.tensor_wire.build``).
+
+Inside a tensor map a repeated key keeps its last value, as in any msgpack library's dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import UnionType
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+
+import msgspec
+import torch
+
+from schemas.codec._layout import MAX_TENSORS, SPECS_BY_TYPE, Spec, WireTensor, check_version
+from schemas.errors import CodecError, SchemaVersionError
+from schemas.messages import SCHEMA_VERSION, TensorMap
+from schemas.tensor_wire import build
+
+
+class _Versioned(msgspec.Struct):
+    """Only the schema version, any other field skipped: read when a message fails to parse."""
+
+    schema_version: Any = msgspec.UNSET
+
+
+_TensorFields = dict[str, WireTensor] | msgspec.UnsetType
+_SCALARS: Final = (str, int, float, bool, type(None))
+
+
+def _scalar(annotation: object) -> bool:
+    """Whether a field of this annotation can only hold a scalar (never a list or a map)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return True
+    if origin is Annotated:
+        return _scalar(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        return all(map(_scalar, get_args(annotation)))
+    return annotation in _SCALARS
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One message kind as the decoder sees it."""
+
+    spec: Spec
+    fields: tuple[str, ...]
+    """The Struct's fields, in the order ``astuple`` gives their values."""
+    nested: tuple[str, ...]
+    """Fields that may hold arrays or maps, to turn into tuples (tensor fields aside)."""
+
+
+def _struct_for(spec: Spec) -> type[msgspec.Struct]:
+    """The msgspec Struct of one message class: every field optional, so absence shows."""
+    fields: list[tuple[str, Any, Any]] = []
+    for name in spec.cls.model_fields:
+        if name == "kind":
+            continue  # the tag
+        kind: Any = (
+            _TensorFields
+            if name in spec.tensor_fields
+            else bytes | msgspec.UnsetType
+            if name in spec.bytes_fields
+            else Any
+        )
+        fields.append((name, kind, msgspec.UNSET))
+    return msgspec.defstruct(
+        f"{spec.cls.__name__}Wire",
+        fields,
+        tag_field="kind",
+        tag=spec.kind,
+        forbid_unknown_fields=True,
+    )
+
+
+def _kind(spec: Spec) -> _Kind:
+    names = tuple(n for n in spec.cls.model_fields if n != "kind")
+    nested = tuple(
+        n
+        for n in names
+        if n not in (*spec.tensor_fields, *spec.bytes_fields)
+        and not _scalar(spec.cls.model_fields[n].annotation)
+    )
+    return _Kind(spec=spec, fields=names, nested=nested)
+
+
+_KINDS: Final = {_struct_for(spec): _kind(spec) for spec in SPECS_BY_TYPE.values()}
+_MESSAGES: Final = msgspec.msgpack.Decoder(Union[tuple(_KINDS)])  # noqa: UP007
+_VERSION: Final = msgspec.msgpack.Decoder(_Versioned)
+_CONTAINERS: Final = (list, dict)
+_PARSE_ERRORS: Final = (msgspec.DecodeError, ValueError, RecursionError)
+"""What msgspec raises on bytes it cannot parse (invalid UTF-8 is a ``UnicodeDecodeError``)."""
+_UNSET: Final = msgspec.UNSET
+_astuple: Final = msgspec.structs.astuple
+
+
+def message_values(view: memoryview) -> tuple[Spec, dict[str, object]]:
+    """The message's spec and its fields as pydantic takes them, tensors already built.
+
+    Raises ``SchemaVersionError`` for another schema version (checked before any tensor is
+    built) and ``CodecError`` for anything else wrong.
+    """
+    try:
+        wire = _MESSAGES.decode(view)
+    except msgspec.ValidationError as exc:  # well-formed msgpack, not one of our messages
+        _refuse_other_versions(view)
+        raise CodecError(f"invalid message: {exc}") from None
+    except _PARSE_ERRORS as exc:
+        raise CodecError(f"malformed msgpack: {exc}") from None
+    kind = _KINDS[type(wire)]
+    values = {n: v for n, v in zip(kind.fields, _astuple(wire), strict=True) if v is not _UNSET}
+    check_version(values.get("schema_version"))
+    if len(values) + 1 != _map_size(view):  # + 1: the kind
+        raise CodecError("a field appears twice in the message")
+    for name in kind.nested:
+        value = values.get(name)
+        if type(value) in _CONTAINERS:
+            values[name] = _as_tuples(value)
+    for name in kind.spec.tensor_fields:
+        wire_tensors = values.get(name)
+        if wire_tensors:
+            values[name] = _tensors(wire_tensors, name)
+    return kind.spec, values
+
+
+def _refuse_other_versions(view: memoryview) -> None:
+    """Raise ``SchemaVersionError`` when a message that failed to parse names another version.
+
+    A later release may add fields or change a tensor's layout; its messages should say
+    "another version", not "unknown field".
+    """
+    try:
+        found = _VERSION.decode(view).schema_version
+    except _PARSE_ERRORS:  # msgspec's ValidationError is a DecodeError
+        return
+    if found is not msgspec.UNSET and (type(found) is not int or found != SCHEMA_VERSION):
+        raise SchemaVersionError(found, SCHEMA_VERSION)
+
+
+def _map_size(view: memoryview) -> int:
+    """Entries in the map header ``view`` starts with (msgspec has parsed it as a map)."""
+    first = view[0]
+    if first <= 0x8F:
+        return first & 0x0F
+    if first == 0xDE:
+        return view[1] << 8 | view[2]
+    return int.from_bytes(view[1:5], "big")
+
+
+def _as_tuples(value: object) -> object:
+    """Arrays as tuples, at any depth: the models take sequences as tuples (strict)."""
+    if type(value) is list:
+        return tuple([_as_tuples(item) if type(item) in _CONTAINERS else item for item in value])
+    if type(value) is dict:
+        return {k: _as_tuples(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+    return value
+
+
+def _tensors(wire_tensors: dict[str, WireTensor], field: str) -> TensorMap:
+    if len(wire_tensors) > MAX_TENSORS:
+        raise CodecError(f"field {field!r} holds {len(wire_tensors)} tensors, over {MAX_TENSORS}")
+    tensors: TensorMap = {}
+    for name, wire in wire_tensors.items():
+        try:
+            tensors[name] = _tensor(wire, allow_scale=True)
+        except CodecError as exc:
+            raise CodecError(f"tensor {name!r} of field {field!r}: {exc}") from exc
+    return tensors
+
+
+def _tensor(wire: WireTensor, *, allow_scale: bool) -> torch.Tensor:
+    scale = None
+    if wire.scale is not msgspec.UNSET:
+        if not allow_scale:
+            raise CodecError("a scale has no scale of its own")
+        scale = _tensor(wire.scale, allow_scale=False)
+    data = wire.data
+    return build(wire.dtype, wire.shape, data, scale=scale)

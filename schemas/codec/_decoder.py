@@ -80,6 +80,7 @@ def _struct_for(spec: Spec) -> type[msgspec.Struct]:
         tag_field="kind",
         tag=spec.kind,
         forbid_unknown_fields=True,
+        gc=False,  # decoded values form trees, never cycles: nothing for the collector
     )
 
 
@@ -172,17 +173,17 @@ def _tensors(wire_tensors: dict[str, WireTensor], field: str) -> TensorMap:
     tensors: TensorMap = {}
     for name, wire in wire_tensors.items():
         try:
-            tensors[name] = _tensor(wire, allow_scale=True)
+            if wire.scale is _UNSET:  # the common case, one call
+                tensors[name] = build(wire.dtype, wire.shape, wire.data, scale=None)
+            else:
+                tensors[name] = _scaled(wire, wire.scale)
         except CodecError as exc:
             raise CodecError(f"tensor {name!r} of field {field!r}: {exc}") from exc
     return tensors
 
 
-def _tensor(wire: WireTensor, *, allow_scale: bool) -> torch.Tensor:
-    scale = None
-    if wire.scale is not msgspec.UNSET:
-        if not allow_scale:
-            raise CodecError("a scale has no scale of its own")
-        scale = _tensor(wire.scale, allow_scale=False)
-    data = wire.data
-    return build(wire.dtype, wire.shape, data, scale=scale)
+def _scaled(wire: WireTensor, scale: WireTensor) -> torch.Tensor:
+    if scale.scale is not _UNSET:
+        raise CodecError("a scale has no scale of its own")
+    scale_tensor = build(scale.dtype, scale.shape, scale.data, scale=None)
+    return build(wire.dtype, wire.shape, wire.data, scale=scale_tensor)

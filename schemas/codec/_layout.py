@@ -18,7 +18,7 @@ MAX_TENSORS: Final = 65_536
 """Tensors one field may hold; bounds the work a hostile payload can cause."""
 
 
-class WireTensor(msgspec.Struct, forbid_unknown_fields=True):
+class WireTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A tensor map as it travels: ``{dtype, shape, data}``, plus ``scale`` for int8.
 
     ``data`` is a memoryview both ways: of the tensor's own memory when encoding, of the

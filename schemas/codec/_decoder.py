@@ -22,8 +22,8 @@ import msgspec
 import torch
 
 from schemas.codec._layout import MAX_TENSORS, SPECS_BY_TYPE, Spec, WireTensor, check_version
-from schemas.errors import CodecError, SchemaVersionError
-from schemas.messages import SCHEMA_VERSION, TensorMap
+from schemas.errors import CodecError
+from schemas.messages import TensorMap
 from schemas.tensor_wire import build
 
 
@@ -144,8 +144,8 @@ def _refuse_other_versions(view: memoryview) -> None:
         found = _VERSION.decode(view).schema_version
     except _PARSE_ERRORS:  # msgspec's ValidationError is a DecodeError
         return
-    if found is not msgspec.UNSET and (type(found) is not int or found != SCHEMA_VERSION):
-        raise SchemaVersionError(found, SCHEMA_VERSION)
+    if found is not _UNSET:
+        check_version(found)
 
 
 def _map_size(view: memoryview) -> int:

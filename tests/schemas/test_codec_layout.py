@@ -196,3 +196,14 @@ def test_codec_encodes_from_many_threads_at_once() -> None:
                 assert list(pool.map(encode, SAMPLES * 3)) == expected * 3
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_codec_refuses_a_field_with_more_tensors_than_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from schemas.codec import _decoder
+
+    monkeypatch.setattr(_decoder, "MAX_TENSORS", 4)
+    assert isinstance(decode(encode(_update({f"w{i}": torch.ones(2) for i in range(4)}))), Update)
+    with pytest.raises(CodecError, match="holds 5 tensors, over 4"):
+        decode(encode(_update({f"w{i}": torch.ones(2) for i in range(5)})))

@@ -45,7 +45,8 @@ _DTYPE_NAMES: Final[dict[torch.dtype, str]] = {dtype: name for name, dtype in DT
 _NUMPY_DTYPE_NAMES: Final = {d: n for d, n in _DTYPE_NAMES.items() if d is not torch.bfloat16}
 """The dtypes whose bytes ``Tensor.numpy`` exposes as they are (numpy has no bfloat16)."""
 
-_MAX_NDIM: Final = 64
+MAX_NDIM: Final = 64
+"""Dimensions a tensor may have."""
 _MAX_DIM: Final = 2**62
 
 
@@ -170,8 +171,8 @@ def _check_layout(dtype_name: object, shape: object) -> tuple[torch.dtype, tuple
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CodecError(f"dtype {dtype_name!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    if not isinstance(shape, (list, tuple)) or len(shape) > _MAX_NDIM:
-        raise CodecError(f"a tensor shape is a list of at most {_MAX_NDIM} sizes, not {shape!r}")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise CodecError(f"a tensor shape is a list of at most {MAX_NDIM} sizes, not {shape!r}")
     dims = tuple(shape)
     for dim in dims:
         if type(dim) is not int or not 0 <= dim <= _MAX_DIM:

@@ -21,7 +21,14 @@ from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 import msgspec
 import torch
 
-from schemas.codec._layout import MAX_TENSORS, SPECS_BY_TYPE, Spec, WireTensor, check_version
+from schemas.codec._layout import (
+    MAX_SEGMENT,
+    MAX_TENSORS,
+    SPECS_BY_TYPE,
+    Spec,
+    WireTensor,
+    check_version,
+)
 from schemas.errors import CodecError
 from schemas.messages import TensorMap
 from schemas.tensor_wire import build
@@ -96,6 +103,19 @@ def _kind(spec: Spec) -> _Kind:
 
 
 _KINDS: Final = {_struct_for(spec): _kind(spec) for spec in SPECS_BY_TYPE.values()}
+_TENSOR_FIELDS: Final = frozenset(n for spec in SPECS_BY_TYPE.values() for n in spec.tensor_fields)
+_PAYLOAD_FIELDS: Final = tuple(
+    sorted(_TENSOR_FIELDS.union(*(spec.bytes_fields for spec in SPECS_BY_TYPE.values())))
+)
+_Outline: Final = msgspec.defstruct(
+    "Outline", [(n, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for n in _PAYLOAD_FIELDS]
+)
+"""The tensor and bytes fields of any message, unparsed; every other field is skipped."""
+_OUTLINE: Final = msgspec.msgpack.Decoder(_Outline)
+_TENSOR_INDEXES: Final = tuple(i for i, n in enumerate(_PAYLOAD_FIELDS) if n in _TENSOR_FIELDS)
+_MIN_TENSOR_BYTES: Final = 23
+"""The smallest tensor entry that parses: a 1-byte name and ``{dtype: "", shape: [], data: b""}``;
+a field shorter than this many bytes per allowed tensor cannot hold too many."""
 _MESSAGES: Final = msgspec.msgpack.Decoder(Union[tuple(_KINDS)])  # noqa: UP007
 _VERSION: Final = msgspec.msgpack.Decoder(_Versioned)
 _CONTAINERS: Final = (list, dict)
@@ -111,6 +131,8 @@ def message_values(view: memoryview) -> tuple[Spec, dict[str, object]]:
     Raises ``SchemaVersionError`` for another schema version (checked before any tensor is
     built) and ``CodecError`` for anything else wrong.
     """
+    if view.nbytes > MAX_SEGMENT:
+        _check_outline(view)
     try:
         wire = _MESSAGES.decode(view)
     except msgspec.ValidationError as exc:  # well-formed msgpack, not one of our messages
@@ -132,6 +154,35 @@ def message_values(view: memoryview) -> tuple[Spec, dict[str, object]]:
         if wire_tensors:
             values[name] = _tensors(wire_tensors, name)
     return kind.spec, values
+
+
+def _check_outline(view: memoryview) -> None:
+    """Refuse a large message whose other fields or tensor counts are over the limits.
+
+    Checked before anything is built, so a hostile payload cannot make the decoder
+    allocate many times its size. Only a message over ``MAX_SEGMENT`` can break them.
+    """
+    try:
+        raws = _astuple(_OUTLINE.decode(view))
+    except _PARSE_ERRORS:
+        return  # the full decode says what is wrong
+    outside = view.nbytes - sum([len(raw) for raw in raws if raw is not _UNSET])
+    if outside > MAX_SEGMENT:
+        raise CodecError(
+            f"{outside} bytes of msgpack outside tensor and bytes fields, over {MAX_SEGMENT}"
+        )
+    for index in _TENSOR_INDEXES:
+        raw = raws[index]
+        if raw is not _UNSET and len(raw) > _MIN_TENSOR_BYTES * MAX_TENSORS:
+            header = memoryview(raw)
+            tensors = _map_size(header) if _is_map(header[0]) else 0
+            if tensors > MAX_TENSORS:
+                name = _PAYLOAD_FIELDS[index]
+                raise CodecError(f"field {name!r} holds {tensors} tensors, over {MAX_TENSORS}")
+
+
+def _is_map(first: int) -> bool:
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
 
 
 def _refuse_other_versions(view: memoryview) -> None:

@@ -7,15 +7,22 @@ bytes, the parts that travel as bin without a copy on either side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Annotated, Final, cast
 
 import msgspec
 
 from schemas.errors import SchemaVersionError
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, TensorMap
+from schemas.tensor_wire import MAX_NDIM
 
 MAX_TENSORS: Final = 65_536
 """Tensors one field may hold; bounds the work a hostile payload can cause."""
+MAX_SEGMENT: Final = 1024 * 1024
+"""Bytes of msgpack a message may hold outside its tensor fields and bytes fields.
+
+Parsed values take several times their wire size in memory (an empty array is 1 byte on
+the wire and a Python object of 56), so this bounds what a hostile payload can allocate.
+"""
 
 
 class WireTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -27,7 +34,7 @@ class WireTensor(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """
 
     dtype: str
-    shape: tuple[int, ...]
+    shape: Annotated[tuple[int, ...], msgspec.Meta(max_length=MAX_NDIM)]
     data: memoryview
     scale: WireTensor | msgspec.UnsetType = msgspec.UNSET
 

@@ -207,3 +207,31 @@ def test_codec_refuses_a_field_with_more_tensors_than_the_limit(
     assert isinstance(decode(encode(_update({f"w{i}": torch.ones(2) for i in range(4)}))), Update)
     with pytest.raises(CodecError, match="holds 5 tensors, over 4"):
         decode(encode(_update({f"w{i}": torch.ones(2) for i in range(5)})))
+
+
+def test_codec_refuses_a_large_message_with_too_much_outside_its_payloads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from schemas.codec import _decoder
+
+    monkeypatch.setattr(_decoder, "MAX_SEGMENT", 1024)
+    big = _update({"w": torch.ones(1024)})  # 4 KiB of tensor payload, small fields
+    assert isinstance(decode(encode(big)), Update)
+    wire = _wire(big)
+    wire["client_id"] = "c" * 2000  # the small fields now outweigh the limit
+    with pytest.raises(CodecError, match=r"bytes of msgpack outside tensor and bytes fields"):
+        decode(_pack(wire))
+    wire = _wire(big)
+    wire["delta"] = {f"w{i}": {"dtype": "float32", "shape": [0], "data": b""} for i in range(5)}
+    wire["delta"]["w0"]["shape"] = "not a shape"  # msgspec would refuse this, were it parsed
+    wire["delta"]["pad"] = _wire(big)["delta"]["w"]
+    monkeypatch.setattr(_decoder, "MAX_TENSORS", 4)
+    with pytest.raises(CodecError, match="holds 6 tensors, over 4"):  # counted before parsing
+        decode(_pack(wire))
+
+
+def test_codec_refuses_a_shape_of_too_many_dims() -> None:
+    wire = _wire(_update({"w": torch.ones(1)}))
+    wire["delta"]["w"]["shape"] = [1] * 65
+    with pytest.raises(CodecError, match="length <= 64"):
+        decode(_pack(wire))

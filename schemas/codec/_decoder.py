@@ -7,9 +7,12 @@ for pydantic to validate. msgspec parses the whole message in C, refuses unknown
 truncation and trailing bytes, and this module then checks what msgspec does not: the
 schema version, a field sent twice (msgspec keeps the last one silently, as msgpack-python
 does, so the map header's count is compared with the fields found), and each tensor's
-layout (``schemas.tensor_wire.build``).
+layout (``schemas.tensor_wire.build``). Inside a tensor map a repeated key keeps its last
+value, as msgpack-python's ``unpackb`` does.
 
-Inside a tensor map a repeated key keeps its last value, as in any msgpack library's dict.
+A message over ``MAX_SEGMENT`` is first read as an outline, its tensor and bytes fields left
+unparsed and every other field skipped, so the limits on what lies outside the payloads and
+on tensor counts hold before msgspec builds anything.
 """
 
 from __future__ import annotations

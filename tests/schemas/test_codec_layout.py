@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from schemas.codec import Compression, decode, encode, tensor_from_wire
+from schemas.codec import Compression, _decoder, decode, encode, tensor_from_wire
 from schemas.codec._layout import SPECS_BY_TYPE
 from schemas.errors import CodecError
 from schemas.messages import SCHEMA_VERSION, Message, ModelRef, ProxySpec, Task, Update
@@ -149,9 +149,16 @@ def _reference_outcome(data: bytes) -> object:
             if name in wire:
                 wire[name] = {k: tensor_from_wire(v) for k, v in wire[name].items()}
         message = spec.cls.model_validate(wire, strict=True)
-    except (CodecError, ValidationError, ValueError, TypeError, KeyError, AttributeError):
-        return CodecError
-    except (msgpack.UnpackException, RecursionError):
+    except (
+        CodecError,
+        ValidationError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        msgpack.UnpackException,
+        RecursionError,
+    ):
         return CodecError
     return _by_value(message)
 
@@ -201,8 +208,6 @@ def test_codec_encodes_from_many_threads_at_once() -> None:
 def test_codec_refuses_a_field_with_more_tensors_than_the_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from schemas.codec import _decoder
-
     monkeypatch.setattr(_decoder, "MAX_TENSORS", 4)
     assert isinstance(decode(encode(_update({f"w{i}": torch.ones(2) for i in range(4)}))), Update)
     with pytest.raises(CodecError, match="holds 5 tensors, over 4"):
@@ -212,8 +217,6 @@ def test_codec_refuses_a_field_with_more_tensors_than_the_limit(
 def test_codec_refuses_a_large_message_with_too_much_outside_its_payloads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from schemas.codec import _decoder
-
     monkeypatch.setattr(_decoder, "MAX_SEGMENT", 1024)
     big = _update({"w": torch.ones(1024)})  # 4 KiB of tensor payload, small fields
     assert isinstance(decode(encode(big)), Update)

@@ -133,12 +133,6 @@ def _pack_dense(t: torch.Tensor, compression: Compression) -> Packed:
     return Packed(name, tuple(t.shape), _raw_view(t))
 
 
-class _ReadonlyWarning:
-    """Whether torch has spent its once-per-process warning about read-only buffers."""
-
-    spent = False
-
-
 @contextlib.contextmanager
 def _ignore_readonly_warning() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -148,19 +142,30 @@ def _ignore_readonly_warning() -> Iterator[None]:
         yield
 
 
+def _spend_readonly_warning() -> None:
+    """Make torch spend, silenced, its once-per-process warning about read-only buffers.
+
+    Tensors decoded from ``bytes`` share its memory (that is the point: no copy), and the
+    codec's docstring tells callers to clone before writing, so the warning says nothing
+    they need. Spent here, at import, it costs decode nothing later.
+    """
+    with _ignore_readonly_warning():
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_spend_readonly_warning()
+
+
 def allow_readonly(readonly: bool) -> contextlib.AbstractContextManager[None]:
     """Silence torch's warning about tensors on a read-only buffer, and only that one.
 
-    Tensors decoded from ``bytes`` share its memory (that is the point: no copy); torch
-    warns once per process that it cannot mark them read-only, and the codec's docstring
-    tells callers to clone before writing. Once torch has spent that warning inside this
-    filter, later decodes skip the filter (a few microseconds) unless
-    ``torch.set_warn_always`` is on. ``warnings.catch_warnings`` is process-wide state,
-    which is why the filter names this one message only.
+    Needed only while ``torch.set_warn_always`` is on: torch then repeats the warning every
+    time. ``warnings.catch_warnings`` is process-wide state, which is why the filter names
+    this one message only.
     """
-    if not readonly or (_ReadonlyWarning.spent and not torch.is_warn_always_enabled()):
-        return _NO_FILTER
-    return _ignore_readonly_warning()
+    if readonly and torch.is_warn_always_enabled():
+        return _ignore_readonly_warning()
+    return _NO_FILTER
 
 
 _NO_FILTER: Final = contextlib.nullcontext()
@@ -211,10 +216,6 @@ def build(
         tensor = torch.frombuffer(data, dtype=dtype)
         if len(dims) != 1:
             tensor = tensor.reshape(dims)
-        if data.readonly:
-            # Only decode passes read-only buffers, inside allow_readonly: torch has now
-            # spent its warning, so later decodes may skip the filter.
-            _ReadonlyWarning.spent = True
     if dtype is torch.bool and numel and bool((tensor.view(torch.uint8) > 1).any()):
         raise CodecError("a bool tensor holds bytes other than 0 and 1")
     if scale is None:

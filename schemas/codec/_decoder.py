@@ -64,8 +64,6 @@ class _Kind:
     """One message kind as the decoder sees it."""
 
     spec: Spec
-    fields: tuple[str, ...]
-    """The Struct's fields, in the order ``astuple`` gives their values."""
     nested: tuple[str, ...]
     """Fields that may hold arrays or maps, to turn into tuples (tensor fields aside)."""
 
@@ -102,7 +100,7 @@ def _kind(spec: Spec) -> _Kind:
         if n not in (*spec.tensor_fields, *spec.bytes_fields)
         and not _scalar(spec.cls.model_fields[n].annotation)
     )
-    return _Kind(spec=spec, fields=names, nested=nested)
+    return _Kind(spec=spec, nested=nested)
 
 
 _KINDS: Final = {_struct_for(spec): _kind(spec) for spec in SPECS_BY_TYPE.values()}
@@ -111,9 +109,10 @@ _PAYLOAD_FIELDS: Final = tuple(
     sorted(_TENSOR_FIELDS.union(*(spec.bytes_fields for spec in SPECS_BY_TYPE.values())))
 )
 _Outline: Final = msgspec.defstruct(
-    "Outline", [(n, msgspec.Raw | msgspec.UnsetType, msgspec.UNSET) for n in _PAYLOAD_FIELDS]
+    "Outline", [(n, msgspec.Raw, msgspec.Raw()) for n in _PAYLOAD_FIELDS]
 )
-"""The tensor and bytes fields of any message, unparsed; every other field is skipped."""
+"""The tensor and bytes fields of any message, unparsed (empty when absent); every other
+field is skipped."""
 _OUTLINE: Final = msgspec.msgpack.Decoder(_Outline)
 _TENSOR_INDEXES: Final = tuple(i for i, n in enumerate(_PAYLOAD_FIELDS) if n in _TENSOR_FIELDS)
 _MIN_TENSOR_BYTES: Final = 23
@@ -126,6 +125,7 @@ _PARSE_ERRORS: Final = (msgspec.DecodeError, ValueError, RecursionError)
 """What msgspec raises on bytes it cannot parse (invalid UTF-8 is a ``UnicodeDecodeError``)."""
 _UNSET: Final = msgspec.UNSET
 _astuple: Final = msgspec.structs.astuple
+_asdict: Final = msgspec.structs.asdict
 
 
 def message_values(view: memoryview) -> tuple[Spec, dict[str, object]]:
@@ -144,9 +144,12 @@ def message_values(view: memoryview) -> tuple[Spec, dict[str, object]]:
     except _PARSE_ERRORS as exc:
         raise CodecError(f"malformed msgpack: {exc}") from None
     kind = _KINDS[type(wire)]
-    values = {n: v for n, v in zip(kind.fields, _astuple(wire), strict=True) if v is not _UNSET}
+    values = _asdict(wire)
+    sent = _map_size(view) - 1  # - 1: the kind
+    if sent != len(values) or _UNSET in values.values():  # some field not sent
+        values = {n: v for n, v in values.items() if v is not _UNSET}
     check_version(values.get("schema_version"))
-    if len(values) + 1 != _map_size(view):  # + 1: the kind
+    if len(values) != sent:
         raise CodecError("a field appears twice in the message")
     for name in kind.nested:
         value = values.get(name)
@@ -169,15 +172,15 @@ def _check_outline(view: memoryview) -> None:
         raws = _astuple(_OUTLINE.decode(view))
     except _PARSE_ERRORS:
         return  # the full decode says what is wrong
-    outside = view.nbytes - sum([len(raw) for raw in raws if raw is not _UNSET])
+    sizes = list(map(len, raws))
+    outside = view.nbytes - sum(sizes)
     if outside > MAX_SEGMENT:
         raise CodecError(
             f"{outside} bytes of msgpack outside tensor and bytes fields, over {MAX_SEGMENT}"
         )
     for index in _TENSOR_INDEXES:
-        raw = raws[index]
-        if raw is not _UNSET and len(raw) > _MIN_TENSOR_BYTES * MAX_TENSORS:
-            header = memoryview(raw)
+        if sizes[index] > _MIN_TENSOR_BYTES * MAX_TENSORS:
+            header = memoryview(raws[index])
             tensors = _map_size(header) if _is_map(header[0]) else 0
             if tensors > MAX_TENSORS:
                 name = _PAYLOAD_FIELDS[index]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import random
+import subprocess
+import sys
 import warnings
 
 import msgpack
@@ -213,6 +215,27 @@ def test_codec_decode_is_zero_copy() -> None:
     ptr = decoded.delta["w"].data_ptr()
     assert start <= ptr < start + len(buf)
     assert torch.equal(decoded.delta["w"], tensor)
+
+
+def test_codec_decode_in_a_fresh_process_shows_no_warning() -> None:
+    """torch's once-per-process read-only buffer warning is spent, silenced, at import."""
+    code = (
+        "import torch\n"
+        "from schemas.codec import decode, encode\n"
+        "from schemas.messages import Update\n"
+        "update = Update(client_id='c', task_id='t', base_version=0, num_samples=1,"
+        " delta={'w': torch.ones(3)})\n"
+        "assert decode(encode(update)).delta['w'].tolist() == [1.0, 1.0, 1.0]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not writable" not in result.stderr
 
 
 def test_codec_decode_bytes_raises_no_warning() -> None:
@@ -471,6 +494,17 @@ def test_codec_missing_required_field_raises_codec_error() -> None:
     del wire["client_id"]
     with pytest.raises(CodecError, match="client_id"):
         decode(_pack(wire))
+
+
+def test_codec_optional_fields_left_out_take_their_defaults() -> None:
+    """A sender in another language may write only the fields it sets."""
+    wire = _wire(SAMPLES[4])
+    for name in ("detail", "duplicate", "staleness"):
+        del wire[name]
+    decoded = decode(_pack(wire))
+    assert isinstance(decoded, Ack)
+    assert (decoded.detail, decoded.duplicate, decoded.staleness) == ("", False, None)
+    assert decoded.client_id == wire["client_id"]
 
 
 @pytest.mark.parametrize(

@@ -162,13 +162,14 @@ def model_shape(name: str) -> ModelShape:
         ConfigError: Unknown model, or one whose config this estimator cannot model.
     """
     from edgefed import modeling  # noqa: PLC0415  (torch import only when sizing)
+    from edgefed.library_internals import attention_implementation  # noqa: PLC0415
     from schemas.errors import AssetMissing  # noqa: PLC0415
 
     factory = modeling.TINY_MODELS.get(name)
     if factory is not None:
         config = factory()
         return ModelShape.from_config(
-            name, config.to_dict() | {"_attn_implementation": config._attn_implementation}
+            name, config.to_dict() | {"_attn_implementation": attention_implementation(config)}
         )
     try:
         folder = modeling.model_folder(name)

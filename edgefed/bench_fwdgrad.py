@@ -68,8 +68,8 @@ def _smollm2_shaped() -> PreTrainedModel:
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         use_cache=False,
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # a PretrainedConfig kwarg LlamaConfig's typed signature omits
     )
-    config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
 
 

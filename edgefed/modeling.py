@@ -79,7 +79,7 @@ def tiny_config(*, layers: int = 2, hidden: int = 64) -> LlamaConfig:
         raise ConfigError(
             f"tiny model needs layers >= 1 and hidden divisible by 4, got {layers=} {hidden=}"
         )
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -90,10 +90,8 @@ def tiny_config(*, layers: int = 2, hidden: int = 64) -> LlamaConfig:
         initializer_range=TINY_INIT_STD,
         tie_word_embeddings=False,
         use_cache=False,
+        attn_implementation="eager",  # type: ignore[call-arg]  # a PretrainedConfig kwarg LlamaConfig's typed signature omits
     )
-    # The constructor's typed signature omits the kwarg; this is the setter it uses.
-    config._attn_implementation = "eager"
-    return config
 
 
 TINY_MODELS: dict[str, Callable[[], LlamaConfig]] = {

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from edgefed.library_internals import cpu_bf16_native
+
 Precision = Literal["fp32", "bf16", "auto"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "auto")
 
@@ -23,8 +25,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        # oneDNN's own check: AVX-512 BF16 or AMX; without them bf16 is emulated.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_bf16_native()
     return False
 
 

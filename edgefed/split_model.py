@@ -17,7 +17,6 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_causal_mask
 
 from edgefed.modeling import adapter_parameters
 from edgefed.objectives import IGNORE_INDEX
@@ -79,20 +78,29 @@ def part_names(model: PeftModel, start: int, stop: int) -> list[str]:
     ]
 
 
+def causal_mask(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The additive ``[b, 1, s, s]`` mask a decoder block takes: causal, padding masked out.
+
+    Built here with torch alone (0 where a query may attend, the dtype's minimum where
+    not), as the eager and SDPA attention of transformers accept it, so the cut never
+    depends on transformers' internal mask helpers, whose signature changes between
+    releases.
+    """
+    batch, length = hidden.shape[0], hidden.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+    allowed = allowed.expand(batch, 1, length, length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    blocked = torch.finfo(hidden.dtype).min
+    return torch.zeros_like(allowed, dtype=hidden.dtype).masked_fill(~allowed, blocked)
+
+
 def _mask_and_positions(
     model: PeftModel, hidden: Tensor, attention_mask: Tensor | None
-) -> tuple[object, tuple[Tensor, Tensor]]:
-    decoder = _decoder(model)
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask = create_causal_mask(
-        config=model_config(model),
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=positions,
-    )
-    rotary = cast("tuple[Tensor, Tensor]", _part(decoder, "rotary_emb")(hidden, positions))
-    return mask, rotary
+    rotary = cast("tuple[Tensor, Tensor]", _part(_decoder(model), "rotary_emb")(hidden, positions))
+    return causal_mask(hidden, attention_mask), rotary
 
 
 def embed(model: PeftModel, input_ids: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from edgefed.frames import (
     encode_frames,
     send_windowed,
 )
+from edgefed.library_internals import close_mqtt_socket, mqtt_socket
 from edgefed.memory_transport import MemoryBroker, MemoryTransport
 from edgefed.mqtt_config import BrokerURL, TransportConfig, Will, resolve_credentials
 from edgefed.topic_match import check_filter, check_qos, check_topic
@@ -135,6 +136,7 @@ class _ConnectionLost(Exception):
 @dataclass(eq=False)
 class _Connection:
     client: aiomqtt.Client
+    inbox: asyncio.Queue[aiomqtt.Message]
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Future[object] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -150,18 +152,6 @@ class _Connection:
 def _reason_value(code: object) -> int:
     value = getattr(code, "value", code)
     return value if isinstance(value, int) else -1
-
-
-def _close_socket(client: aiomqtt.Client) -> None:
-    """Close the socket of a failed connection attempt, which aiomqtt leaves open.
-
-    paho's ``_sock_close`` also tells aiomqtt to stop watching the socket, so closing
-    it this way never leaves a dead descriptor registered with the event loop.
-    """
-    paho_client = client._client
-    close = getattr(paho_client, "_sock_close", None)
-    if callable(close):
-        close()
 
 
 def _retryable(exc: BaseException | None) -> bool:
@@ -294,9 +284,8 @@ class MqttTransport:
         conn = self._conn
         if conn is None:
             return
-        # aiomqtt keeps paho's client private; its socket is the only handle on the link.
-        sock = conn.client._client.socket()
-        if isinstance(sock, socket.socket):
+        sock = mqtt_socket(conn.client)
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(TimeoutError):
@@ -397,7 +386,7 @@ class MqttTransport:
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s, rng=self._rng)
         ever_connected = False
         while True:
-            client = self._new_client()
+            client, inbox = self._new_client()
             try:
                 with map_transport_errors(f"connecting to {self._url}"):
                     await self._connect(client)
@@ -410,7 +399,7 @@ class MqttTransport:
                 await asyncio.sleep(delay)
                 continue
             ever_connected = True
-            conn = _Connection(client)
+            conn = _Connection(client, inbox)
             try:
                 await self._on_connected(conn)
                 backoff.reset()
@@ -427,7 +416,8 @@ class MqttTransport:
             log.info("%s: reconnecting in %.2f s", self.config.client_id, delay)
             await asyncio.sleep(delay)
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
+        """A client for one connection, with the queue aiomqtt receives its messages into."""
         config = self.config
         tls = None
         if self._url.tls or config.ca_file or config.cert_file:
@@ -439,6 +429,15 @@ class MqttTransport:
             will = aiomqtt.Will(
                 config.will.topic, self._will_payload, qos=1, retain=config.will.retain
             )
+        made: list[asyncio.Queue[aiomqtt.Message]] = []
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            # aiomqtt builds its incoming queue from this (its public ``queue_type``);
+            # keeping it lets _receive hand on what arrived just before a disconnect.
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                made.append(self)
+
         client = aiomqtt.Client(
             self._url.host,
             self._url.port,
@@ -451,10 +450,11 @@ class MqttTransport:
             keepalive=config.keepalive,
             timeout=self._op_timeout_s,
             tls_params=tls,
+            queue_type=Inbox,
         )
         # aiomqtt warns past 10 pending calls; a full chunk window plus acks is normal here.
         client.pending_calls_threshold = max(10, 4 * config.publish_window)
-        return client
+        return client, made[0]
 
     async def _connect(self, client: aiomqtt.Client) -> None:
         """Connect; if cancelled meanwhile, finish or fail the handshake before leaving.
@@ -475,10 +475,10 @@ class MqttTransport:
             if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
                 await self._disconnect(client)
             else:
-                _close_socket(client)
+                close_mqtt_socket(client)
             raise
         except BaseException:
-            _close_socket(client)  # e.g. no CONNACK in time: aiomqtt leaves the socket open
+            close_mqtt_socket(client)  # e.g. no CONNACK in time: aiomqtt leaves the socket open
             raise
 
     async def _on_connected(self, conn: _Connection) -> None:
@@ -504,9 +504,8 @@ class MqttTransport:
         finally:
             # Messages already received (and acknowledged) when the link dropped.
             # aiomqtt's iterator drops them once disconnected; its queue still holds them.
-            queue = client._queue
-            while not queue.empty():
-                self._handle(queue.get_nowait())
+            while not conn.inbox.empty():
+                self._handle(conn.inbox.get_nowait())
 
     def _handle(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value

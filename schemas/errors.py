@@ -11,7 +11,8 @@
     ├── TransportError                   the broker connection failed
     ├── SignatureError (ValueError)      a global model or task not signed by a trusted key
     ├── ConfigError (ValueError)         a setting that cannot work
-    │   └── AssetMissing                 packaged weights or data not installed yet
+    │   ├── AssetMissing                 packaged weights or data not installed yet
+    │   └── IncompatibleLibrary          an installed library lacks what edgefed relies on
     ├── FitStopped                       a local fit asked to stop (its work is discarded)
     └── UpdateRejected                   an update the aggregator will not merge
         ├── StaleUpdate                  ... because it is older than max_staleness
@@ -127,6 +128,25 @@ class AssetMissing(ConfigError):
         self.asset = asset
         self.detail = detail
         self.command = command
+
+
+class IncompatibleLibrary(ConfigError):
+    """An installed library release no longer has an attribute edgefed relies on."""
+
+    def __init__(self, package: str, needed: str) -> None:
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            found = version(package)
+        except PackageNotFoundError:
+            found = "not installed"
+        super().__init__(
+            f"{package} {found} has no {needed}, which edgefed relies on; install the "
+            "locked versions (`make`, or `pip install -r requirements/lock.txt`)"
+        )
+        self.package = package
+        self.found = found
+        self.needed = needed
 
 
 class FitStopped(EdgeFedError):

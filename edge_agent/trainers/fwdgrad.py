@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 
 from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenBatch, TokenDataset
+from edgefed.library_internals import attention_implementation
 from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
 from edgefed.objectives import batch_loss
 from edgefed.perturbation import Layout, estimate, rademacher
@@ -153,7 +154,7 @@ def _endless_batches(
 def _use_eager_attention(model: PeftModel) -> None:
     """Forward-mode AD goes through eager attention only (SDPA has no jvp rule on CPU)."""
     base = cast("PreTrainedModel", model.get_base_model())
-    current = getattr(base.config, "_attn_implementation", "eager")
+    current = attention_implementation(base.config) or "eager"
     if current != "eager":
         log.info("fwdgrad jvp: switching attention from %s to eager", current)
         base.set_attn_implementation("eager")

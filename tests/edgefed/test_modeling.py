@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from edgefed.library_internals import attention_implementation
 from edgefed.modeling import (
     TINY_VOCAB,
     adapter_parameters,
@@ -25,7 +26,7 @@ def test_tiny_config_shape():
     config = tiny_config()
     assert config.vocab_size == TINY_VOCAB
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (2, 64, 4)
-    assert config._attn_implementation == "eager"
+    assert attention_implementation(config) == "eager"
     assert config.tie_word_embeddings is False
     assert tiny_config(layers=4, hidden=32).num_hidden_layers == 4
     with pytest.raises(ConfigError):

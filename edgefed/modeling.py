@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -325,6 +325,12 @@ def lora_spec(model: PeftModel) -> LoraSpec:
 def _is_encoder(model: PreTrainedModel) -> bool:
     """Whether ``model`` is a sequence classifier (built for an encoder) or a causal LM."""
     return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def classifier_classes(model: PeftModel) -> int | None:
+    """How many classes ``model`` scores if it is a sequence classifier; None for an LM."""
+    base = cast("PreTrainedModel", model.get_base_model())
+    return base.config.num_labels if _is_encoder(base) else None
 
 
 def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:

@@ -79,6 +79,15 @@ def batch_loss(
         ValueError: Nothing in the batch is scored, or a target is not among ``choices``.
     """
     logits, targets = scored_logits(model, batch)
+    return logits_loss(logits, targets, choices)
+
+
+def logits_loss(logits: Tensor, targets: Tensor, choices: tuple[int, ...] | None) -> Tensor:
+    """:func:`batch_loss` from logits already computed (``scored_logits``' output).
+
+    Raises:
+        ValueError: Nothing is scored, or a target is not among ``choices``.
+    """
     if targets.numel() == 0:
         raise ValueError("batch has no scored positions")
     if choices is None:

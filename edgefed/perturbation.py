@@ -37,6 +37,8 @@ _INDEX_WORD = 2
 
 
 def _perturbed(name: str, target: PerturbTarget) -> bool:
+    if target == "head":
+        return ".lora_A." not in name and ".lora_B." not in name
     return target == "all" or ".lora_B." in name
 
 

@@ -23,8 +23,9 @@ SCHEMA_VERSION: Literal[1] = 1
 
 Method = Literal["lora", "fwdgrad", "kd", "split"]
 LoraMode = Literal["standard", "ffa"]
-PerturbTarget = Literal["all", "lora_B"]
-"""Which adapter tensors forward-gradient training perturbs: all of them, or LoRA's B only."""
+PerturbTarget = Literal["all", "lora_B", "head"]
+"""Which adapter tensors forward-gradient training perturbs: all of them, LoRA's B only, or
+only the classification head that travels with a classifier's adapter."""
 AgentState = Literal["online", "waiting", "training", "offline", "cannot_fit"]
 TensorMap = dict[str, torch.Tensor]
 """Named tensors: adapter weights or deltas, names without the peft adapter suffix."""

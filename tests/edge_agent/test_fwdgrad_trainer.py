@@ -12,6 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaForCaus
 
 from aggregator.fwdgrad import expand_seeds
 from edge_agent.trainers import FwdGradConfig, FwdGradTrainer, LoraTrainer, make_trainer
+from edge_agent.trainers.fwdgrad import Derivatives
 from edgefed.data import IGNORE_INDEX, TokenBatch, TokenDataset, evaluate, synthetic_dataset
 from edgefed.modeling import (
     TINY_VOCAB,
@@ -160,6 +161,18 @@ def test_fwdgrad_divergence_is_detected_undone_and_backs_off(
         assert torch.allclose(rebuilt[name], tensor, rtol=1e-6, atol=1e-6), name
     set_adapter(model, {name: start[name] + fit.delta[name] for name in start})
     assert math.isfinite(evaluate(model, data).loss)
+    clean = trainer.fit(start, data, TrainSpec(local_steps=1, perturbations=4), seed=1)
+    assert not clean.diverged and trainer.lr_backoff == 1.0  # one good fit restores the rate
+
+
+def test_fwdgrad_a_batch_below_chance_is_not_divergence() -> None:
+    """A trained head's batch losses swing by more than the ratio; below chance is no harm."""
+    trainer = FwdGradTrainer(_tiny_classifier(), FwdGradConfig(divergence_ratio=2.0))
+    chance = math.log(3)
+    assert not trainer._diverging(Derivatives(loss=0.9, d=(0.1,)), [0.2], chance)
+    assert trainer._diverging(Derivatives(loss=1.2, d=(0.1,)), [0.2], chance)
+    assert trainer._diverging(Derivatives(loss=2.5, d=(0.1,)), [1.0], chance)
+    assert trainer._diverging(Derivatives(loss=0.5, d=(math.nan,)), [], chance)
 
 
 def test_fwdgrad_dense_upload_and_lr_scaling() -> None:
@@ -335,3 +348,56 @@ def test_fwdgrad_scores_label_tokens_like_the_lora_trainer(
     other = (5, 9) if scored is None else None
     wrong = _directional(trainer, _objective_gradient(trainer, batch, other), step.seed, 3)
     assert step.d != pytest.approx(wrong, rel=2e-3, abs=1e-5)
+
+
+def _three_class_batch() -> TokenBatch:
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 64, (6, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0
+    return TokenBatch(ids, torch.tensor([0, 1, 2, 0, 1, 2]), mask)
+
+
+def test_fwdgrad_head_target_runs_the_trunk_once_per_step() -> None:
+    model = _tiny_classifier()
+    trainer = FwdGradTrainer(model, FwdGradConfig())  # auto: the adapter carries a head
+    assert trainer.layout.target == "head"
+    assert trainer.layout.slices and all("classifier" in n for n in trainer.layout.slices)
+    batch = _three_class_batch()
+    trunk_runs: list[int] = []
+    embeddings = model.get_base_model().bert.embeddings
+    handle = embeddings.register_forward_hook(lambda *_: trunk_runs.append(1))
+    try:
+        measured = trainer.derivatives(batch, seed=4, indices=tuple(range(8)))
+    finally:
+        handle.remove()
+    assert len(trunk_runs) == 1  # 16 perturbed losses, one trunk forward
+    expected = _directional(trainer, _objective_gradient(trainer, batch), 4, 8)
+    assert measured.d == pytest.approx(expected, rel=1e-2, abs=1e-3)
+    with torch.no_grad():
+        assert measured.loss == pytest.approx(float(batch_loss(model, batch)), rel=1e-4)
+
+
+def test_fwdgrad_head_fit_moves_only_the_head_and_rebuilds_on_the_aggregator() -> None:
+    model = _tiny_classifier()
+    trainer = FwdGradTrainer(model, FwdGradConfig(head_perturbations=32))
+    batch = _three_class_batch()
+    data = TokenDataset(
+        input_ids=batch.input_ids, labels=batch.labels, attention_mask=batch.attention_mask
+    )
+    start = get_adapter(model)
+    with torch.no_grad():
+        before = float(batch_loss(model, batch))
+    fit = trainer.fit(start, data, TrainSpec(local_steps=20, batch_size=6, perturbations=4), seed=1)
+    assert fit.seeds is not None and fit.seeds.target == "head"
+    assert {len(step.indices) for step in fit.seeds.steps} == {32}  # at least head_perturbations
+    for name, tensor in fit.delta.items():
+        assert bool(tensor.any()) == ("classifier" in name), name
+    with torch.no_grad():
+        assert float(batch_loss(model, batch)) < before - 0.05
+    update = Update(
+        client_id="c", task_id="t", base_version=0, num_samples=1, method="fwdgrad", seeds=fit.seeds
+    )
+    rebuilt = expand_seeds(update, shapes=adapter_shapes(model), max_perturbations=1000).delta
+    for name, tensor in fit.delta.items():
+        assert torch.allclose(rebuilt[name], tensor, rtol=0, atol=1e-6), name

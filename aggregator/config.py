@@ -69,14 +69,16 @@ class KdSettings(Settings):
 
     proxy_dataset: str = "synthetic:n=512,seed=4242"
     """Public proxy source every participant can load (a ``load_data`` spec)."""
-    proxy_size: int = Field(default=16, ge=1)
-    """Rows per slice; a fresh slice is drawn for every version."""
+    proxy_size: int = Field(default=64, ge=1)
+    """Rows per slice; a fresh slice is drawn for every version. MiniLM on AG News (2
+    devices, 240 s): 16 rows at server_lr 1e-2 peaked at 0.73 and fell back to 0.43; 64
+    rows at 3e-3 reached 0.81 with the eval loss falling throughout."""
     top_k: int = Field(default=8, ge=1)
     """Logits per scored position a device uploads."""
     temperature: float = Field(default=2.0, gt=0)
     server_steps: int = Field(default=8, ge=1)
     """AdamW steps of distillation per merge."""
-    server_lr: float = Field(default=1e-2, gt=0)
+    server_lr: float = Field(default=3e-3, gt=0)
 
 
 class AggregatorConfig(Settings):

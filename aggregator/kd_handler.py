@@ -97,6 +97,7 @@ class KdHandler:
                 f"{settings.proxy_dataset!r}"
             )
         self._slices: dict[int, TokenDataset] = {}
+        self._width = 0  # the slice that measures it needs no top_k
         self._width = int(proxy_logits(model, self._slice(0)).shape[-1])
         self._pending: list[KdContribution] = []
         self.last_loss: float | None = None
@@ -107,6 +108,14 @@ class KdHandler:
         """Checked updates waiting for the buffer to fill."""
         return len(self._pending)
 
+    @property
+    def top_k(self) -> int:
+        """Logits per position asked of devices: the setting, or every output if fewer.
+
+        A 4-class head has 4 logits, and all of them are the whole distribution.
+        """
+        return min(self._settings.top_k, self._width) if self._width else self._settings.top_k
+
     def proxy_spec(self, version: int) -> ProxySpec:
         """The slice announced with ``version``'s task: fresh rows for every version."""
         return ProxySpec(
@@ -115,7 +124,7 @@ class KdHandler:
                 pool=self._pool, size=self._settings.proxy_size, seed=self._seed, slice_id=version
             ),
             slice_id=version,
-            top_k=self._settings.top_k,
+            top_k=self.top_k,
         )
 
     def _slice(self, slice_id: int) -> TokenDataset:
@@ -163,7 +172,7 @@ class KdHandler:
                 f"logits need exactly {list(LOGIT_KEYS)}, got {sorted(update.logits)}",
             )
         indices, values = update.logits["indices"], update.logits["values"]
-        expected = (scored_positions(self._slice(slice_id)), self._settings.top_k)
+        expected = (scored_positions(self._slice(slice_id)), self.top_k)
         for name, tensor in update.logits.items():
             if tuple(tensor.shape) != expected:
                 raise UpdateRejected(

@@ -18,7 +18,9 @@ does not depend on any option) are the test split, so they are never trained on.
 
 A spec names a source and options: ``rotten-tomatoes:split=test,n=500`` or
 ``sst2:parts=6,part=2,partition=dirichlet,alpha=0.5,seed=1`` (a file: ``PATH.csv:parts=4,part=0``). Options apply in order:
-pick the split; shuffle it with a fixed seed and keep the first ``n``; partition it into
+pick the split; shuffle it with a fixed seed, drop the first ``skip`` rows and keep the next
+``n`` (``skip`` gives rows disjoint from another spec's ``n``, e.g. a distillation proxy
+beside the training rows); partition it into
 ``parts`` shards; keep shard ``part``. Users' own files (``.csv`` with a header, or
 ``.jsonl``) have a ``text`` and a ``label`` column; labels may be names or integers.
 """
@@ -89,6 +91,8 @@ class DataOptions:
     split: Literal["train", "test"] = "train"
     n: int = 0
     """Keep this many rows of the (shuffled) split; 0 keeps all."""
+    skip: int = 0
+    """Drop this many rows of the shuffled split before ``n`` is taken."""
     parts: int = 1
     part: int = 0
     partition: Partition = "iid"
@@ -104,7 +108,7 @@ class DataOptions:
             raise ConfigError(f"split must be 'train' or 'test', got {self.split!r}")
         if self.partition not in ("iid", "dirichlet", "size"):
             raise ConfigError(f"partition must be iid, dirichlet or size, got {self.partition!r}")
-        if self.n < 0 or self.parts < 1 or not 0 <= self.part < self.parts:
+        if self.n < 0 or self.skip < 0 or self.parts < 1 or not 0 <= self.part < self.parts:
             raise ConfigError(f"need n >= 0 and 0 <= part < parts, got {self}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)) or not self.skew >= 0:
             raise ConfigError(f"need alpha > 0 and skew >= 0, got {self.alpha}, {self.skew}")
@@ -337,10 +341,11 @@ def load_examples(spec: str) -> TextExamples:
         raise ConfigError(f"unknown text source {name!r}: one of {list(SOURCES)} or a file")
     order = list(range(len(examples)))
     random.Random(_SPLIT_SEED).shuffle(order)
-    if options.n:
-        if options.n > len(order):
-            raise ConfigError(f"{name} {options.split} has {len(order)} rows, not n={options.n}")
-        order = order[: options.n]
+    if options.skip + max(options.n, 1 if options.skip else 0) > len(order):
+        raise ConfigError(
+            f"{name} {options.split} has {len(order)} rows, not skip={options.skip} + n={options.n}"
+        )
+    order = order[options.skip : options.skip + options.n if options.n else None]
     examples = examples.subset(order)
     if options.parts == 1:
         return examples

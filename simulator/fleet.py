@@ -182,6 +182,7 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
         )
         extra["max_staleness"] = 0
     lora = LoraSpec.model_validate({"mode": config.lora_mode} | extra.pop("lora", {}))
+    kd = _text_proxy(config) | extra.pop("kd", {})
     return AggregatorConfig.model_validate(
         {
             "federation": config.federation,
@@ -194,6 +195,7 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
             "max_versions": config.max_versions,
             "dataset": config.dataset,
         }
+        | ({"kd": kd} if kd else {})
         | _text_eval(config)
         | extra
     )
@@ -204,6 +206,23 @@ def _text_eval(config: FleetConfig) -> dict[str, str]:
     if not is_text_spec(config.dataset):
         return {}
     return {"eval_data": f"{config.dataset}:split=test,n={config.eval_samples}"}
+
+
+PROXY_ROWS = 2000
+"""Rows of a text task's train split, beyond the devices' rows, that KD distils on."""
+
+
+def _text_proxy(config: FleetConfig) -> dict[str, str]:
+    """KD's public proxy for a text task: unlabeled rows of its domain no device holds.
+
+    Distilling on random tokens teaches a classifier nothing about news or reviews; the
+    train split's rows after the ``train_samples`` the devices share are the same domain
+    and never trained on (with every row in training, the proxy is the devices' rows).
+    """
+    if not is_text_spec(config.dataset):
+        return {}
+    rows = f"skip={config.train_samples},n={PROXY_ROWS}" if config.train_samples else ""
+    return {"proxy_dataset": f"{config.dataset}:{rows}".rstrip(":")}
 
 
 def shard_plan(config: FleetConfig, agg_config: AggregatorConfig) -> ShardPlan:

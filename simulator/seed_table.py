@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_agent.memory_estimate import StepShape, estimate, model_shape
-from edgefed.datasets import num_labels
 from edgefed.modeling import model_kind
 from edgefed.transport import Delivery, MqttTransport, TransportConfig
 from schemas import topics
@@ -103,12 +102,6 @@ def _peak_mb(dataset: str, model: str, method: str) -> float:
     return round(estimate(model_shape(model), step, method).total_mb, 1)
 
 
-def _top_k(dataset: str, model: str) -> int:
-    """KD logits per position: a classifier has only as many as it has classes."""
-    labels = num_labels(dataset) if model_kind(model) == "classifier" else None
-    return min(TOP_K, labels) if labels else TOP_K
-
-
 def fleet_for(
     dataset: str, model: str, method: Method, *, agents: int, versions: int, budget_s: float
 ) -> FleetConfig:
@@ -138,7 +131,7 @@ def fleet_for(
                 "proxy_dataset": f"{dataset}:split=train",
                 "proxy_size": PROXY_ROWS,
                 "server_lr": 2e-3,
-                "top_k": _top_k(dataset, model),
+                "top_k": TOP_K,  # the aggregator asks a classifier for all its classes
             },
         },
     )

@@ -12,7 +12,7 @@ import torch
 
 from aggregator.config import AggregatorConfig, KdSettings, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.modeling import attach_lora, build_model
+from edgefed.modeling import TINY_VOCAB, attach_lora, build_model
 from edgefed.proxy import load_proxy, proxy_logits, top_k
 from edgefed.transport import Delivery, MemoryBroker, MemoryTransport
 from schemas import topics
@@ -82,7 +82,7 @@ def teacher_logits(proxy: ProxySpec, model: str) -> TensorMap:
     """What a trained device would send: a different model's top-k on the slice."""
     teacher = attach_lora(build_model(model, seed=7), LoraSpec())
     data = load_proxy(proxy, seq_len=SEQ, model=ModelRef(name=model))
-    return top_k(proxy_logits(teacher, data), K)
+    return top_k(proxy_logits(teacher, data), proxy.top_k)
 
 
 def kd_update(logits: TensorMap, slice_id: int, **changes: object) -> Update:
@@ -164,3 +164,17 @@ async def test_kd_updates_distill_into_a_new_global_and_survive_a_restart(tmp_pa
         assert task.proxy.slice_id == 1
         stale = await device.send(kd_update(shallow, 0, update_id="late", base_version=0))
         assert stale.accepted, "a slice within max_staleness is still distilled on"
+
+
+async def test_kd_asks_for_no_more_logits_than_the_model_has(tmp_path: Path) -> None:
+    """A 4-class head has 4 logits: a top_k above the model's width asks for all of them."""
+    config = make_config(tmp_path)
+    config = config.model_copy(update={"kd": config.kd.model_copy(update={"top_k": 10**6})})
+    async with running(config, MemoryBroker()) as device:
+        await device.transport.subscribe(topics.task(FED))
+        task = await device.task()
+        assert task.proxy is not None
+        assert task.proxy.top_k == TINY_VOCAB
+        logits = teacher_logits(task.proxy, "tiny")
+        assert logits["indices"].shape[-1] == TINY_VOCAB
+        assert (await device.send(kd_update(logits, 0))).accepted

@@ -84,6 +84,12 @@ def test_n_is_a_fixed_sample_and_parts_split_it_disjointly():
     assert sum(map(len, texts)) == 300
     assert set().union(*texts) == set(first.texts)
     assert all(a.isdisjoint(b) for i, a in enumerate(texts) for b in texts[i + 1 :])
+    after = load_examples("rotten-tomatoes:skip=300,n=50")
+    assert len(after) == 50 and set(after.texts).isdisjoint(first.texts)
+    assert after.texts == load_examples("rotten-tomatoes:n=350").texts[300:]
+    total = len(load_examples("rotten-tomatoes"))
+    with pytest.raises(ConfigError, match="skip="):
+        load_examples(f"rotten-tomatoes:skip={total}")
 
 
 def test_partition_iid_and_size_and_dirichlet():

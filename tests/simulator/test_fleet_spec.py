@@ -120,3 +120,13 @@ def test_simulate_command_reports_a_bad_spec(
     args = argparse.Namespace(fleet=str(spec), mode="sync", json_out=None, broker=None)
     assert simulate_command(args) == 2
     assert "unknown profile 'toaster'" in capsys.readouterr().out
+
+
+def test_a_text_task_distils_on_its_own_domain_beside_the_training_rows() -> None:
+    agg = aggregator_config(FleetConfig(dataset="ag-news", method="kd", train_samples=1600))
+    assert agg.kd.proxy_dataset == "ag-news:skip=1600,n=2000"  # disjoint from devices' rows
+    every_row = aggregator_config(FleetConfig(dataset="sst2", method="kd", train_samples=0))
+    assert every_row.kd.proxy_dataset == "sst2"
+    own = FleetConfig(dataset="sst2", aggregator={"kd": {"proxy_dataset": "synthetic"}})
+    assert aggregator_config(own).kd.proxy_dataset == "synthetic"
+    assert aggregator_config(FleetConfig()).kd.proxy_dataset.startswith("synthetic")

@@ -342,9 +342,8 @@ def load_examples(spec: str) -> TextExamples:
     order = list(range(len(examples)))
     random.Random(_SPLIT_SEED).shuffle(order)
     if options.skip + max(options.n, 1 if options.skip else 0) > len(order):
-        raise ConfigError(
-            f"{name} {options.split} has {len(order)} rows, not skip={options.skip} + n={options.n}"
-        )
+        wanted = f"skip={options.skip} + n={options.n}" if options.skip else f"n={options.n}"
+        raise ConfigError(f"{name} {options.split} has {len(order)} rows, not {wanted}")
     order = order[options.skip : options.skip + options.n if options.n else None]
     examples = examples.subset(order)
     if options.parts == 1:

@@ -15,7 +15,7 @@ LOCK_VENV := .venv-lock
 # `pip freeze` and pip-compile spell names differently (PyYAML, typing_extensions).
 NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $$2}'
 
-.PHONY: test test-latest demo assets lint typecheck pytest bench lock lock-upgrade clean
+.PHONY: test test-latest demo assets lint typecheck pytest bench bench-seed lock lock-upgrade clean
 
 # The locked install. torch first, from its one pin and without dependencies (an open range
 # would pull a multi-GB CUDA build); then every other package from the lock with its hash;
@@ -76,6 +76,11 @@ demo: assets
 
 bench: $(STAMP)
 	nice -n 10 $(BIN)/edgefed bench all
+
+# The seed papers' comparison, every method on AG News/MiniLM and Rotten Tomatoes/SmolLM2
+# (about 45 minutes): bench/seed.json, bench/seed_table.png and its RESULTS.md section.
+bench-seed: $(STAMP)
+	$(BIN)/edgefed bench seed --save
 
 # Regenerate the lock after changing dependencies in pyproject.toml or requirements/*.in:
 # pins already in the lock stay unless the change needs others. `make lock-upgrade` moves

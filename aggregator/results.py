@@ -50,6 +50,8 @@ class SplitRecord:
     """The reply as published."""
     server_s: float
     """Server compute spent on it (its share of a batch)."""
+    time_s: float = 0.0
+    """When it was answered, on the clock of the versions' and updates' records."""
 
 
 @dataclass(slots=True)

@@ -204,6 +204,10 @@ class AggregatorService:
             await self._handle(delivery)
         await self._acks.flush()
 
+    def elapsed_s(self) -> float:
+        """Seconds since this service became ready: the clock of every record in its results."""
+        return round(time.monotonic() - self._started, 4)
+
     def _finished(self) -> bool:
         return 0 < self.config.max_versions <= self.version
 
@@ -268,7 +272,7 @@ class AggregatorService:
             loss, accuracy = await asyncio.to_thread(self._evaluate, self.current)
         record = VersionRecord(
             version=self.version,
-            time_s=round(time.monotonic() - self._started, 4),
+            time_s=self.elapsed_s(),
             eval_loss=loss,
             eval_accuracy=accuracy,
             merged_updates=self._merged_count,
@@ -559,7 +563,7 @@ class AggregatorService:
                 accepted=ack.accepted,
                 reason=ack.reason,
                 version_after=ack.version,
-                time_s=round(time.monotonic() - self._started, 4),
+                time_s=self.elapsed_s(),
                 method=update.method,
             )
         )

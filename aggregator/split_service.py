@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Final
 
@@ -73,6 +74,11 @@ class SplitService:
         self._service = service
         self._sizes: dict[str, tuple[str, int]] = {}
         """Request id -> (phase, received bytes), until it is answered."""
+        started = time.monotonic()
+        self._elapsed_s = (
+            service.elapsed_s if service else lambda: round(time.monotonic() - started, 4)
+        )
+        """The results' clock: the aggregator's beside one, else this service's own."""
 
     @classmethod
     def beside(
@@ -204,5 +210,6 @@ class SplitService:
                 bytes_up=received,
                 bytes_down=sent,
                 server_s=round(reply.server_s, 6),
+                time_s=self._elapsed_s(),
             )
         )

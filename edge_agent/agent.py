@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft import PeftModel
+
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
@@ -35,7 +37,16 @@ from edgefed.signing import GlobalVerifier
 from edgefed.transport import BadDelivery, MqttTransport, Transport, Will
 from schemas import codec, topics
 from schemas.errors import ConfigError, SignatureError, TransportError
-from schemas.messages import Ack, AgentState, GlobalModel, SplitReply, Status, Task, Update
+from schemas.messages import (
+    Ack,
+    AgentState,
+    GlobalModel,
+    ModelRef,
+    SplitReply,
+    Status,
+    Task,
+    Update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -450,13 +461,10 @@ class EdgeAgent:
         method = (plan.method if plan else None) or self.config.method or task.method
         if self.config.model is not None and method != "kd":
             raise ConfigError(f"a device model of its own needs method 'kd', not {method!r}")
-        ref = self.config.model or task.model
-        base = build_model(ref, seed=task.seed, num_labels=num_labels(task.dataset))
-        model = attach_lora(base, task.lora)
         options = dict(self.config.trainer)
         if method == "split" and plan is not None and plan.cut is not None:
             options.setdefault("cut", plan.cut)
-        trainer = make_trainer(method, model, **options)
+        trainer = make_trainer(method, task_model(task, model=self.config.model), **options)
         if isinstance(trainer, SplitTrainer):
             self._split = MqttSplitChannel(
                 self._transport,
@@ -505,6 +513,18 @@ class EdgeAgent:
             raise TransportError(f"update {update.update_id} was never answered")
         finally:
             del self._pending[update.update_id]
+
+
+def task_model(task: Task, *, model: ModelRef | None = None) -> PeftModel:
+    """The model a device trains for ``task``, with the task's adapter attached.
+
+    It is the task's model (or ``model``, a KD device's own), built from the task's seed.
+
+    Raises:
+        AssetMissing: The model is not installed.
+    """
+    base = build_model(model or task.model, seed=task.seed, num_labels=num_labels(task.dataset))
+    return attach_lora(base, task.lora)
 
 
 async def run_agent(

@@ -3,13 +3,16 @@
 Each benchmark runs side by side with its baseline in one process and is reported as a
 ratio, with the command that reproduces it. ``bench all`` writes every figure to
 ``bench/suite.json`` and rewrites only its own block of ``bench/RESULTS.md`` (between the
-``bench-suite`` markers); other sections of that file are left as they are.
+``bench-suite`` markers); other sections of that file are left as they are. ``bench seed``
+(about 45 minutes) is not part of ``all``: it writes ``bench/seed.json``, its figure and a
+section of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,14 +59,31 @@ def _merges(rounds: int) -> dict[str, Any]:
     return {"results": [r.to_json() for r in bench_merges(rounds=rounds)]}
 
 
-def _seed(budget_s: float) -> dict[str, Any]:
-    """The seed-paper table: lora, kd, fwdgrad (and split on causal LMs) per task."""
+def _seed(budget_s: float | None, *, save: bool) -> dict[str, Any]:
+    """The seed-paper table (:mod:`simulator.seed_table`); ``save``: its RESULTS.md section."""
     from edgefed.broker import MosquittoProcess  # noqa: PLC0415
-    from simulator.seed_table import run_table  # noqa: PLC0415 (loads models)
+    from simulator import seed_report  # noqa: PLC0415 (plots)
+    from simulator.seed_table import AGENTS, EVAL_ROWS, TASKS, run_table  # noqa: PLC0415
 
+    tasks = tuple(
+        task if budget_s is None else dataclasses.replace(task, budget_s=budget_s) for task in TASKS
+    )
+    started = time.perf_counter()
     with MosquittoProcess() as broker:
-        rows = asyncio.run(run_table(url=broker.url, budget_s=budget_s))
-    return {"budget_s": budget_s, "results": rows}
+        rows = asyncio.run(run_table(url=broker.url, tasks=tasks))
+    data = {
+        "agents": AGENTS,
+        "eval_rows": EVAL_ROWS,
+        "budgets": [(t.dataset, t.model, t.budget_s) for t in tasks],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "results": rows,
+    }
+    if save:
+        (BENCH_DIR / "seed.json").write_text(json.dumps(data, indent=1) + "\n")
+        figure = seed_report.plot(rows, BENCH_DIR / "seed_table.png")
+        seed_report.write_section(data, figure.name, BENCH_DIR / "RESULTS.md")
+        console.print(f"wrote bench/seed.json, {figure} and its section of bench/RESULTS.md")
+    return data
 
 
 def _codec() -> dict[str, Any]:
@@ -127,7 +147,6 @@ def run_suite(*, quick: bool, agents: int) -> dict[str, Any]:
             "memory": _memory,
             "bytes": _bytes,
             "time_to_target": _time_to_target,
-            "seed_table": lambda: _seed(90.0),
         }
     results: dict[str, Any] = {"quick": quick}
     for name, step in steps.items():
@@ -256,7 +275,6 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_num(tta['sync_over_async'])}x sooner (target 2x) | `edgefed simulate "
             f"--fleet {FLEET} --mode async` and `--mode sync` |"
         )
-    lines += _seed_rows(results.get("seed_table", {}))
     for name, data in results.items():
         if isinstance(data, dict) and "skipped" in data and name != "time_to_target":
             lines.append(f"| {name} | not measured: {data['skipped']} | | |")
@@ -266,56 +284,24 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _seed_rows(data: dict[str, Any]) -> list[str]:
-    """The seed-paper table, after the suite's rows."""
-    rows = data.get("results", [])
-    if not rows:
-        return []
-    lines = [
-        "",
-        f"Seed-paper table: 2 agents, FedBuff K=2, {data['budget_s']:.0f} s budget or 4 versions "
-        "per row, batch 4 x 64 tokens, 2 local steps, held-out 200 rows "
-        "(`edgefed bench seed`). Peak memory is the planner's estimate of one step.",
-        "",
-        "| task | method | accuracy before → after | versions | bytes/device up / down "
-        "| compute s/update | peak MB (est.) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        task = f"{row['dataset']} / {row['model']}"
-        if "error" in row:
-            lines.append(f"| {task} | {row['method']} | failed: {row['error'][:120]} | | | | |")
-            continue
-        lines.append(
-            f"| {task} | {row['method']} | {_acc(row['accuracy_before'])} → "
-            f"{_acc(row['accuracy_after'])} | {row['versions']} | "
-            f"{_size(row['bytes_up_per_device'])} / {_size(row['bytes_down_per_device'])} | "
-            f"{_num(row['compute_s_per_update'])} | {row['peak_mb_estimated']:.0f} |"
-        )
-    return lines
-
-
-def _acc(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _size(n: float) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} MB"
-    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
-
-
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:
     """Replace (or append) the suite's block in ``path``; the rest stays as it is."""
+    replace_block(path, START, END, markdown(results))
+
+
+def replace_block(path: Path, start: str, end: str, block: str) -> None:
+    """Put ``block`` between the ``start`` and ``end`` markers of ``path``, or at its end.
+
+    ``block`` carries the markers itself; everything else in the file stays as it is.
+    """
     text = path.read_text() if path.exists() else ""
-    block = markdown(results)
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -326,16 +312,20 @@ def run(args: argparse.Namespace) -> int:
     """``edgefed bench scale|throughput|merge|seed|all``.
 
     A single benchmark with ``--save`` replaces its own entry of ``bench/suite.json`` and
-    regenerates the suite block of RESULTS.md from it (``edgefed bench codec --save`` too);
+    regenerates the suite block of RESULTS.md from it (``edgefed bench codec --save`` too;
+    ``seed --save`` rewrites its own files and section);
     ``all`` replaces every entry it measured (``--quick`` measures fewer and keeps the
     others).
     """
     which: str = args.which
+    if which == "seed":
+        data = _seed(args.budget, save=args.save)
+        sys.stdout.write(json.dumps(data) + "\n")
+        return 0
     singles: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
         "scale": ("scale", lambda: _scale(args.agents, args.updates_per_agent, args.spread)),
         "throughput": ("throughput", lambda: _throughput(64, args.repeat or 3)),
         "merge": ("merges", lambda: _merges(args.repeat or 5)),
-        "seed": ("seed_table", lambda: _seed(args.budget)),
     }
     if which in singles:
         key, step = singles[which]

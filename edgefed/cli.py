@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--updates-per-agent", type=int, default=2, help="scale: updates each")
     bench.add_argument("--spread", type=float, default=10.0, help="scale: first-send window (s)")
     bench.add_argument("--quick", action="store_true", help="all: a fast subset")
-    bench.add_argument("--budget", type=float, default=90.0, help="seed: seconds per row")
+    bench.add_argument(
+        "--budget", type=float, default=None, help="seed: seconds per row (default: per task)"
+    )
     bench.add_argument(
         "--save", action="store_true", help="codec, scale, throughput, merge, seed: into RESULTS.md"
     )

@@ -77,7 +77,8 @@ def plot_loss(results: dict[str, Any], path: str | Path) -> Path:
     return target
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """The pyplot module on matplotlib's file-only backend, imported only when a plot is drawn."""
     import matplotlib as mpl  # noqa: PLC0415 - heavy, only when a plot is asked for
 
     mpl.use("Agg")
@@ -86,11 +87,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(figure: Any, path: str | Path) -> Path:
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Lay ``figure`` out, write it to ``path`` and free it."""
     target = Path(path)
     figure.tight_layout()
     figure.savefig(target, dpi=110)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return target
 
 
@@ -99,7 +101,7 @@ def plot_runs_progress(runs: list[dict[str, Any]], path: str | Path) -> Path:
 
     The target is drawn as a dashed line and each run's time to it as a dotted one.
     """
-    plt = _pyplot()
+    plt = pyplot()
     has_accuracy = any(r["eval_accuracy"] is not None for run in runs for r in run["series"])
     figure, axes = plt.subplots(
         1, 2 if has_accuracy else 1, figsize=(10 if has_accuracy else 6, 3.6)
@@ -125,7 +127,7 @@ def plot_runs_progress(runs: list[dict[str, Any]], path: str | Path) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     axes[0].set_title(_title(runs))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _title(runs: list[dict[str, Any]]) -> str:
@@ -139,7 +141,7 @@ def _title(runs: list[dict[str, Any]]) -> str:
 
 def plot_runs_bytes(runs: list[dict[str, Any]], path: str | Path) -> Path:
     """Cumulative bytes up (updates) and down (globals) against simulated time."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.6))
     for run in runs:
         times = [r["time_s"] for r in run["series"]]
@@ -156,12 +158,12 @@ def plot_runs_bytes(runs: list[dict[str, Any]], path: str | Path) -> Path:
     axis.set(xlabel="simulated wall time (s)", ylabel="MB (cumulative)", title="traffic")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_runs_staleness(runs: list[dict[str, Any]], path: str | Path) -> Path:
     """Staleness of accepted updates, one bar group per run."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.4))
     width = 0.8 / max(1, len(runs))
     for index, run in enumerate(runs):
@@ -175,12 +177,12 @@ def plot_runs_staleness(runs: list[dict[str, Any]], path: str | Path) -> Path:
     axis.set(xlabel="staleness (versions)", ylabel="accepted updates", title="staleness")
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_device_memory(run: dict[str, Any], path: str | Path) -> Path:
     """Each device's peak training memory against its profile's budget."""
-    plt = _pyplot()
+    plt = pyplot()
     devices = run["devices"]
     figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(devices) + 2), 3.4))
     names = [f"{d['client_id']}\n{d['profile'] or ''}" for d in devices]
@@ -198,7 +200,7 @@ def plot_device_memory(run: dict[str, Any], path: str | Path) -> Path:
     axis.tick_params(axis="x", labelsize=7)
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def save_json(results: dict[str, Any], path: str | Path) -> None:

@@ -121,6 +121,8 @@ async def test_split_fleet_lowers_eval_loss(
         records = run.split.results.split
         assert len(records) == (2 if variant == "u_shaped" else 1) * 16 * len(cuts)
         assert all(r.accepted and r.bytes_up > 0 and r.bytes_down > 0 for r in records)
+        times = [r.time_s for r in records]  # on the clock of the versions' records
+        assert times == sorted(times) and 0 < times[-1] <= history[-1].time_s, times
 
 
 def _request(federation: str, client: str, **changes: object) -> SplitRequest:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from aggregator.strategies import Strategy, make_strategy
 from aggregator.strategies.fedbuff import RobustMode
 from edgefed.config import Settings
 from edgefed.connection import MqttSettings
+from edgefed.modeling import TINY_MODELS, model_kind
 from edgefed.privacy import PrivacySettings
+from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
 StrategyName = Literal["fedasync", "fedbuff"]
@@ -81,6 +83,30 @@ class KdSettings(Settings):
     server_lr: float = Field(default=3e-3, gt=0)
 
 
+PRETRAINED_LM_TRAIN = TrainSpec(local_steps=10, batch_size=8, seq_len=64, lr=5e-4)
+"""A pretrained causal LM's task defaults (SmolLM2; the demo's settings). At the general
+default of 5e-3 and 32 tokens, LoRA on Rotten Tomatoes went 0.70 -> 0.61 by version 2 and
+split swung between 0.64 and 0.75: a pretrained model needs small steps, and 32 tokens cut
+most reviews."""
+
+
+def default_train(model: ModelRef | str) -> TrainSpec:
+    """The task's training defaults for ``model``'s family.
+
+    Encoders with a fresh head and the random tiny models keep ``TrainSpec()``; a
+    pretrained causal LM gets :data:`PRETRAINED_LM_TRAIN`. A model that cannot be read
+    keeps the general defaults (loading it reports the problem).
+    """
+    name = model.name if isinstance(model, ModelRef) else model
+    if name in TINY_MODELS:
+        return TrainSpec()
+    try:
+        kind = model_kind(model)
+    except ConfigError:  # AssetMissing included
+        return TrainSpec()
+    return PRETRAINED_LM_TRAIN if kind == "causal" else TrainSpec()
+
+
 class AggregatorConfig(Settings):
     """Everything one aggregator needs to run a federation."""
 
@@ -93,6 +119,7 @@ class AggregatorConfig(Settings):
     model: ModelRef = ModelRef(name="tiny")
     lora: LoraSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
+    """Fields left out come from the model family's defaults (:func:`default_train`)."""
     strategy: StrategySettings = StrategySettings()
     fwdgrad: FwdGradSettings = FwdGradSettings()
     kd: KdSettings = KdSettings()
@@ -136,3 +163,19 @@ class AggregatorConfig(Settings):
     privacy: PrivacySettings | None = None
     """Central client-level DP (FedBuff, ``robust = "mean"``): updates clipped to
     ``clip_norm``, Gaussian noise on every merged buffer; (ε, δ) reported in the results."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_train(cls, data: Any) -> Any:
+        """Fill the ``train`` fields left out from the model family's defaults."""
+        if not isinstance(data, dict) or isinstance(data.get("train"), TrainSpec):
+            return data
+        model = data.get("model", cls.model_fields["model"].default)
+        if isinstance(model, dict):
+            model = ModelRef.model_validate(model)
+        if not isinstance(model, ModelRef | str):
+            return data  # field validation names the problem
+        given = data.get("train") or {}
+        if not isinstance(given, dict):
+            return data
+        return data | {"train": default_train(model).model_dump() | given}

@@ -158,6 +158,15 @@ class SplitServer:
                 raise SplitRejected("malformed", f"labels outside 0..{self._vocab - 1} and -100")
             if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
                 raise SplitRejected("malformed", "no position of the batch is scored")
+            if request.choices:
+                scored = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+                outside = sorted(set(scored.tolist()) - set(request.choices))
+                if outside or max(request.choices) >= self._vocab:
+                    raise SplitRejected(
+                        "malformed",
+                        f"choices {list(request.choices)} must lie in the vocabulary of "
+                        f"{self._vocab} and hold every scored label (not {outside})",
+                    )
         mask = request.tensors.get("attention_mask")
         if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
             raise SplitRejected("malformed", "attention_mask holds values other than 0 and 1")
@@ -225,7 +234,9 @@ class SplitServer:
         row = 0
         for request in group:
             rows = int(request.tensors["hidden"].shape[0])
-            losses.append(head_loss(self.model, out[row : row + rows], request.tensors["labels"]))
+            labels = request.tensors["labels"]
+            choices = request.choices or None
+            losses.append(head_loss(self.model, out[row : row + rows], labels, choices))
             row += rows
         torch.stack(losses).sum().backward()  # type: ignore[no-untyped-call]
         self._step()

@@ -35,8 +35,12 @@ SPLIT_STATE: Final = "split_server"
 def make_split_server(
     config: AggregatorConfig, settings: SplitServerConfig | None = None
 ) -> SplitServer:
-    """A split server on its own copy of the federation's base model and adapter."""
+    """A split server on its own copy of the federation's base model and adapter.
+
+    Without ``settings`` its part learns at the task's rate, as the devices' parts do.
+    """
     model = attach_lora(build_model(config.model, seed=config.seed), config.lora)
+    settings = settings or SplitServerConfig(lr=config.train.lr)
     return SplitServer(model, task_id=config.task_id, config=settings)
 
 

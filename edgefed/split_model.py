@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from edgefed.modeling import adapter_parameters
-from edgefed.objectives import IGNORE_INDEX
+from edgefed.objectives import IGNORE_INDEX, logits_loss
 from schemas.errors import ConfigError
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -122,14 +122,16 @@ def run_blocks(
     return hidden
 
 
-def head_loss(model: PeftModel, hidden: Tensor, labels: Tensor) -> Tensor:
+def head_loss(
+    model: PeftModel, hidden: Tensor, labels: Tensor, choices: tuple[int, ...] | None = None
+) -> Tensor:
     """Final norm, lm_head and mean cross-entropy over scored positions (``batch_loss``'s).
 
     Like ``edgefed.objectives.scored_logits`` only positions from the first scored one on go
-    through the head.
+    through the head; with ``choices`` only those tokens compete, as in ``batch_loss``.
 
     Raises:
-        ValueError: Nothing in the batch is scored.
+        ValueError: Nothing in the batch is scored, or a target is not among ``choices``.
     """
     decoder = _decoder(model)
     head = _part(model.get_base_model(), "lm_head")
@@ -142,7 +144,7 @@ def head_loss(model: PeftModel, hidden: Tensor, labels: Tensor) -> Tensor:
     keep = scored[:, first:]
     if not bool(keep.any()):
         raise ValueError("batch has no scored positions")
-    return nn.functional.cross_entropy(logits[keep].float(), targets[:, first:][keep])
+    return logits_loss(logits[keep].float(), targets[:, first:][keep], choices)
 
 
 def keep_device_part(model: PeftModel, cut: int, *, keep_head: bool) -> None:

@@ -315,6 +315,9 @@ class SplitRequest(Message):
     variant: SplitVariant = "vanilla"
     phase: SplitPhase = "forward"
     tensors: TensorMap
+    choices: tuple[NonNegative, ...] = ()
+    """A generative classifier's label tokens: the server scores the answer among these only,
+    as the device's own trainers do; empty: against the whole vocabulary."""
     sent_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")

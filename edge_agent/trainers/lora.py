@@ -32,11 +32,12 @@ class LoraConfig:
         momentum: SGD momentum (ignored by AdamW).
         betas: AdamW moment decay rates.
         grad_clip: Max global grad norm per step; ``None`` disables clipping.
-        loss: ``vocabulary`` (default) scores every scored token against the whole
-            vocabulary, as ``evaluate`` reports its loss; ``choices`` scores a generative
-            classifier's answer among its label tokens only (what accuracy compares), which
-            trains the decision and leaves the full-vocabulary loss free to rise. Data
-            without label tokens is always scored against the vocabulary.
+        loss: ``choices`` (default) scores a generative classifier's answer among its
+            label tokens only (what accuracy compares), which trains the decision and leaves
+            the full-vocabulary loss free to rise; ``vocabulary`` scores every scored token
+            against the whole vocabulary, as ``evaluate`` reports its loss. Data without
+            label tokens is always scored against the vocabulary. Every trainer defaults to
+            ``choices``, so methods that share a federation optimise the same thing.
         precision: ``fp32`` (default), ``bf16`` autocast for the forward and backward
             (weights and optimiser stay fp32), or ``auto``: bf16 where the hardware
             computes it natively (see :mod:`edgefed.precision`).
@@ -47,7 +48,7 @@ class LoraConfig:
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
-    loss: Literal["choices", "vocabulary"] = "vocabulary"
+    loss: Literal["choices", "vocabulary"] = "choices"
     precision: Precision = "fp32"
 
     def __post_init__(self) -> None:

@@ -74,6 +74,10 @@ class SplitConfig:
         drop_rest: Free the blocks (and head) this device never runs.
         timeout_s: How long to wait for the server's reply before sending the request again.
         retries: Repeats of an unanswered request before the fit fails with ``TimeoutError``.
+        loss: ``choices`` scores a generative classifier's answer among its label tokens only
+            (the requests name them, so the server's loss is the other trainers'),
+            ``vocabulary`` against every token. Data without label tokens is always scored
+            against the vocabulary.
     """
 
     cut: int = 1
@@ -83,8 +87,11 @@ class SplitConfig:
     drop_rest: bool = True
     timeout_s: float = 10.0
     retries: int = 2
+    loss: Literal["choices", "vocabulary"] = "choices"
 
     def __post_init__(self) -> None:
+        if self.loss not in ("choices", "vocabulary"):
+            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
         if self.variant not in ("vanilla", "u_shaped"):
             raise ConfigError(f"variant must be 'vanilla' or 'u_shaped', got {self.variant!r}")
         if self.compression not in ("none", "fp16", "bf16", "int8"):
@@ -145,7 +152,11 @@ class SplitTrainer:
         self._channel = channel
 
     def _send(
-        self, step_id: str, phase: Literal["forward", "backward"], tensors: TensorMap
+        self,
+        step_id: str,
+        phase: Literal["forward", "backward"],
+        tensors: TensorMap,
+        choices: tuple[int, ...] | None = None,
     ) -> tuple[SplitReply, int, int]:
         channel = self._channel
         if channel is None:
@@ -158,14 +169,18 @@ class SplitTrainer:
             variant=self.config.variant,
             phase=phase,
             tensors=tensors,
+            choices=choices or (),
         )
         reply, up, down = channel.exchange(request, compression=self.config.compression)
         if not reply.accepted:
             raise SplitRejected(reply.reason or "malformed", reply.detail)
         return reply, up, down
 
-    def step(self, batch: TokenBatch) -> SplitStep:
-        """One split step on ``batch``: gradients land in the device adapter's ``.grad``."""
+    def step(self, batch: TokenBatch, choices: tuple[int, ...] | None = None) -> SplitStep:
+        """One split step on ``batch``: gradients land in the device adapter's ``.grad``.
+
+        With ``choices`` only those tokens compete for each scored answer.
+        """
         started = time.perf_counter()
         waited = 0.0
         step_id = new_id()
@@ -178,11 +193,11 @@ class SplitTrainer:
         if not self._u:
             tensors["labels"] = batch.labels
         mark = time.perf_counter()
-        reply, up, down = self._send(step_id, "forward", tensors)
+        reply, up, down = self._send(step_id, "forward", tensors, None if self._u else choices)
         waited += time.perf_counter() - mark
         if self._u:
             top = reply.tensors["hidden"].float().clone().requires_grad_(True)
-            loss = head_loss(self.model, top, batch.labels)
+            loss = head_loss(self.model, top, batch.labels, choices)
             loss.backward()  # type: ignore[no-untyped-call]
             assert top.grad is not None
             mark = time.perf_counter()
@@ -219,6 +234,7 @@ class SplitTrainer:
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
         batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
         history = SplitHistory()
+        choices = data.choices if self.config.loss == "choices" else None
         visited = 0
         model.train()
         with PeakMeter() as meter:
@@ -229,7 +245,7 @@ class SplitTrainer:
                         input_ids=batch.input_ids[:, : spec.seq_len],
                         labels=batch.labels[:, : spec.seq_len],
                     )
-                record = self.step(batch)
+                record = self.step(batch, choices)
                 if self.config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
                 optimizer.step()

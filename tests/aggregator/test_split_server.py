@@ -83,3 +83,28 @@ def test_splitfed_merges_the_device_part_and_adds_the_server_progress():
     after = get_adapter(server.model)  # the server continues from the merged global
     for name, tensor in result.new_global.items():
         torch.testing.assert_close(after[name], tensor)
+
+
+def test_named_choices_make_the_server_score_the_answer_among_them_only():
+    request = _requests(1)[0]
+    labels = torch.full((3, 10), -100)
+    labels[:, -1] = torch.tensor([7, 9, 7])
+    plain = request.model_copy(update={"tensors": request.tensors | {"labels": labels}})
+    among = plain.model_copy(update={"choices": (7, 9), "request_id": "r-choices"})
+    vocabulary, choices = _server(lr=1e-9).serve([plain])[0], _server(lr=1e-9).serve([among])[0]
+    assert vocabulary.accepted and choices.accepted
+    # Two candidates against 64: about log 2 against about log 64 for an untrained model.
+    assert choices.loss is not None and vocabulary.loss is not None
+    assert choices.loss < 0.5 * vocabulary.loss and vocabulary.loss > 3.0
+
+
+@pytest.mark.parametrize("choices", [(7,), (7, 9, 64)])
+def test_choices_that_miss_a_label_or_leave_the_vocabulary_are_refused(choices):
+    request = _requests(1)[0]
+    labels = torch.full((3, 10), -100)
+    labels[:, -1] = torch.tensor([7, 9, 7])
+    bad = request.model_copy(
+        update={"tensors": request.tensors | {"labels": labels}, "choices": choices}
+    )
+    reply = _server().serve([bad])[0]
+    assert not reply.accepted and reply.reason == "malformed" and "choices" in reply.detail

@@ -127,3 +127,24 @@ def test_planner_gives_small_budgets_a_small_cut():
         cuts.append(plan.cut)
     assert cuts == sorted(cuts) and cuts[0] < cuts[-1]
     assert cuts[0] <= 2
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "u_shaped"])
+def test_a_split_step_among_choices_equals_the_whole_models_choice_loss(variant: str):
+    adapter, batch = _random_adapter(), _batch()
+    choices = tuple(sorted({int(t) for t in batch.labels[:, 1:].flatten()}))[:8]
+    keep = torch.isin(batch.labels, torch.tensor(choices))
+    labels = torch.where(keep, batch.labels, torch.full_like(batch.labels, -100))
+    labels[:, 0] = -100  # the first token predicts nothing
+    batch = TokenBatch(input_ids=batch.input_ids, labels=labels)
+    whole = _model()
+    set_adapter(whole, adapter)
+    expected = float(batch_loss(whole, batch, choices=choices).detach())
+    server = SplitServer(_model(), task_id="t")
+    set_adapter(server.model, adapter)
+    trainer = make_trainer("split", _model(), cut=2, variant=variant, compression="none")
+    assert isinstance(trainer, SplitTrainer)
+    trainer.connect(DirectSplitChannel(server, client_id="dev"))
+    set_adapter(trainer.model, {n: adapter[n] for n in adapter_parameters(trainer.model)})
+    assert trainer.step(batch, choices).loss == pytest.approx(expected, abs=1e-5)
+    assert expected < 0.8 * float(batch_loss(whole, batch).detach())  # fewer candidates, lower loss

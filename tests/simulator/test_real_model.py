@@ -32,6 +32,7 @@ async def test_smollm2_federation_lowers_client_loss_and_exports_a_peft_adapter(
         max_versions=2,
         ack_timeout_s=300.0,
         federation=federation,
+        trainer={"lora": {"loss": "vocabulary"}},  # the loss the aggregator reports
         aggregator={
             "train": {"local_steps": 2, "batch_size": 4, "seq_len": 32, "lr": 2e-3},
             "strategy": {"buffer_size": 2},

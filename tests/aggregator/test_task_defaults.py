@@ -1,0 +1,37 @@
+"""A task's training defaults follow its model's family; what a user sets wins."""
+
+from __future__ import annotations
+
+from aggregator.config import PRETRAINED_LM_TRAIN, AggregatorConfig, default_train
+from edgefed.config import load_settings
+from schemas.messages import ModelRef, TrainSpec
+from tests.assets_helpers import require_minilm, require_smollm2
+
+
+def test_random_tiny_models_and_unknown_folders_keep_the_general_defaults(tmp_path) -> None:
+    assert default_train("tiny") == TrainSpec()
+    assert default_train(str(tmp_path / "nothing-here")) == TrainSpec()
+    assert AggregatorConfig(federation="f").train == TrainSpec()
+
+
+def test_a_pretrained_causal_lm_gets_small_steps_on_longer_rows() -> None:
+    require_smollm2()
+    config = AggregatorConfig(federation="f", model=ModelRef(name="smollm2-135m"))
+    assert config.train == PRETRAINED_LM_TRAIN
+    assert config.train.lr < TrainSpec().lr and config.train.seq_len > TrainSpec().seq_len
+
+
+def test_fields_a_user_sets_are_laid_over_the_family_defaults(tmp_path) -> None:
+    require_smollm2()
+    path = tmp_path / "aggregator.toml"
+    path.write_text('federation = "f"\nmodel = { name = "smollm2-135m" }\n[train]\nlr = 1e-3\n')
+    config = load_settings(AggregatorConfig, path)
+    assert config.train == PRETRAINED_LM_TRAIN.model_copy(update={"lr": 1e-3})
+    whole = TrainSpec(local_steps=1)  # a whole TrainSpec is taken as it is
+    given = AggregatorConfig(federation="f", model=ModelRef(name="smollm2-135m"), train=whole)
+    assert given.train == whole
+
+
+def test_an_encoder_with_a_fresh_head_keeps_the_general_defaults() -> None:
+    require_minilm()
+    assert default_train("minilm-l6") == TrainSpec()

@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seconds", type=float, default=0.0, help="stop merging after S seconds (0 = no)"
     )
     simulate.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="text: rows of the train split the devices share (default 1,600; 0 = all)",
+    )
+    simulate.add_argument(
         "--clients-per-round", type=int, default=None, help="sync: devices sampled per round"
     )
     simulate.add_argument(

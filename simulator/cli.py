@@ -143,6 +143,7 @@ def _flag_config(args: argparse.Namespace) -> FleetConfig:
         partition=args.partition,
         alpha=args.alpha,
         max_seconds=args.max_seconds,
+        **({} if args.train_samples is None else {"train_samples": args.train_samples}),
     )
 
 

@@ -173,6 +173,14 @@ def test_simulate_flags_set_split_shapes_and_rounds() -> None:
     assert config.trainer["split"] == {"variant": "u_shaped"}
     assert config.device_trainer == ({"split": {"cut": 1}}, {"split": {"cut": 3}})
     assert (config.clients_per_round, config.round_deadline_s) == (2, 1.5)
+    assert config.train_samples == FleetConfig().train_samples  # not given: the fleet default
+
+
+def test_simulate_flags_set_the_rows_a_text_fleet_trains_on() -> None:
+    every = flag_config(build_parser().parse_args(["simulate", "--train-samples=0"]))
+    assert every.train_samples == 0
+    some = flag_config(build_parser().parse_args(["simulate", "--train-samples", "8000"]))
+    assert some.train_samples == 8000
 
 
 @pytest.mark.broker

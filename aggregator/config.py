@@ -12,6 +12,7 @@ from edgefed.config import Settings
 from edgefed.connection import MqttSettings
 from edgefed.modeling import TINY_MODELS, model_kind
 from edgefed.privacy import PrivacySettings
+from edgefed.text_tasks import answer_tokens
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
@@ -166,16 +167,31 @@ class AggregatorConfig(Settings):
 
     @model_validator(mode="before")
     @classmethod
-    def _family_train(cls, data: Any) -> Any:
-        """Fill the ``train`` fields left out from the model family's defaults."""
-        if not isinstance(data, dict) or isinstance(data.get("train"), TrainSpec):
+    def _family_defaults(cls, data: Any) -> Any:
+        """Fill in what the model's family decides and the user left out.
+
+        The ``train`` fields not given come from :func:`default_train`. A pretrained causal
+        LM classifier that may train by forward gradients gets a head: its answer rows
+        (``LoraSpec.head_tokens``) train beside the adapter, unless the adapter names its own.
+        """
+        if not isinstance(data, dict):
             return data
         model = data.get("model", cls.model_fields["model"].default)
         if isinstance(model, dict):
             model = ModelRef.model_validate(model)
         if not isinstance(model, ModelRef | str):
             return data  # field validation names the problem
+        family = default_train(model)
         given = data.get("train") or {}
-        if not isinstance(given, dict):
+        if isinstance(given, dict):
+            data = data | {"train": family.model_dump() | given}
+        methods = {data.get("method", "lora"), *data.get("accept_methods", ())}
+        if "fwdgrad" not in methods or family != PRETRAINED_LM_TRAIN:
             return data
-        return data | {"train": default_train(model).model_dump() | given}
+        lora = data.get("lora", LoraSpec())
+        lora = lora if isinstance(lora, LoraSpec) else LoraSpec.model_validate(lora)
+        name = model.name if isinstance(model, ModelRef) else model
+        tokens = answer_tokens(str(data.get("dataset", "synthetic")), name)
+        if lora.head_tokens or not tokens:
+            return data
+        return data | {"lora": lora.model_copy(update={"head_tokens": tokens})}

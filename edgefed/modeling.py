@@ -62,6 +62,9 @@ _ADAPTER_NAME = "default"
 
 _PEFT_PARAM = re.compile(rf"\.(lora_A|lora_B)\.{_ADAPTER_NAME}\.weight$")
 _PEFT_HEAD = re.compile(rf"\.modules_to_save\.{_ADAPTER_NAME}\.")
+_PEFT_TOKENS = re.compile(rf"\.trainable_tokens_delta\.{_ADAPTER_NAME}$")
+ANSWER_ROWS = ".trainable_tokens_delta"
+"""Wire names of a causal LM's trained answer-token rows end with this."""
 _SPEC_ATTR = "edgefed_lora_spec"
 
 
@@ -283,6 +286,10 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
         bias="none",
         # SEQ_CLS also trains (and ships) the new classification head beside the adapter.
         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
+        # A causal LM's answer rows of its LM head (tied to the embedding, or its own): a head.
+        trainable_token_indices=(
+            {_answer_module(model): list(spec.head_tokens)} if causal and spec.head_tokens else None
+        ),
     )
     with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft still asks transformers for a renamed attribute; nothing for us to act on.
@@ -305,9 +312,14 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
             elif ".lora_B." in name:
                 param.zero_()
                 param.requires_grad_(True)
-            else:  # a classification head: starts as built from the task's seed
+            else:  # a classification head or answer rows: start as built
                 param.requires_grad_(True)
     return peft_model
+
+
+def _answer_module(model: PreTrainedModel) -> str:
+    """Where a causal LM's answer rows train: its LM head, or the embedding tied to it."""
+    return "embed_tokens" if getattr(model.config, "tie_word_embeddings", False) else "lm_head"
 
 
 def lora_spec(model: PeftModel) -> LoraSpec:
@@ -334,12 +346,14 @@ def classifier_classes(model: PeftModel) -> int | None:
 
 
 def _lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """Every LoRA A and B parameter and any trained head, by wire name, sorted."""
+    """Every LoRA A and B parameter and any trained head or answer rows, by wire name, sorted."""
     found: dict[str, torch.nn.Parameter] = {}
     for peft_name, param in model.named_parameters():
         wire_name, count = _PEFT_PARAM.subn(r".\1.weight", peft_name)
         if not count:
             wire_name, count = _PEFT_HEAD.subn(".", peft_name)
+        if not count:
+            wire_name, count = _PEFT_TOKENS.subn(ANSWER_ROWS, peft_name)
         if count:
             found[wire_name] = param
     return dict(sorted(found.items()))

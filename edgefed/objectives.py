@@ -63,6 +63,17 @@ def scored_logits(model: PreTrainedModel | PeftModel, batch: TokenBatch) -> tupl
     return kept[keep].float(), targets[:, first:][keep]
 
 
+def scored_rows(hidden: Tensor, labels: Tensor) -> Tensor:
+    """The ``[m, h]`` rows of ``hidden`` that :func:`scored_logits` scores, in its order.
+
+    ``hidden`` (``[b, kept, h]``) is what a causal LM's head saw: every position or, with
+    ``logits_to_keep``, the last ones only.
+    """
+    targets = labels[:, 1:]
+    first = labels.shape[1] - hidden.shape[1]
+    return hidden[:, :-1][(targets != IGNORE_INDEX)[:, first:]]
+
+
 def batch_loss(
     model: PreTrainedModel | PeftModel,
     batch: TokenBatch,

@@ -14,13 +14,14 @@ per row for its classification head.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from edgefed.data import IGNORE_INDEX, TokenDataset
-from edgefed.datasets import TaskFamily, TextExamples, load_examples
+from edgefed.datasets import TaskFamily, TextExamples, is_text_spec, load_examples
 from edgefed.modeling import ModelKind, load_tokenizer, model_kind
 from schemas.errors import ConfigError
 from schemas.messages import ModelRef
@@ -79,6 +80,23 @@ def label_tokens(tokenizer: PreTrainedTokenizerBase, names: Sequence[str]) -> tu
     if len(set(ids)) != len(ids):
         raise ConfigError(f"labels {list(names)} do not start with distinct tokens")
     return tuple(ids)
+
+
+@functools.cache
+def answer_tokens(dataset: str, model: str) -> tuple[int, ...]:
+    """The answer token of each of ``dataset``'s labels for causal LM ``model``.
+
+    Empty if ``dataset`` is not text. Labels are read from its test split, once per process.
+
+    Raises:
+        AssetMissing: The model or the source is not installed.
+        ConfigError: Labels that share an answer token, or a model without a tokenizer.
+    """
+    if not is_text_spec(dataset):
+        return ()
+    source = dataset.partition(":")[0]
+    names = load_examples(f"{source}:split=test,n=1").label_names
+    return label_tokens(load_tokenizer(model), names)
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:

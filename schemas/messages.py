@@ -68,6 +68,10 @@ class LoraSpec(WireModel):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     mode: LoraMode = "standard"
     seed: int = 0
+    head_tokens: tuple[NonNegative, ...] = ()
+    """A causal LM classifier's answer tokens: their rows of the (tied) embedding and LM head
+    train beside the adapter, a head of ``len x hidden`` values that forward gradients can
+    estimate (the aggregator names them when a federation takes ``fwdgrad``); empty: none."""
 
 
 class TrainSpec(WireModel):

@@ -34,8 +34,15 @@ from transformers import PreTrainedModel
 from edge_agent.trainers.base import FitResult
 from edgefed.data import TokenBatch, TokenDataset
 from edgefed.library_internals import attention_implementation
-from edgefed.modeling import adapter_parameters, classifier_classes, get_adapter, set_adapter
-from edgefed.objectives import batch_loss, logits_loss, scored_logits
+from edgefed.modeling import (
+    ANSWER_ROWS,
+    adapter_parameters,
+    classifier_classes,
+    get_adapter,
+    lora_spec,
+    set_adapter,
+)
+from edgefed.objectives import batch_loss, logits_loss, scored_logits, scored_rows
 from edgefed.perturbation import Layout, estimate, rademacher
 from schemas.errors import ConfigError
 from schemas.messages import Method, PerturbTarget, SeedDelta, SeedStep, TensorMap, TrainSpec
@@ -205,13 +212,23 @@ class FwdGradTrainer:
         }
         if self.config.mode == "jvp":
             _use_eager_attention(model)
-        self._head = self._owner() if target == "head" and self.config.mode == "fd" else None
+        fd_head = target == "head" and self.config.mode == "fd"
+        self._answer_rows = self._answer_rows_of(model) if fd_head else None
+        self._head = self._owner() if fd_head and self._answer_rows is None else None
         self._previous_global: torch.Tensor | None = None
         self.lr_backoff = 1.0
         """Multiplier on the learning rate; halved each time a fit diverges and doubled
         back (up to 1) after each fit that does not, so one bad batch cannot stall it."""
 
     # ------------------------------------------------------------------ derivatives
+
+    def _answer_rows_of(self, model: PeftModel) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+        """A causal LM's answer rows and their tokens, if they are all that is perturbed."""
+        tokens = lora_spec(model).head_tokens
+        names = list(self._params)
+        if not tokens or len(names) != 1 or not names[0].endswith(ANSWER_ROWS):
+            return None
+        return self._params[names[0]], tuple(tokens)
 
     def _owner(self) -> torch.nn.Module | None:
         """The one module holding every perturbed tensor (a classification head), if any."""
@@ -232,6 +249,8 @@ class FwdGradTrainer:
         def whole() -> float:
             return float(batch_loss(self.model, batch, choices=choices))
 
+        if self._answer_rows is not None:
+            return self._answer_loss(batch, choices) or whole
         head = self._head
         if head is None:
             return whole
@@ -258,6 +277,49 @@ class FwdGradTrainer:
             return float(logits_loss(head(trunk).float(), targets, choices))
 
         return head_only
+
+    def _answer_loss(
+        self, batch: TokenBatch, choices: tuple[int, ...] | None
+    ) -> Callable[[], float] | None:
+        """The batch's loss from the answer rows alone, on the LM head's kept input.
+
+        The model runs once here; each call is one ``[m, hidden] x [hidden, answers]``
+        product. None (run the whole model instead) when the loss is not among exactly the
+        answer tokens, when an answer token occurs in the input (its embedding row is
+        perturbed too), or when the product does not reproduce the model's loss.
+        """
+        assert self._answer_rows is not None
+        rows, tokens = self._answer_rows
+        if choices is None or set(choices) != set(tokens):
+            return None
+        if bool(torch.isin(batch.input_ids[:, :-1], torch.tensor(tokens)).any()):
+            return None
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Module):
+            return None
+        kept: dict[str, object] = {}
+
+        def keep(_: torch.nn.Module, args: tuple[object, ...], output: object) -> None:
+            kept["input"] = args[0]
+
+        handle = head.register_forward_hook(keep)
+        try:
+            logits, targets = scored_logits(self.model, batch)
+        finally:
+            handle.remove()
+        hidden = kept.get("input")
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        features = scored_rows(hidden, batch.labels).float()
+        position = {token: i for i, token in enumerate(tokens)}
+        answers = torch.tensor([position[int(t)] for t in targets], dtype=torch.int64)
+
+        def answers_only() -> float:
+            scores = features @ rows.float().T
+            return float(torch.nn.functional.cross_entropy(scores, answers))
+
+        expected = float(logits_loss(logits, targets, choices))
+        return answers_only if math.isclose(answers_only(), expected, rel_tol=1e-4) else None
 
     def _write(self, flat: torch.Tensor) -> None:
         """Set the perturbed parameters to ``flat`` (cast to their dtype)."""
@@ -397,7 +459,7 @@ class FwdGradTrainer:
         start = self.layout.flatten(global_adapter)
         direction = self._note_global(start)
         count, max_rms = spec.perturbations, self.config.max_step_rms
-        if self._head is not None:
+        if self._head is not None or self._answer_rows is not None:
             count, max_rms = (
                 max(count, self.config.head_perturbations),
                 self.config.head_max_step_rms,

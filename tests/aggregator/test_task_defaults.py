@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aggregator.config import PRETRAINED_LM_TRAIN, AggregatorConfig, default_train
 from edgefed.config import load_settings
-from schemas.messages import ModelRef, TrainSpec
+from schemas.messages import LoraSpec, ModelRef, TrainSpec
 from tests.assets_helpers import require_minilm, require_smollm2
 
 
@@ -35,3 +35,24 @@ def test_fields_a_user_sets_are_laid_over_the_family_defaults(tmp_path) -> None:
 def test_an_encoder_with_a_fresh_head_keeps_the_general_defaults() -> None:
     require_minilm()
     assert default_train("minilm-l6") == TrainSpec()
+
+
+def test_a_federation_that_takes_forward_gradients_gives_a_pretrained_lm_its_answer_rows() -> None:
+    require_smollm2()
+    model = ModelRef(name="smollm2-135m")
+    rows = AggregatorConfig(
+        federation="f", model=model, dataset="rotten-tomatoes", accept_methods=("fwdgrad",)
+    ).lora
+    assert rows.head_tokens == (3524, 2731)  # " negative", " positive"
+    lora_only = AggregatorConfig(federation="f", model=model, dataset="rotten-tomatoes")
+    assert lora_only.lora.head_tokens == ()
+    own = AggregatorConfig(
+        federation="f",
+        model=model,
+        dataset="rotten-tomatoes",
+        method="fwdgrad",
+        lora=LoraSpec(rank=4, head_tokens=(7,)),
+    )
+    assert own.lora == LoraSpec(rank=4, head_tokens=(7,))
+    tokens = AggregatorConfig(federation="f", model=model, method="fwdgrad")  # synthetic rows
+    assert tokens.lora.head_tokens == ()

@@ -401,3 +401,89 @@ def test_fwdgrad_head_fit_moves_only_the_head_and_rebuilds_on_the_aggregator() -
     rebuilt = expand_seeds(update, shapes=adapter_shapes(model), max_perturbations=1000).delta
     for name, tensor in fit.delta.items():
         assert torch.allclose(rebuilt[name], tensor, rtol=0, atol=1e-6), name
+
+
+ANSWERS = (5, 9)
+
+
+def _answer_model() -> PeftModel:
+    """The one-block tiny Llama whose adapter carries the rows of answer tokens 5 and 9."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(tiny_config(layers=1))
+    model = attach_lora(base, LoraSpec(rank=1, target_modules=("q_proj",), head_tokens=ANSWERS))
+    model.eval()
+    return model
+
+
+def _answer_data(rows: int = 8) -> TokenDataset:
+    """Rows answered by token 5 or 9 in the last column; neither occurs before it."""
+    ids = synthetic_dataset(rows, seq_len=10, seed=4).input_ids.clone()
+    ids[torch.isin(ids, torch.tensor(ANSWERS))] = 1
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -1] = torch.where(torch.arange(rows) % 2 == 0, 5, 9)
+    ids[:, -1] = labels[:, -1]
+    return TokenDataset(input_ids=ids, labels=labels, choices=ANSWERS)
+
+
+def test_fwdgrad_perturbs_a_causal_lms_answer_rows_on_one_forward_per_step() -> None:
+    model = _answer_model()
+    trainer = FwdGradTrainer(model, FwdGradConfig())
+    assert trainer.layout.target == "head"
+    (name,) = trainer.layout.slices
+    assert name.endswith(".trainable_tokens_delta") and trainer.layout.size == 2 * 64
+    data = _answer_data()
+    batch = TokenBatch(data.input_ids, data.labels)
+    forwards: list[int] = []
+    handle = model.get_base_model().model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        measured = trainer.derivatives(batch, seed=4, indices=tuple(range(8)), choices=ANSWERS)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1  # 16 perturbed losses, one forward of the model
+    gradient = _objective_gradient(trainer, batch, ANSWERS)
+    expected = _directional(trainer, gradient, 4, 8)
+    assert measured.d == pytest.approx(expected, rel=1e-2, abs=1e-3)
+    with torch.no_grad():
+        whole = float(batch_loss(model, batch, choices=ANSWERS))
+    assert measured.loss == pytest.approx(whole, rel=1e-4)
+
+
+def test_fwdgrad_runs_the_whole_model_when_an_answer_token_is_in_the_input() -> None:
+    model = _answer_model()
+    trainer = FwdGradTrainer(model, FwdGradConfig())
+    data = _answer_data()
+    ids = data.input_ids.clone()
+    ids[0, 3] = ANSWERS[0]  # its embedding row moves with the perturbation too
+    batch = TokenBatch(ids, data.labels)
+    forwards: list[int] = []
+    handle = model.get_base_model().model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        measured = trainer.derivatives(batch, seed=4, indices=(0, 1), choices=ANSWERS)
+    finally:
+        handle.remove()
+    assert len(forwards) == 4  # plus and minus per perturbation
+    expected = _directional(trainer, _objective_gradient(trainer, batch, ANSWERS), 4, 2)
+    assert measured.d == pytest.approx(expected, rel=1e-2, abs=1e-3)
+
+
+def test_fwdgrad_answer_rows_learn_and_rebuild_on_the_aggregator() -> None:
+    model = _answer_model()
+    trainer = FwdGradTrainer(model, FwdGradConfig(head_perturbations=64))
+    data = _answer_data(16)
+    batch = TokenBatch(data.input_ids, data.labels)
+    with torch.no_grad():
+        before = float(batch_loss(model, batch, choices=ANSWERS))
+    start = get_adapter(model)
+    fit = trainer.fit(start, data, TrainSpec(local_steps=30, batch_size=16, seq_len=10), seed=1)
+    assert fit.seeds is not None and fit.seeds.target == "head" and not fit.diverged
+    for name, tensor in fit.delta.items():
+        assert bool(tensor.any()) == name.endswith(".trainable_tokens_delta"), name
+    with torch.no_grad():
+        assert float(batch_loss(model, batch, choices=ANSWERS)) < before - 0.05
+    update = Update(
+        client_id="c", task_id="t", base_version=0, num_samples=1, method="fwdgrad", seeds=fit.seeds
+    )
+    rebuilt = expand_seeds(update, shapes=adapter_shapes(model), max_perturbations=10_000).delta
+    for name, tensor in fit.delta.items():
+        assert torch.allclose(rebuilt[name], tensor, rtol=0, atol=1e-6), name

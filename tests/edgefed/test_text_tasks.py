@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from edge_agent.trainers import LoraTrainer
 from edgefed.data import IGNORE_INDEX, TokenBatch, TokenDataset, evaluate, load_data
@@ -142,3 +142,29 @@ def test_minilm_classifies_with_a_lora_adapter_and_head(tmp_path):
         ours = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         theirs = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_answer_rows_of_a_tied_lm_train_its_head_and_export_as_a_peft_adapter(tmp_path):
+    folder = require_smollm2()
+    spec = LoraSpec(head_tokens=(NEGATIVE, POSITIVE))
+    model = attach_lora(build_model("smollm2-135m"), spec)
+    (rows,) = [n for n in adapter_parameters(model) if "lora_" not in n]
+    assert rows.endswith("embed_tokens.token_adapter.trainable_tokens_delta")
+    adapter = get_adapter(model)
+    embedding = model.get_input_embeddings().weight  # the tied rows start as they were
+    torch.testing.assert_close(adapter[rows], embedding[[NEGATIVE, POSITIVE]].detach())
+    adapter[rows] = adapter[rows] + torch.linspace(-0.5, 0.5, adapter[rows].numel()).view(2, -1)
+    exported = export_adapter(model, adapter, tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    with warnings.catch_warnings():  # peft asks transformers for a renamed attribute
+        warnings.simplefilter("ignore", FutureWarning)
+        reloaded = PeftModel.from_pretrained(base, str(exported)).eval()
+    ids = torch.tensor([[504, 1344, 314, 2292, 28]])
+    with torch.inference_mode():
+        ours = model.eval()(input_ids=ids).logits[0, -1]
+        theirs = reloaded(input_ids=ids).logits[0, -1]
+        plain = build_model("smollm2-135m")(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    moved = (ours - plain).abs()
+    assert float(moved[[NEGATIVE, POSITIVE]].min()) > 1e-2  # the answer logits moved
+    assert float(moved.max()) == pytest.approx(float(moved[[NEGATIVE, POSITIVE]].max()))

@@ -265,8 +265,7 @@ class AggregatorService:
         await self._evaluate_and_report()
 
     async def _evaluate_and_report(self) -> None:
-        loss: float | None = None
-        accuracy: float | None = None
+        loss, accuracy = None, None
         every = self.config.eval_every
         if (every and self.version % every == 0) or self._finished():
             loss, accuracy = await asyncio.to_thread(self._evaluate, self.current)

@@ -261,17 +261,7 @@ class FwdGradTrainer:
         head = self._head
         if head is None:
             return whole
-        kept: dict[str, object] = {}
-
-        def keep(_: torch.nn.Module, args: tuple[object, ...], output: object) -> None:
-            kept["input"], kept["output"] = args[0], output
-
-        handle = head.register_forward_hook(keep)
-        try:
-            logits, targets = scored_logits(self.model, batch)
-        finally:
-            handle.remove()
-        trunk, output = kept.get("input"), kept.get("output")
+        logits, targets, trunk, output = self._scored_keeping(head, batch)
         if not (
             isinstance(trunk, torch.Tensor)
             and isinstance(output, torch.Tensor)
@@ -284,6 +274,22 @@ class FwdGradTrainer:
             return float(logits_loss(head(trunk).float(), targets, choices))
 
         return head_only
+
+    def _scored_keeping(
+        self, module: torch.nn.Module, batch: TokenBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, object, object]:
+        """``scored_logits`` on ``batch``, plus ``module``'s input and output in that run."""
+        kept: dict[str, object] = {}
+
+        def keep(_: torch.nn.Module, args: tuple[object, ...], output: object) -> None:
+            kept["input"], kept["output"] = args[0], output
+
+        handle = module.register_forward_hook(keep)
+        try:
+            logits, targets = scored_logits(self.model, batch)
+        finally:
+            handle.remove()
+        return logits, targets, kept.get("input"), kept.get("output")
 
     def _answer_loss(
         self, batch: TokenBatch, choices: tuple[int, ...] | None
@@ -304,17 +310,7 @@ class FwdGradTrainer:
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Module):
             return None
-        kept: dict[str, object] = {}
-
-        def keep(_: torch.nn.Module, args: tuple[object, ...], output: object) -> None:
-            kept["input"] = args[0]
-
-        handle = head.register_forward_hook(keep)
-        try:
-            logits, targets = scored_logits(self.model, batch)
-        finally:
-            handle.remove()
-        hidden = kept.get("input")
+        logits, targets, hidden, _ = self._scored_keeping(head, batch)
         if not isinstance(hidden, torch.Tensor):
             return None
         features = scored_rows(hidden, batch.labels).float()

@@ -14,12 +14,14 @@ from edgefed.transport import MqttTransport, TransportConfig, broker_for
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve the federation until ``--max-versions`` (or forever); write results if asked."""
+    """Serve the federation until ``--max-versions`` or ``--max-seconds`` (or forever); write
+    results if asked."""
     config = load_settings(
         AggregatorConfig,
         args.config,
         federation=args.federation,
         max_versions=args.max_versions or None,
+        max_seconds=args.max_seconds or None,
         checkpoint_dir=args.checkpoint_dir,
     )
 

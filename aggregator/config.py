@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from aggregator.schedule import ScheduleName
 from aggregator.strategies import Strategy, make_strategy
 from aggregator.strategies.fedbuff import RobustMode
 from edgefed.config import Settings
@@ -30,6 +31,12 @@ class StrategySettings(Settings):
     alpha: float = Field(default=0.6, gt=0, le=1)
     buffer_size: int = Field(default=3, gt=0)
     server_lr: float = Field(default=1.0, gt=0)
+    schedule: ScheduleName = "cosine"
+    """How the merge step changes over a run bounded by ``max_versions`` or ``max_seconds``:
+    ``cosine`` decays it to ``final_lr`` times its start (see :mod:`aggregator.schedule`),
+    ``constant`` keeps it; an open-ended run always keeps it."""
+    final_lr: float = Field(default=0.0, ge=0, le=1)
+    """The multiple of the merge step a cosine schedule ends at."""
     robust: RobustMode = "mean"
     """FedBuff only: reduce the buffer by weighted ``mean``, or coordinate-wise ``median`` or
     ``trimmed_mean``, so a few poisoned updates cannot drag the global (DESIGN §5)."""
@@ -84,6 +91,12 @@ class KdSettings(Settings):
     server_lr: float = Field(default=3e-3, gt=0)
 
 
+PRETRAINED_ENCODER_TRAIN = TrainSpec(seq_len=64, lr=1e-3)
+"""A pretrained encoder's task defaults (MiniLM with a fresh head). 32 tokens cut four in
+five AG News rows (44 tokens on average, 58 at the 90th percentile), and at 5e-3 AdamW
+overshoots: centralized LoRA on AG News fell from 0.83 to 0.67-0.73 by step 500, where
+1e-3 climbed to 0.84-0.86."""
+
 PRETRAINED_LM_TRAIN = TrainSpec(local_steps=10, batch_size=8, seq_len=64, lr=5e-4)
 """A pretrained causal LM's task defaults (SmolLM2; the demo's settings). At the general
 default of 5e-3 and 32 tokens, LoRA on Rotten Tomatoes went 0.70 -> 0.61 by version 2 and
@@ -94,8 +107,8 @@ most reviews."""
 def default_train(model: ModelRef | str) -> TrainSpec:
     """The task's training defaults for ``model``'s family.
 
-    Encoders with a fresh head and the random tiny models keep ``TrainSpec()``; a
-    pretrained causal LM gets :data:`PRETRAINED_LM_TRAIN`. A model that cannot be read
+    The random tiny models keep ``TrainSpec()``; a pretrained encoder gets
+    :data:`PRETRAINED_ENCODER_TRAIN`, a pretrained causal LM :data:`PRETRAINED_LM_TRAIN`. A model that cannot be read
     keeps the general defaults (loading it reports the problem).
     """
     name = model.name if isinstance(model, ModelRef) else model
@@ -105,7 +118,7 @@ def default_train(model: ModelRef | str) -> TrainSpec:
         kind = model_kind(model)
     except ConfigError:  # AssetMissing included
         return TrainSpec()
-    return PRETRAINED_LM_TRAIN if kind == "causal" else TrainSpec()
+    return PRETRAINED_LM_TRAIN if kind == "causal" else PRETRAINED_ENCODER_TRAIN
 
 
 class AggregatorConfig(Settings):
@@ -144,6 +157,9 @@ class AggregatorConfig(Settings):
     itself keeps the cores for training)."""
     max_versions: int = Field(default=0, ge=0)
     """Stop after this many versions (0 = run until stopped)."""
+    max_seconds: float = Field(default=0.0, ge=0)
+    """Stop merging this many seconds after start (0 = no time limit); with ``max_versions``,
+    whichever comes first. Either bound is the length a ``cosine`` schedule decays over."""
     max_payload: int = Field(default=256 * 1024, ge=4096)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
     """Largest update accepted (all chunks together), refused before any decoding."""

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from edgefed.perturbation import Layout, rebuild_delta
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Update
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
 
 
 def count_perturbations(update: Update) -> int:
@@ -178,3 +182,17 @@ class PerturbationController:
             return self.perturbations
         mean = math.fsum(self._speeds.values()) / len(self._speeds)
         return self._clamp(self._target * speed / mean)
+
+
+def perturbation_controller(config: AggregatorConfig) -> PerturbationController | None:
+    """The controller ``config.fwdgrad`` asks for; None keeps the task's K fixed."""
+    fwd, strategy = config.fwdgrad, config.strategy
+    if fwd.variance_threshold is None:
+        return None
+    return PerturbationController(
+        threshold=fwd.variance_threshold,
+        initial=config.train.perturbations,
+        minimum=fwd.min_perturbations,
+        maximum=fwd.max_perturbations,
+        merge_size=strategy.buffer_size if strategy.name == "fedbuff" else 1,
+    )

@@ -105,6 +105,11 @@ def add(x: TensorMap, delta: TensorMap, *, scale: float = 1.0) -> TensorMap:
     return {name: _f32(t) + scale * _f32(delta[name]) for name, t in x.items()}
 
 
+def scale(x: TensorMap, factor: float) -> TensorMap:
+    """``factor * x`` in float32 (``x`` itself when the factor is 1)."""
+    return x if factor == 1.0 else {name: _f32(t) * factor for name, t in x.items()}
+
+
 def sub(a: TensorMap, b: TensorMap) -> TensorMap:
     """Return ``a - b``: the delta that takes ``b`` to ``a``."""
     check_same_layout(a, b, what="a and b")

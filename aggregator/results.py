@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.messages import Ack, Update
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,24 @@ class UpdateRecord:
     time_s: float
     method: str = "lora"
     """How the update was trained, so bytes per update compare across methods."""
+
+    @classmethod
+    def answered(
+        cls, update: Update, ack: Ack, *, size: int, staleness: int, time_s: float
+    ) -> UpdateRecord:
+        """The record of ``update`` once ``ack`` answered it."""
+        return cls(
+            client_id=update.client_id,
+            update_id=update.update_id,
+            base_version=update.base_version,
+            staleness=staleness,
+            bytes=size,
+            accepted=ack.accepted,
+            reason=ack.reason,
+            version_after=ack.version,
+            time_s=time_s,
+            method=update.method,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,15 +18,17 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from aggregator import ops
 from aggregator.acks import AckSender
 from aggregator.audit import AUDIT_FILE, Decision, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
-from aggregator.fwdgrad import PerturbationController, expand_seeds, perturbations_per_step
+from aggregator.fwdgrad import expand_seeds, perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
+from aggregator.schedule import lr_factor, run_progress
 from aggregator.strategies import Strategy
 from aggregator.validation import (
     ValidationPolicy,
@@ -73,18 +75,7 @@ class AggregatorService:
             allowed_methods=frozenset({config.method, *config.accept_methods}),
             max_samples=samples_cap(config.train, config.max_samples_per_update),
         )
-        fwd = config.fwdgrad
-        self._perturbations = (
-            None
-            if fwd.variance_threshold is None
-            else PerturbationController(
-                threshold=fwd.variance_threshold,
-                initial=config.train.perturbations,
-                minimum=fwd.min_perturbations,
-                maximum=fwd.max_perturbations,
-                merge_size=config.strategy.buffer_size if config.strategy.name == "fedbuff" else 1,
-            )
-        )
+        self._perturbations = perturbation_controller(config)
         """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
         self.version = 0
         self.results = Results(config=config.model_dump(mode="json"))
@@ -149,12 +140,15 @@ class AggregatorService:
         holding = self.config.checkpoint_every > 1 and not self._finished()
         flusher = asyncio.create_task(self._commit_held_later()) if holding else None
         try:
-            if not self._finished():
-                async for delivery in self._transport.deliveries():
-                    async with self._lock:  # acks pipelined; ``handle`` waits for each
-                        await self._handle(delivery)
-                    if self._finished():
-                        break
+            deliveries = aiter(self._transport.deliveries())
+            while not self._finished():
+                try:  # a run bounded by time ends between deliveries, never inside one
+                    async with asyncio.timeout(self._seconds_left()):
+                        delivery = await anext(deliveries)
+                except (StopAsyncIteration, TimeoutError):
+                    break
+                async with self._lock:  # acks pipelined; ``handle`` waits for each
+                    await self._handle(delivery)
             async with self._lock:
                 if self._ledger.held:
                     await self._commit()
@@ -209,7 +203,20 @@ class AggregatorService:
         return round(time.monotonic() - self._started, 4)
 
     def _finished(self) -> bool:
-        return 0 < self.config.max_versions <= self.version
+        return 0 < self.config.max_versions <= self.version or self._seconds_left() == 0
+
+    def _seconds_left(self) -> float | None:
+        limit = self.config.max_seconds
+        return max(0.0, limit - (time.monotonic() - self._started)) if limit > 0 else None
+
+    def _lr_factor(self) -> float:
+        """The schedule's multiple of the merge step now (:mod:`aggregator.schedule`)."""
+        cfg, elapsed = self.config, time.monotonic() - self._started
+        progress = run_progress(
+            version=self.version, max_versions=cfg.max_versions, elapsed_s=elapsed,
+            max_seconds=cfg.max_seconds,
+        )  # fmt: skip
+        return lr_factor(cfg.strategy.schedule, progress, final=cfg.strategy.final_lr)
 
     def _build_model(self) -> PeftModel:
         num = num_labels(self.config.dataset)
@@ -217,7 +224,9 @@ class AggregatorService:
         return attach_lora(base, self.config.lora)
 
     def _task(self) -> Task:
-        cfg = self.config
+        cfg, train = self.config, self.config.train
+        if self._perturbations is not None:
+            train = train.model_copy(update={"perturbations": self._perturbations.perturbations})
         return Task(
             task_id=cfg.task_id,
             federation=cfg.federation,
@@ -226,13 +235,7 @@ class AggregatorService:
             methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,
             lora=cfg.lora,
-            train=(
-                cfg.train
-                if self._perturbations is None
-                else cfg.train.model_copy(
-                    update={"perturbations": self._perturbations.perturbations}
-                )
-            ),
+            train=train,
             max_staleness=cfg.max_staleness,
             dataset=cfg.dataset,
             seed=cfg.seed,
@@ -390,7 +393,7 @@ class AggregatorService:
             result = self._strategy.submit(
                 current=self.current,
                 base=base,
-                delta=checked.delta,
+                delta=ops.scale(checked.delta, self._lr_factor()),
                 staleness=checked.staleness,
                 num_samples=update.num_samples,
                 update_id=update.update_id,
@@ -552,20 +555,10 @@ class AggregatorService:
             await self._published.wait()
 
     def _record(self, update: Update, size: int, staleness: int, ack: Ack) -> None:
-        self.results.updates.append(
-            UpdateRecord(
-                client_id=update.client_id,
-                update_id=update.update_id,
-                base_version=update.base_version,
-                staleness=staleness,
-                bytes=size,
-                accepted=ack.accepted,
-                reason=ack.reason,
-                version_after=ack.version,
-                time_s=self.elapsed_s(),
-                method=update.method,
-            )
+        record = UpdateRecord.answered(
+            update, ack, size=size, staleness=staleness, time_s=self.elapsed_s()
         )
+        self.results.updates.append(record)
         self._answered[update.update_id] = ack
         while len(self._answered) > _ANSWERED_IDS_KEPT:
             self._answered.popitem(last=False)

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     aggregator.add_argument(
         "--max-versions", type=int, default=0, help="stop at version V (0 = run on)"
     )
+    aggregator.add_argument(
+        "--max-seconds", type=float, default=0.0, help="stop merging after S seconds (0 = no)"
+    )
     aggregator.add_argument("--json-out", default=None, help="results file")
     aggregator.add_argument(
         "--checkpoint-dir", default=None, help="crash-safe checkpoints and audit log; resumes"

@@ -193,6 +193,8 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
             "strategy": strategy,
             "seed": config.seed,
             "max_versions": config.max_versions,
+            # The aggregator's clock is real time; its cosine schedule decays over the run.
+            "max_seconds": config.max_seconds * config.time_scale,
             "dataset": config.dataset,
         }
         | ({"kd": kd} if kd else {})

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from aggregator.config import PRETRAINED_LM_TRAIN, AggregatorConfig, default_train
+from aggregator.config import (
+    PRETRAINED_ENCODER_TRAIN,
+    PRETRAINED_LM_TRAIN,
+    AggregatorConfig,
+    default_train,
+)
 from edgefed.config import load_settings
 from schemas.messages import LoraSpec, ModelRef, TrainSpec
 from tests.assets_helpers import require_minilm, require_smollm2
@@ -32,9 +37,11 @@ def test_fields_a_user_sets_are_laid_over_the_family_defaults(tmp_path) -> None:
     assert given.train == whole
 
 
-def test_an_encoder_with_a_fresh_head_keeps_the_general_defaults() -> None:
+def test_a_pretrained_encoder_reads_whole_rows_at_a_gentler_rate() -> None:
     require_minilm()
-    assert default_train("minilm-l6") == TrainSpec()
+    assert default_train("minilm-l6") == PRETRAINED_ENCODER_TRAIN
+    assert PRETRAINED_ENCODER_TRAIN.seq_len > TrainSpec().seq_len
+    assert PRETRAINED_ENCODER_TRAIN.lr < TrainSpec().lr
 
 
 def test_a_federation_that_takes_forward_gradients_gives_a_pretrained_lm_its_answer_rows() -> None:

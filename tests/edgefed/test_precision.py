@@ -22,6 +22,18 @@ def test_resolve_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> N
     assert precision.resolve("auto", CPU) == "bf16"
 
 
+def test_a_cpu_with_bf16_instructions_still_needs_bf16_to_be_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(precision, "_cpu_bf16_faster", lambda: False)
+    assert precision.resolve("auto", CPU) == "fp32"
+    monkeypatch.setattr(precision, "_cpu_bf16_faster", lambda: True)
+    assert precision.resolve("auto", CPU) == "bf16"
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    assert precision.resolve("auto", CPU) == "fp32"  # emulated bf16 is never timed
+
+
 def test_autocast_runs_matmuls_in_bf16_only_when_asked() -> None:
     a = torch.randn(4, 4)
     with precision.autocast("bf16", CPU):

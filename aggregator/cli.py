@@ -14,8 +14,7 @@ from edgefed.transport import MqttTransport, TransportConfig, broker_for
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve the federation until ``--max-versions`` or ``--max-seconds`` (or forever); write
-    results if asked."""
+    """Serve until ``--max-versions`` or ``--max-seconds`` (or forever); write results if asked."""
     config = load_settings(
         AggregatorConfig,
         args.config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 
@@ -30,7 +31,7 @@ def test_cosine_decays_from_one_to_its_final_value() -> None:
     assert lr_factor("cosine", 0.5, final=0.0) == pytest.approx(0.5)
     assert lr_factor("cosine", 1.0, final=0.2) == pytest.approx(0.2)
     steps = [lr_factor("cosine", p / 10, final=0.0) for p in range(11)]
-    assert all(a > b for a, b in zip(steps, steps[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(steps))
     assert lr_factor("constant", 0.9, final=0.0) == 1.0
     assert lr_factor("cosine", None, final=0.0) == 1.0  # an open-ended run never decays
 

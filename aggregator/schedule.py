@@ -9,7 +9,8 @@ constant step, since there is no end to decay towards.
 
 The factor scales each merged delta when it is submitted, so it applies to every merge
 rule and to every method whose updates are deltas (LoRA, forward gradients, split's device
-part); KD's server-side distillation has its own rate.
+part); KD's server-side distillation has its own rate. A federation under differential
+privacy keeps the constant step: its noise is calibrated to a full step of clipped deltas.
 """
 
 from __future__ import annotations

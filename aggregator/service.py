@@ -212,6 +212,8 @@ class AggregatorService:
     def _lr_factor(self) -> float:
         """The schedule's multiple of the merge step now (:mod:`aggregator.schedule`)."""
         cfg, elapsed = self.config, time.monotonic() - self._started
+        if cfg.privacy is not None:  # its noise is calibrated to a full step of clipped deltas
+            return 1.0
         progress = run_progress(
             version=self.version, max_versions=cfg.max_versions, elapsed_s=elapsed,
             max_seconds=cfg.max_seconds,

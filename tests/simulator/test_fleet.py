@@ -46,6 +46,7 @@ async def test_fleet_fedasync_polynomial_learns(mosquitto_url: str, federation: 
         staleness="polynomial",
         max_versions=20,
         federation=federation,
+        aggregator={"strategy": {"schedule": "constant"}},  # the threshold counts full steps
     )
     result = await run_fleet(config, url=mosquitto_url, progress=False)
     results = result.to_dict()

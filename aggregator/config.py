@@ -108,8 +108,8 @@ def default_train(model: ModelRef | str) -> TrainSpec:
     """The task's training defaults for ``model``'s family.
 
     The random tiny models keep ``TrainSpec()``; a pretrained encoder gets
-    :data:`PRETRAINED_ENCODER_TRAIN`, a pretrained causal LM :data:`PRETRAINED_LM_TRAIN`. A model that cannot be read
-    keeps the general defaults (loading it reports the problem).
+    :data:`PRETRAINED_ENCODER_TRAIN`, a pretrained causal LM :data:`PRETRAINED_LM_TRAIN`.
+    A model that cannot be read keeps the general defaults (loading it reports the problem).
     """
     name = model.name if isinstance(model, ModelRef) else model
     if name in TINY_MODELS:

@@ -16,12 +16,10 @@ privacy keeps the constant step: its noise is calibrated to a full step of clipp
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 ScheduleName = Literal["cosine", "constant"]
 """``cosine`` (decay over the run's length) or ``constant`` (the step never changes)."""
-
-SCHEDULE_NAMES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 
 
 def run_progress(

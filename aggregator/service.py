@@ -207,15 +207,15 @@ class AggregatorService:
 
     def _seconds_left(self) -> float | None:
         limit = self.config.max_seconds
-        return max(0.0, limit - (time.monotonic() - self._started)) if limit > 0 else None
+        return max(0.0, limit - self.elapsed_s()) if limit > 0 else None
 
     def _lr_factor(self) -> float:
         """The schedule's multiple of the merge step now (:mod:`aggregator.schedule`)."""
-        cfg, elapsed = self.config, time.monotonic() - self._started
+        cfg = self.config
         if cfg.privacy is not None:  # its noise is calibrated to a full step of clipped deltas
             return 1.0
         progress = run_progress(
-            version=self.version, max_versions=cfg.max_versions, elapsed_s=elapsed,
+            version=self.version, max_versions=cfg.max_versions, elapsed_s=self.elapsed_s(),
             max_seconds=cfg.max_seconds,
         )  # fmt: skip
         return lr_factor(cfg.strategy.schedule, progress, final=cfg.strategy.final_lr)

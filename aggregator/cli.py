@@ -9,8 +9,8 @@ import contextlib
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.session import aggregator_transport, split_transport
-from edgefed.config import load_settings
-from edgefed.transport import MqttTransport, TransportConfig, broker_for
+from edgefed.settings import load_settings
+from edgefed.transport.mqtt import MqttTransport, TransportConfig, broker_for
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with broker_for(config.mqtt.broker_url(args.broker)) as url:
             # A stable id and a persistent session: updates sent while the aggregator is
-            # down (restarting after a crash) wait at the broker (DESIGN §8b).
+            # down (restarting after a crash) wait at the broker (docs/architecture.md §8b).
             transport_config = aggregator_transport(config, url=url)
             async with MqttTransport(transport_config) as transport:
                 service = AggregatorService(config, transport)

@@ -9,11 +9,11 @@ from pydantic import Field, model_validator
 from aggregator.schedule import ScheduleName
 from aggregator.strategies import Strategy, make_strategy
 from aggregator.strategies.fedbuff import RobustMode
-from edgefed.config import Settings
-from edgefed.connection import MqttSettings
-from edgefed.modeling import TINY_MODELS, model_kind
-from edgefed.privacy import PrivacySettings
-from edgefed.text_tasks import answer_tokens
+from edgefed.data.text_tasks import answer_tokens
+from edgefed.ml.models import TINY_MODELS, model_kind
+from edgefed.ml.privacy import PrivacySettings
+from edgefed.settings import Settings
+from edgefed.transport.connection import MqttSettings
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
@@ -22,7 +22,7 @@ StalenessName = Literal["constant", "polynomial", "hinge", "inverse_sqrt"]
 
 
 class StrategySettings(Settings):
-    """Which merge rule runs and with what parameters (DESIGN §5)."""
+    """Which merge rule runs and with what parameters (docs/architecture.md §5)."""
 
     name: StrategyName = "fedbuff"
     staleness: StalenessName | None = None
@@ -39,7 +39,7 @@ class StrategySettings(Settings):
     """The multiple of the merge step a cosine schedule ends at."""
     robust: RobustMode = "mean"
     """FedBuff only: reduce the buffer by weighted ``mean``, or coordinate-wise ``median`` or
-    ``trimmed_mean``, so a few poisoned updates cannot drag the global (DESIGN §5)."""
+    ``trimmed_mean``, so a few poisoned updates cannot drag the global (docs/architecture.md §5)."""
     trim_ratio: float = Field(default=0.2, ge=0, lt=0.5)
     """``trimmed_mean``: fraction of values dropped at each end of every coordinate."""
 
@@ -62,7 +62,10 @@ class StrategySettings(Settings):
 
 
 class FwdGradSettings(Settings):
-    """Forward-gradient updates: how many perturbations to ask for and to rebuild (DESIGN §6)."""
+    """Forward-gradient updates: how many perturbations to ask for and to rebuild.
+
+    See docs/architecture.md §6.
+    """
 
     variance_threshold: float | None = Field(default=None, gt=0)
     """Keep the merged gradient estimate's variance under this by raising or lowering the

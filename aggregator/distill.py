@@ -1,7 +1,7 @@
 """Knowledge distillation on the aggregator: ensemble device logits, distill into the global.
 
-Pure: tensors in, tensors out, no I/O and no logging (DESIGN §6 ``kd``). Devices upload
-top-k logits on a proxy slice; :func:`ensemble` turns the uploads of one slice into one
+Pure: tensors in, tensors out, no I/O and no logging (docs/architecture.md §6 ``kd``). Devices
+upload top-k logits on a proxy slice; :func:`ensemble` turns the uploads of one slice into one
 teacher distribution per scored position, and :func:`distill` trains the global adapter
 towards the teachers with a temperature-scaled KL loss for a few server steps.
 """
@@ -16,10 +16,10 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from edgefed.data import TokenDataset
-from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
-from edgefed.objectives import scored_logits
-from edgefed.proxy import proxy_batch
+from edgefed.data.proxy import proxy_batch
+from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
+from edgefed.ml.objectives import scored_logits
+from edgefed.ml.tokens import TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import TensorMap
 

@@ -3,7 +3,7 @@
 Pure: no I/O and no logging. :func:`expand_seeds` turns an update that carries seeds into
 the dense update every later stage (validation, strategies) already understands;
 :class:`PerturbationController` decides how many perturbations per step devices should use
-so the variance of a merged gradient estimate stays under a bound (DESIGN §6).
+so the variance of a merged gradient estimate stays under a bound (docs/architecture.md §6).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from edgefed.perturbation import Layout, rebuild_delta
+from edgefed.ml.perturbation import Layout, rebuild_delta
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Update
 

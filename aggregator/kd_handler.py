@@ -1,6 +1,6 @@
 """KD updates in the aggregator: proxy slices, logit checks, a buffer, and distillation.
 
-A ``kd`` update carries top-k logits on a proxy slice instead of a delta (DESIGN §6
+A ``kd`` update carries top-k logits on a proxy slice instead of a delta (docs/architecture.md §6
 ``kd``). The service routes it here rather than to the delta strategy: :meth:`KdHandler.check`
 validates it (slice, names, shapes, dtypes, finiteness, token ids) without touching any
 state, :meth:`KdHandler.submit` buffers it and, once ``buffer_size`` are in, ensembles
@@ -22,8 +22,7 @@ from aggregator.distill import DistillTarget, distill, ensemble
 from aggregator.staleness import StalenessName, StalenessRule, staleness_rule
 from aggregator.strategies.base import MergeResult
 from aggregator.validation import ValidationPolicy, check_metadata
-from edgefed.data import TokenDataset
-from edgefed.proxy import (
+from edgefed.data.proxy import (
     LOGIT_KEYS,
     load_proxy,
     proxy_logits,
@@ -31,6 +30,7 @@ from edgefed.proxy import (
     select_indices,
     source_size,
 )
+from edgefed.ml.tokens import TokenDataset
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Method, ModelRef, ProxySpec, TensorMap, Update
 

@@ -13,7 +13,7 @@ they cannot be combined with this.
 from __future__ import annotations
 
 from aggregator.strategies import FedBuff, MergeResult, Strategy, StrategyWrapper
-from edgefed.privacy import PrivacyAccountant, PrivacySettings, add_gaussian_noise, new_generator
+from edgefed.ml.privacy import PrivacyAccountant, PrivacySettings, add_gaussian_noise, new_generator
 from schemas.errors import ConfigError
 from schemas.messages import TensorMap
 

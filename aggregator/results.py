@@ -59,7 +59,7 @@ class UpdateRecord:
 
 @dataclass(frozen=True, slots=True)
 class SplitRecord:
-    """One split-learning request the split server answered (DESIGN §6 ``split``)."""
+    """One split-learning request the split server answered (docs/architecture.md §6 ``split``)."""
 
     client_id: str
     request_id: str

@@ -24,7 +24,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.results import Results
 from aggregator.service import AggregatorService
 from aggregator.strategies.base import MergeResult
-from edgefed.transport import Transport
+from edgefed.transport.mqtt import Transport
 from schemas.errors import ConfigError
 from schemas.messages import Ack, Task, TensorMap, Update
 

@@ -36,11 +36,13 @@ from aggregator.validation import (
     samples_cap,
     validate_update,
 )
-from edgefed.data import TokenDataset, evaluate, load_data
-from edgefed.datasets import num_labels
-from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
-from edgefed.signing import GlobalSigner, signed_by
-from edgefed.transport import BadDelivery, Delivery, Transport
+from edgefed.data.loading import load_data
+from edgefed.data.sources import num_labels
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.ml.tokens import TokenDataset
+from edgefed.security.signing import GlobalSigner, signed_by
+from edgefed.transport.mqtt import BadDelivery, Delivery, Transport
 from schemas import topics
 from schemas.errors import ConfigError, PayloadTooLarge, RejectReason, TopicError, UpdateRejected
 from schemas.messages import Ack, GlobalModel, Metrics, Status, Task, TensorMap, Update

@@ -5,8 +5,8 @@ what a fleet run shows about lost or queued updates holds for the real service.
 
 The aggregator keeps a stable client id and a persistent session: updates published while
 it is briefly away (a restart, a dropped link) are queued by the broker and delivered when
-it comes back (DESIGN §8b). The split server uses a clean session on a connection of its
-own: a split request is answered within the device's timeout or sent again by the device,
+it comes back (docs/architecture.md §8b). The split server uses a clean session on a connection of
+its own: a split request is answered within the device's timeout or sent again by the device,
 so old ones queued for it would only be answered too late.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from aggregator.config import AggregatorConfig
-from edgefed.transport import TransportConfig
+from edgefed.transport.mqtt import TransportConfig
 
 
 def aggregator_client_id(federation: str) -> str:

@@ -27,9 +27,9 @@ from peft import PeftModel
 from torch import Tensor
 
 from aggregator.strategies import MergeResult, Strategy, StrategyWrapper
-from edgefed.modeling import adapter_parameters, get_adapter
-from edgefed.objectives import IGNORE_INDEX
-from edgefed.split_model import head_loss, model_config, num_blocks, run_blocks
+from edgefed.ml.models import adapter_parameters, get_adapter
+from edgefed.ml.split_model import head_loss, model_config, num_blocks, run_blocks
+from edgefed.ml.tokens import IGNORE_INDEX
 from schemas.errors import ConfigError, SplitRejected
 from schemas.messages import SplitReply, SplitRequest, TensorMap
 

@@ -19,8 +19,8 @@ from aggregator.config import AggregatorConfig
 from aggregator.results import Results, SplitRecord
 from aggregator.service import AggregatorService
 from aggregator.split_server import SplitFed, SplitServer, SplitServerConfig
-from edgefed.modeling import attach_lora, build_model
-from edgefed.transport import BadDelivery, Delivery, Transport
+from edgefed.ml.models import attach_lora, build_model
+from edgefed.transport.mqtt import BadDelivery, Delivery, Transport
 from schemas import topics
 from schemas.codec import Compression
 from schemas.errors import PayloadTooLarge, RejectReason, TopicError

@@ -1,9 +1,11 @@
-"""Staleness rules: how much an update computed on an old global still counts (DESIGN §5).
+"""Staleness rules: how much an update computed on an old global still counts.
 
 Staleness τ is ``current_version - base_version``. A rule maps τ to a factor s(τ) in (0, 1]
 that the strategies multiply into a mixing rate (FedAsync) or an averaging weight (FedBuff).
 Each rule is a small frozen dataclass so it can be compared, printed and written to a
 checkpoint; strategies are handed a rule instead of being subclassed per rule.
+
+See docs/architecture.md §5.
 """
 
 from __future__ import annotations

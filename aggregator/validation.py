@@ -1,4 +1,4 @@
-"""Checks an update must pass before any strategy sees it (DESIGN §5, §8).
+"""Checks an update must pass before any strategy sees it (docs/architecture.md §5, §8).
 
 Checks run from cheapest to dearest, so metadata problems are reported without touching the
 tensors: who sent it, for which task and method, against which version, then the tensors'

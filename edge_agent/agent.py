@@ -30,11 +30,12 @@ from edge_agent.split_channel import MqttSplitChannel
 from edge_agent.trainers import KdTrainer, SplitTrainer, Trainer, make_trainer
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.split import SplitHistory
-from edgefed.data import TokenDataset, load_data
-from edgefed.datasets import num_labels
-from edgefed.modeling import attach_lora, build_model
-from edgefed.signing import GlobalVerifier
-from edgefed.transport import BadDelivery, MqttTransport, Transport, Will
+from edgefed.data.loading import load_data
+from edgefed.data.sources import num_labels
+from edgefed.ml.models import attach_lora, build_model
+from edgefed.ml.tokens import TokenDataset
+from edgefed.security.signing import GlobalVerifier
+from edgefed.transport.mqtt import BadDelivery, MqttTransport, Transport, Will
 from schemas import codec, topics
 from schemas.errors import ConfigError, SignatureError, TransportError
 from schemas.messages import (
@@ -75,7 +76,10 @@ class AgentReport:
     bytes_down: int = 0
     """Bytes of global models received (all chunks), the download side of the traffic."""
     plan: dict[str, str | int | float | bool] | None = None
-    """The memory plan (method, shape, estimate, measured peak) or the refusal (DESIGN §7)."""
+    """The memory plan (method, shape, estimate, measured peak) or the refusal.
+
+    See docs/architecture.md §7.
+    """
     split: list[SplitHistory] = field(default_factory=list)
     """Split learning: per fit, every step's bytes up/down and device compute, and the peak."""
 

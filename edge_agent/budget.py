@@ -1,4 +1,4 @@
-"""How much memory a device may use, and how much one training step really used (DESIGN §7).
+"""How much memory a device may use, and how much one training step really used.
 
 The budget covers the whole process: a device either states it (``memory_budget_mb`` in its
 profile) or takes what the OS can give it: its own resident memory plus what is still
@@ -9,6 +9,8 @@ Peaks are measured, not guessed: on Linux the process's resident high-water mark
 is reset through ``/proc/self/clear_refs`` before a step and read afterwards; elsewhere
 ``getrusage`` gives the high-water mark of the whole process life, which can only
 overstate. On a GPU, torch's max-allocated counter is reset and read the same way.
+
+See docs/architecture.md §7.
 """
 
 from __future__ import annotations

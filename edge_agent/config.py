@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from edgefed.config import Settings
-from edgefed.connection import MqttSettings
-from edgefed.privacy import PrivacySettings
+from edgefed.ml.privacy import PrivacySettings
+from edgefed.settings import Settings
+from edgefed.transport.connection import MqttSettings
 from schemas.messages import DeviceProfile, Method, ModelRef
 
 
@@ -50,8 +50,11 @@ class AgentConfig(Settings):
     """PEM Ed25519 public keys of the aggregator: with any, only globals and tasks signed by one
     of them are followed (unsigned or wrongly signed ones are refused). Empty: no check."""
     budget_from_os: bool = False
-    """Without ``profile.memory_budget_mb``, plan against the memory the OS has free (DESIGN §7);
-    with neither, the task's method and shape are used as they are."""
+    """Without ``profile.memory_budget_mb``, plan against the memory the OS has free;
+    with neither, the task's method and shape are used as they are.
+
+    See docs/architecture.md §7.
+    """
     shared_process: bool = False
     """Other agents share this process (the simulator): its memory cannot be told apart, so
     the agent plans as a process of its own would and does not measure its steps."""

@@ -1,4 +1,4 @@
-"""Peak memory of one local training step, estimated from the model's config (DESIGN §7).
+"""Peak memory of one local training step, estimated from the model's config.
 
 The estimate is the process's peak resident memory while a trainer runs one step, as a sum
 of named parts so an operator can see where the memory goes:
@@ -30,6 +30,8 @@ local method's entry plus the kept logits, and a later method is one more entry.
 constants were fitted to peaks measured with ``edgefed bench memory`` and ``edgefed bench
 estimate`` (bench/RESULTS.md); the device corrects what remains with its measured/estimated
 ratio (``edge_agent.planner``).
+
+See docs/architecture.md §7.
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def model_shape(name: str) -> ModelShape:
     Raises:
         ConfigError: Unknown model, or one whose config this estimator cannot model.
     """
-    from edgefed import modeling  # noqa: PLC0415  (torch import only when sizing)
     from edgefed.library_internals import attention_implementation  # noqa: PLC0415
+    from edgefed.ml import models as modeling  # noqa: PLC0415  (torch import only when sizing)
     from schemas.errors import AssetMissing  # noqa: PLC0415
 
     factory = modeling.TINY_MODELS.get(name)

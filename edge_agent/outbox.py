@@ -2,8 +2,8 @@
 
 Devices reboot and lose power. An update that left the device but whose Ack never came back
 must be published again after a restart, with the same ``update_id`` so the aggregator can
-tell it apart from new work and never merge it twice (DESIGN §8). The store is one SQLite
-database in WAL mode with ``synchronous=FULL``: every commit is on stable storage when
+tell it apart from new work and never merge it twice (docs/architecture.md §8). The store is one
+SQLite database in WAL mode with ``synchronous=FULL``: every commit is on stable storage when
 :meth:`Outbox.put` or :meth:`Outbox.answer` returns, and recording an answer (drop the
 pending row, keep the answer) is one transaction, so a crash leaves either state, never half.
 

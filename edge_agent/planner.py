@@ -1,4 +1,4 @@
-"""Each device picks the method and step shape that fit its memory budget (DESIGN §7).
+"""Each device picks the method and step shape that fit its memory budget (docs/architecture.md §7).
 
 :func:`plan_training` walks the task's allowed methods in preference order and, for each, the
 step shapes from the task's own (batch x sequence length) down by halves; the first that the

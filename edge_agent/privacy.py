@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 from edge_agent.trainers.base import FitResult
-from edgefed.privacy import (
+from edgefed.ml.privacy import (
     PrivacyAccountant,
     PrivacySettings,
     add_gaussian_noise,

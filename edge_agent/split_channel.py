@@ -15,19 +15,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edge_agent.emulation import DeviceEmulation
-from edgefed.transport import Transport
+from edgefed.transport.mqtt import Transport
 from schemas import codec, topics
 from schemas.codec import Compression
 from schemas.errors import ConfigError
 from schemas.messages import SplitReply, SplitRequest
 
-if TYPE_CHECKING:
-    from aggregator.split_server import SplitServer
-
 log = logging.getLogger(__name__)
+
+
+class SplitServing(Protocol):
+    """What an in-process channel needs of a split server (``aggregator.split_server``)."""
+
+    task_id: str
+
+    def serve(self, requests: list[SplitRequest]) -> list[SplitReply]:
+        """One reply per request, in order."""
+        ...
 
 
 class MqttSplitChannel:
@@ -116,10 +123,10 @@ class MqttSplitChannel:
 
 
 class DirectSplitChannel:
-    """Calls a :class:`SplitServer` in this process, through the wire codec both ways."""
+    """Calls a split server in this process, through the wire codec both ways."""
 
     def __init__(
-        self, server: SplitServer, *, client_id: str, compression: Compression = "none"
+        self, server: SplitServing, *, client_id: str, compression: Compression = "none"
     ) -> None:
         """Serve through ``server``; replies are encoded with ``compression``."""
         self.client_id = client_id

@@ -4,8 +4,8 @@ Every received chunk, reassembled update, encoded frame and cloned delta is a fr
 allocation of 256 KiB to a few MiB. glibc serves allocations of that size with ``mmap``
 and hands them back on ``free``, or trims the top of its heap once a little more than that
 lies free there, so each new buffer is fresh memory and costs a page fault per 4 KiB: about
-1.9 GB/s, far below a memory copy (DESIGN §8b). Raising the mmap and trim thresholds keeps
-those buffers in the heap, where the next one reuses them: on this host reassembling a
+1.9 GB/s, far below a memory copy (docs/architecture.md §8b). Raising the mmap and trim thresholds
+keeps those buffers in the heap, where the next one reuses them: on this host reassembling a
 1 MiB update from four chunks went from 2.5 ms to 0.85 ms, and encoding one into chunks
 from 2.3 ms to 0.85 ms.
 

@@ -21,7 +21,7 @@ from schemas.errors import ChunkError, ConfigError
 from schemas.messages import Chunk, new_id
 
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024
-"""Default largest encoded message on the wire (DESIGN §4)."""
+"""Default largest encoded message on the wire (docs/architecture.md §4)."""
 
 _INDEX_SLACK: Final = 2 * 4 + 3
 """Bytes an encoded chunk can grow by beyond the template: index and total up to uint32

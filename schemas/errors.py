@@ -7,7 +7,7 @@
     │   ├── PayloadTooLarge              refused before decoding
     │   ├── SchemaVersionError           a message from an incompatible release
     │   └── ChunkError                   a chunked transfer that cannot complete
-    ├── TopicError (ValueError)          a topic outside the layout of DESIGN §3
+    ├── TopicError (ValueError)          a topic outside the layout of docs/architecture.md §3
     ├── TransportError                   the broker connection failed
     ├── SignatureError (ValueError)      a global model or task not signed by a trusted key
     ├── ConfigError (ValueError)         a setting that cannot work
@@ -85,7 +85,7 @@ class ChunkError(CodecError):
 
 
 class TopicError(EdgeFedError, ValueError):
-    """A topic that is not part of the layout in DESIGN §3."""
+    """A topic that is not part of the layout in docs/architecture.md §3."""
 
 
 class TransportError(EdgeFedError):

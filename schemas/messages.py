@@ -86,7 +86,7 @@ class TrainSpec(WireModel):
 
 
 class ProxySpec(WireModel):
-    """The public proxy slice KD devices compute logits on (DESIGN §6 ``kd``).
+    """The public proxy slice KD devices compute logits on (docs/architecture.md §6 ``kd``).
 
     Every participant loads ``dataset`` (a ``load_data`` spec) from the same assets and keeps
     the rows at ``indices``; the aggregator picks a fresh slice per version, and an update
@@ -111,8 +111,11 @@ class Task(Message):
     version: NonNegative
     method: Method = "lora"
     methods: tuple[Method, ...] = ()
-    """Methods a device may choose from to fit its memory budget, preferred first (DESIGN §7);
-    empty: only ``method``."""
+    """Methods a device may choose from to fit its memory budget, preferred first;
+    empty: only ``method``.
+
+    See docs/architecture.md §7.
+    """
     model: ModelRef
     lora: LoraSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
@@ -126,7 +129,7 @@ class Task(Message):
     """Synchronous rounds: the devices picked to train on this version; empty: every one."""
     created_at: float = Field(default_factory=time.time)
     signature: bytes | None = Field(default=None, min_length=64, max_length=64)
-    """Ed25519 signature by the aggregator's key over ``edgefed.signing.task_digest`` (every
+    """Ed25519 signature by the aggregator's key over ``edgefed.security.signing.task_digest`` (every
     field but ``created_at`` and this one, plus the federation). None: unsigned."""
 
 
@@ -139,7 +142,7 @@ class GlobalModel(Message):
     tensors: TensorMap
     created_at: float = Field(default_factory=time.time)
     signature: bytes | None = Field(default=None, min_length=64, max_length=64)
-    """Ed25519 signature by the aggregator's key over ``edgefed.signing.global_digest``
+    """Ed25519 signature by the aggregator's key over ``edgefed.security.signing.global_digest``
     (federation, task_id, version and the tensors; not ``created_at``). None: unsigned."""
 
 
@@ -147,7 +150,7 @@ class SeedStep(WireModel):
     """One local forward-gradient step as seeds: which perturbations it used, what it measured.
 
     Perturbation k is ``v(seed, indices[k])``, regenerated over the adapter layout by
-    ``edgefed.perturbation``; ``d[k]`` is the directional derivative of the loss along it.
+    ``edgefed.ml.perturbation``; ``d[k]`` is the directional derivative of the loss along it.
     The step applied ``-lr * scale * mean_k(d[k] * v_k)``; ``scale`` < 1 when it was clipped.
     """
 
@@ -301,13 +304,15 @@ SplitPhase = Literal["forward", "backward"]
 
 
 class SplitRequest(Message):
-    """One half-step of split learning from a device, on ``split/<client>/fwd`` (DESIGN §6).
+    """One half-step of split learning from a device, on ``split/<client>/fwd``.
 
     ``forward`` carries ``tensors["hidden"]`` (activations after block ``cut``, ``[b, s, h]``),
     optionally ``tensors["attention_mask"]`` (``[b, s]``) and, in the ``vanilla`` variant,
     ``tensors["labels"]``. ``backward`` (``u_shaped`` only) carries ``tensors["grad"]``, the
     gradient of the device's loss with respect to the hidden states the server returned for
     the same ``step_id``. A retry re-sends the same ``request_id``.
+
+    See docs/architecture.md §6.
     """
 
     kind: Literal["split_request"] = "split_request"

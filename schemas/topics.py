@@ -1,4 +1,4 @@
-"""The topic layout of DESIGN §3: the only place topic strings are built or parsed.
+"""The topic layout of docs/architecture.md §3: the only place topic strings are built or parsed.
 
 Every topic lives under ``edgefed/<federation>/``. Builders return strings;
 ``parse`` turns a received topic back into a :class:`ParsedTopic` or raises

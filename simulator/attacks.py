@@ -3,7 +3,7 @@
 A model-poisoning device trains honestly, then sends ``factor·Δ`` (``scale``) or ``−factor·Δ``
 (``sign_flip``) instead of its delta Δ. A large sign-flipped update pushes the global uphill
 by more than the honest ones pull it down; norm clipping and FedBuff's coordinate-wise median
-or trimmed mean (DESIGN §5) are what keep the federation learning anyway.
+or trimmed mean (docs/architecture.md §5) are what keep the federation learning anyway.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from aggregator.session import aggregator_transport, split_transport
 from aggregator.split_service import SplitService
 from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
-from edgefed.data import TokenDataset
-from edgefed.datasets import Partition, is_text_spec
-from edgefed.transport import MqttTransport, TransportConfig
+from edgefed.data.sources import Partition, is_text_spec
+from edgefed.ml.tokens import TokenDataset
+from edgefed.transport.mqtt import MqttTransport, TransportConfig
 from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, LoraMode, LoraSpec, Method, ModelRef, TensorMap
 from simulator.attacks import Attack
@@ -63,7 +63,8 @@ class FleetConfig:
     size, e.g. ``("tiny", "tiny-4l")``); empty: every agent runs the task's ``model``."""
     budgets_mb: tuple[float | None, ...] = ()
     """Per-agent memory budgets, cycled over the fleet: an agent with one plans its method
-    (among the task's and ``methods``) and step shape to fit it (DESIGN §7); its plan is in
+    (among the task's and ``methods``) and step shape to fit it (docs/architecture.md §7); its plan
+    is in
     the results. Agents share this process, so peaks are estimated, not measured."""
     trainer: dict[str, dict[str, bool | int | float | str]] = field(default_factory=dict)
     """Trainer options by method name, e.g. ``{"fwdgrad": {"mode": "jvp"}}``."""
@@ -247,7 +248,7 @@ async def run_fleet(config: FleetConfig, *, url: str, progress: bool = True) -> 
     transport_config = aggregator_transport(agg_config, url=url)  # as `edgefed aggregator`
     threads = torch.get_num_threads()
     # Before any worker thread starts: each thread keeps the count it first saw, and a
-    # two-thread team on an oversubscribed CPU starves (DESIGN §8b).
+    # two-thread team on an oversubscribed CPU starves (docs/architecture.md §8b).
     torch.set_num_threads(1)
     try:
         async with contextlib.AsyncExitStack() as stack:

@@ -27,8 +27,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from aggregator.config import StrategySettings
-from edgefed.config import Settings
-from edgefed.datasets import Partition, is_text_spec
+from edgefed.data.sources import Partition, is_text_spec
+from edgefed.settings import Settings
 from schemas.errors import ConfigError
 from schemas.messages import Method, SplitVariant, TrainSpec
 from simulator.fleet import FleetConfig, aggregator_config

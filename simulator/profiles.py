@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from edgefed.config import Settings
+from edgefed.settings import Settings
 from schemas.errors import ConfigError
 
 PROFILES_FILE = Path(__file__).parent / "profiles" / "devices.toml"

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-from edgefed.data import EvalResult, TokenDataset, evaluate, load_data, synthetic_shards
-from edgefed.datasets import Partition, is_text_spec, load_examples, num_labels, partition
-from edgefed.modeling import (
+from edgefed.data.loading import load_data
+from edgefed.data.sources import Partition, is_text_spec, load_examples, num_labels, partition
+from edgefed.data.synthetic import synthetic_shards
+from edgefed.data.text_tasks import encode
+from edgefed.ml.evaluation import EvalResult, evaluate
+from edgefed.ml.models import (
     attach_lora,
     build_model,
     export_adapter,
@@ -22,7 +25,7 @@ from edgefed.modeling import (
     model_kind,
     set_adapter,
 )
-from edgefed.text_tasks import encode
+from edgefed.ml.tokens import TokenDataset
 from schemas.messages import LoraSpec, ModelRef, TensorMap
 
 
@@ -101,5 +104,5 @@ class Scorer:
         return evaluate(self.model, self.data)
 
     def export(self, adapter: TensorMap, path: Path) -> Path:
-        """Write ``adapter`` as a peft folder (see ``edgefed.modeling.export_adapter``)."""
+        """Write ``adapter`` as a peft folder (see ``edgefed.ml.models.export_adapter``)."""
         return export_adapter(self.model, adapter, path)

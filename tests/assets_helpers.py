@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgefed import assets
-from edgefed.datasets import data_dir
+from edgefed.data.sources import data_dir
 from schemas.errors import AssetMissing
 
 REQUIRE_ASSETS = "EDGEFED_REQUIRE_ASSETS"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from edgefed.broker import MosquittoProcess, embedded_broker, mosquitto_binary, port_open
+from edgefed.transport.broker import MosquittoProcess, embedded_broker, mosquitto_binary, port_open
 
 SYSTEM_BROKER = ("127.0.0.1", 1883)
 REQUIRE_MOSQUITTO = "EDGEFED_REQUIRE_MOSQUITTO"

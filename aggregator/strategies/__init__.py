@@ -1,4 +1,4 @@
-"""Merge strategies (DESIGN §5) and a factory that builds one from settings."""
+"""Merge strategies (docs/architecture.md §5) and a factory that builds one from settings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every merge strategy looks like to the aggregator service (DESIGN §5).
+"""What every merge strategy looks like to the aggregator service (docs/architecture.md §5).
 
 A strategy is pure and synchronous: it is handed tensors and returns tensors. The service
 owns versions, acks and checkpoints; a strategy only says whether an update produced a new

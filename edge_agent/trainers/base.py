@@ -1,11 +1,11 @@
-"""The contract every local training method fulfils (DESIGN §6)."""
+"""The contract every local training method fulfils (docs/architecture.md §6)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from edgefed.data import TokenDataset
+from edgefed.ml.tokens import TokenDataset
 from schemas.messages import Method, SeedDelta, TensorMap, TrainSpec
 
 

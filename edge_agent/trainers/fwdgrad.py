@@ -1,7 +1,7 @@
 """FwdLLM-style training without backprop: forward gradients from seeded perturbations.
 
 For each local step the device draws K perturbations ``v_k`` of the adapter (Rademacher
-signs regenerated from a seed, :mod:`edgefed.perturbation`), measures the directional
+signs regenerated from a seed, :mod:`edgefed.ml.perturbation`), measures the directional
 derivative ``d_k = grad L . v_k`` with forward passes only, and steps along the estimate
 ``g = (1/K) sum_k d_k v_k``, which is unbiased for the gradient because ``E[v v^T] = I``.
 ``d_k`` comes either exactly from forward-mode AD (``torch.func.jvp``; needs eager attention)
@@ -32,9 +32,8 @@ from torch.func import functional_call, jvp, vmap
 from transformers import PreTrainedModel
 
 from edge_agent.trainers.base import FitResult
-from edgefed.data import TokenBatch, TokenDataset
 from edgefed.library_internals import attention_implementation
-from edgefed.modeling import (
+from edgefed.ml.models import (
     ANSWER_ROWS,
     adapter_parameters,
     classifier_classes,
@@ -42,8 +41,9 @@ from edgefed.modeling import (
     lora_spec,
     set_adapter,
 )
-from edgefed.objectives import batch_loss, logits_loss, scored_logits, scored_rows
-from edgefed.perturbation import Layout, estimate, rademacher
+from edgefed.ml.objectives import batch_loss, logits_loss, scored_logits, scored_rows
+from edgefed.ml.perturbation import Layout, estimate, rademacher
+from edgefed.ml.tokens import TokenBatch, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import Method, PerturbTarget, SeedDelta, SeedStep, TensorMap, TrainSpec
 
@@ -192,7 +192,7 @@ def _use_eager_attention(model: PeftModel) -> None:
 
 
 class FwdGradTrainer:
-    """Forward-gradient training of the LoRA adapter built by ``edgefed.modeling.attach_lora``.
+    """Forward-gradient training of the LoRA adapter built by ``edgefed.ml.models.attach_lora``.
 
     Between fits the trainer keeps only two things: the previous global it was handed (for
     discriminative sampling) and a learning-rate back-off that halves after a divergence.
@@ -408,7 +408,7 @@ class FwdGradTrainer:
     ) -> Derivatives:
         """Loss and ``grad L . v(seed, i)`` for each index, at the adapter's current values.
 
-        ``L`` is ``edgefed.objectives.batch_loss`` (attention mask, classifier labels and
+        ``L`` is ``edgefed.ml.objectives.batch_loss`` (attention mask, classifier labels and
         ``choices`` included), the loss the ``lora`` trainer minimises too. The model must
         be in eval mode (no dropout) for central differences to mean anything; :meth:`fit`
         sees to that, direct callers must too.

@@ -1,7 +1,7 @@
 """KD-FedLLM on the device: train locally, then answer with top-k logits on a proxy slice.
 
 The device may run a different model than the global one, as long as the vocabulary
-matches (DESIGN §6 ``kd``): what it shares is logits on public rows, whose size is
+matches (docs/architecture.md §6 ``kd``): what it shares is logits on public rows, whose size is
 ``positions x k`` whatever the model. Its adapter therefore stays on the device and
 carries over between rounds; the global adapter it is handed is not its own shape in
 general and is ignored.
@@ -18,9 +18,9 @@ from peft import PeftModel
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.fwdgrad import FwdGradTrainer
 from edge_agent.trainers.lora import LoraTrainer
-from edgefed.data import TokenDataset
-from edgefed.modeling import get_adapter, set_adapter
-from edgefed.proxy import load_proxy, proxy_logits, top_k
+from edgefed.data.proxy import load_proxy, proxy_logits, top_k
+from edgefed.ml.models import get_adapter, set_adapter
+from edgefed.ml.tokens import TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import Method, ModelRef, ProxySpec, TensorMap, TrainSpec
 

@@ -1,4 +1,7 @@
-"""FedLLM-style local training: backprop through a peft LoRA adapter (DESIGN §6 ``lora``)."""
+"""FedLLM-style local training: backprop through a peft LoRA adapter.
+
+See docs/architecture.md §6 ``lora``.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import torch
 from peft import PeftModel
 
 from edge_agent.trainers.base import FitResult
-from edgefed.data import TokenBatch, TokenDataset
-from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
-from edgefed.objectives import batch_loss
-from edgefed.precision import PRECISIONS, Precision, autocast
+from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
+from edgefed.ml.objectives import batch_loss
+from edgefed.ml.precision import PRECISIONS, Precision, autocast
+from edgefed.ml.tokens import TokenBatch, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import Method, TensorMap, TrainSpec
 
@@ -40,7 +43,7 @@ class LoraConfig:
             ``choices``, so methods that share a federation optimise the same thing.
         precision: ``fp32`` (default), ``bf16`` autocast for the forward and backward
             (weights and optimiser stay fp32), or ``auto``: bf16 where the hardware
-            computes it natively (see :mod:`edgefed.precision`).
+            computes it natively (see :mod:`edgefed.ml.precision`).
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -77,7 +80,7 @@ def _endless_batches(
 
 
 class LoraTrainer:
-    """Backprop LoRA training on a model built by ``edgefed.modeling.attach_lora``.
+    """Backprop LoRA training on a model built by ``edgefed.ml.models.attach_lora``.
 
     The trainer owns no state between fits: each fit loads the global adapter and builds
     a fresh optimiser. Carrying AdamW moments across rounds would mix in directions

@@ -2,8 +2,8 @@
 
 Per step the device runs its part, sends the activations (the "smashed data") to the split
 server through a :class:`SplitChannel`, gets back the gradient of the loss with respect to
-them and backpropagates through its part (DESIGN §6 ``split``). In the U-shaped variant the
-device also keeps the head: the server returns its part's output, the device computes the
+them and backpropagates through its part (docs/architecture.md §6 ``split``). In the U-shaped
+variant the device also keeps the head: the server returns its part's output, the device computes the
 loss and sends that output's gradient back, so labels never leave the device. Only the
 device part's adapter changes here; the update carries it (zeros elsewhere), and the server
 trains its part itself.
@@ -22,9 +22,8 @@ from peft import PeftModel
 from edge_agent.budget import PeakMeter
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.lora import _endless_batches
-from edgefed.data import TokenBatch, TokenDataset
-from edgefed.modeling import adapter_parameters, get_adapter, set_adapter
-from edgefed.split_model import (
+from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
+from edgefed.ml.split_model import (
     check_cut,
     embed,
     head_loss,
@@ -32,6 +31,7 @@ from edgefed.split_model import (
     part_names,
     run_blocks,
 )
+from edgefed.ml.tokens import TokenBatch, TokenDataset
 from schemas.codec import Compression
 from schemas.errors import ConfigError, SplitRejected
 from schemas.messages import (

@@ -18,8 +18,8 @@ from aggregator.fwdgrad import (
 )
 from aggregator.service import AggregatorService
 from aggregator.validation import ValidationPolicy, validate_update
-from edgefed.perturbation import Layout, rademacher
-from edgefed.transport import Delivery, MqttTransport, TransportConfig
+from edgefed.ml.perturbation import Layout, rademacher
+from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
 from schemas import topics
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Ack, DeviceProfile, SeedDelta, SeedStep, Status, Task, Update

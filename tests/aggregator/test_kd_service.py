@@ -12,9 +12,9 @@ import torch
 
 from aggregator.config import AggregatorConfig, KdSettings, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.modeling import TINY_VOCAB, attach_lora, build_model
-from edgefed.proxy import load_proxy, proxy_logits, top_k
-from edgefed.transport import Delivery, MemoryBroker, MemoryTransport
+from edgefed.data.proxy import load_proxy, proxy_logits, top_k
+from edgefed.ml.models import TINY_VOCAB, attach_lora, build_model
+from edgefed.transport.mqtt import Delivery, MemoryBroker, MemoryTransport
 from schemas import topics
 from schemas.messages import Ack, LoraSpec, ModelRef, ProxySpec, Task, TensorMap, Update
 

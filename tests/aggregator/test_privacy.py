@@ -13,8 +13,8 @@ from aggregator.service import AggregatorService
 from aggregator.strategies import FedAsync, FedBuff
 from edge_agent.privacy import DevicePrivacy
 from edge_agent.trainers.base import FitResult
-from edgefed.memory_transport import MemoryBroker
-from edgefed.privacy import PrivacySettings, clip, gaussian_epsilon, global_norm
+from edgefed.ml.privacy import PrivacySettings, clip, gaussian_epsilon, global_norm
+from edgefed.transport.memory import MemoryBroker
 from schemas.errors import ConfigError
 
 SIGMA, CLIP = 0.5, 2.0

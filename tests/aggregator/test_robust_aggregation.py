@@ -16,8 +16,9 @@ import torch
 from aggregator.strategies import make_strategy
 from aggregator.validation import ValidationPolicy, validate_update
 from edge_agent.trainers import make_trainer
-from edgefed.data import evaluate, synthetic_dataset, synthetic_shards
-from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.data.synthetic import synthetic_dataset, synthetic_shards
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
 from schemas.messages import LoraSpec, TrainSpec, Update
 from simulator.attacks import Attack
 

@@ -13,7 +13,7 @@ import torch
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.schedule import lr_factor, run_progress
 from aggregator.service import AggregatorService
-from edgefed.transport import MqttTransport, TransportConfig
+from edgefed.transport.mqtt import MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import Update
 

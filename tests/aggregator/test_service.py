@@ -12,7 +12,7 @@ import torch
 
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.transport import BrokerURL, Delivery, MqttTransport, TransportConfig
+from edgefed.transport.mqtt import BrokerURL, Delivery, MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import Ack, GlobalModel, Update
 

@@ -19,9 +19,9 @@ from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
 from aggregator.split_server import SplitServer, SplitServerConfig
 from aggregator.split_service import SPLIT_STATE, SplitService
-from edgefed.modeling import attach_lora, build_model, get_adapter
-from edgefed.split_model import part_names
-from edgefed.transport import Delivery, MqttTransport, TransportConfig
+from edgefed.ml.models import attach_lora, build_model, get_adapter
+from edgefed.ml.split_model import part_names
+from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
 from schemas import topics
 from schemas.errors import ConfigError
 from schemas.messages import Ack, LoraSpec, ModelRef, SplitReply, SplitRequest, TrainSpec, Update

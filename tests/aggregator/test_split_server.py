@@ -7,8 +7,8 @@ import torch
 
 from aggregator.split_server import SplitFed, SplitServer, SplitServerConfig
 from aggregator.strategies import make_strategy
-from edgefed.modeling import attach_lora, build_model, get_adapter
-from edgefed.split_model import part_names
+from edgefed.ml.models import attach_lora, build_model, get_adapter
+from edgefed.ml.split_model import part_names
 from schemas.messages import LoraSpec, SplitRequest, TensorMap
 
 LORA = LoraSpec(rank=4)

@@ -8,7 +8,7 @@ from aggregator.config import (
     AggregatorConfig,
     default_train,
 )
-from edgefed.config import load_settings
+from edgefed.settings import load_settings
 from schemas.messages import LoraSpec, ModelRef, TrainSpec
 from tests.assets_helpers import require_minilm, require_smollm2
 

@@ -8,8 +8,8 @@ import torch
 
 from edge_agent.fit_stop import stoppable
 from edge_agent.trainers import LoraTrainer, make_trainer
-from edgefed.data import synthetic_dataset
-from edgefed.modeling import attach_lora, build_model, get_adapter
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml.models import attach_lora, build_model, get_adapter
 from schemas.errors import FitStopped
 from schemas.messages import LoraSpec, TrainSpec
 

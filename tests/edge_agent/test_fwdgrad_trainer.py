@@ -13,8 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaForCaus
 from aggregator.fwdgrad import expand_seeds
 from edge_agent.trainers import FwdGradConfig, FwdGradTrainer, LoraTrainer, make_trainer
 from edge_agent.trainers.fwdgrad import Derivatives
-from edgefed.data import IGNORE_INDEX, TokenBatch, TokenDataset, evaluate, synthetic_dataset
-from edgefed.modeling import (
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import (
     TINY_VOCAB,
     adapter_parameters,
     adapter_shapes,
@@ -24,8 +25,9 @@ from edgefed.modeling import (
     set_adapter,
     tiny_config,
 )
-from edgefed.objectives import batch_loss
-from edgefed.perturbation import Layout, estimate, rademacher, rebuild_delta
+from edgefed.ml.objectives import batch_loss
+from edgefed.ml.perturbation import Layout, estimate, rademacher, rebuild_delta
+from edgefed.ml.tokens import IGNORE_INDEX, TokenBatch, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TensorMap, TrainSpec, Update
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edge_agent.trainers import KdConfig, KdTrainer, make_trainer
-from edgefed.data import synthetic_dataset
-from edgefed.modeling import attach_lora, build_model
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml.models import attach_lora, build_model
 from schemas.codec import encode
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, ModelRef, ProxySpec, TrainSpec, Update

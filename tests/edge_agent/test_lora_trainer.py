@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from edge_agent.trainers import TRAINERS, LoraConfig, LoraTrainer, make_trainer
-from edgefed.data import IGNORE_INDEX, TokenDataset, evaluate, synthetic_dataset, synthetic_shards
-from edgefed.modeling import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
-from edgefed.objectives import batch_loss
+from edgefed.data.synthetic import synthetic_dataset, synthetic_shards
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.ml.objectives import batch_loss
+from edgefed.ml.tokens import IGNORE_INDEX, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TensorMap, TrainSpec
 

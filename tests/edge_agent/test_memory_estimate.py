@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from bench.fwdgrad import run_child
 from edge_agent.budget import Budget
 from edge_agent.memory_estimate import model_shape
 from edge_agent.planner import Plan, plan_training
-from edgefed.bench_fwdgrad import run_child
 from schemas.messages import LoraSpec, Method, TrainSpec
 
 pytestmark = pytest.mark.slow
 
 CHILD = {"lora": "lora-backprop", "fwdgrad": "fwdgrad-fd"}
-"""Method -> ``edgefed.bench_fwdgrad`` memory child (LoRA r8 on q, v; fresh process)."""
+"""Method -> ``bench.fwdgrad`` memory child (LoRA r8 on q, v; fresh process)."""
 TOLERANCE = 0.25
 """Acceptance: the calibrated estimate within 25% of the measured peak."""
 OVERSHOOT = 0.05

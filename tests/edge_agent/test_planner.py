@@ -24,9 +24,9 @@ from edge_agent.planner import (
     estimator_key,
     plan_training,
 )
-from edgefed import cli
-from edgefed.memory_transport import MemoryBroker
-from edgefed.modeling import adapter_parameters, attach_lora, build_model
+from edgefed.cli import main as cli
+from edgefed.ml.models import adapter_parameters, attach_lora, build_model
+from edgefed.transport.memory import MemoryBroker
 from schemas import topics
 from schemas.codec import decode, encode
 from schemas.messages import DeviceProfile, GlobalModel, LoraSpec, ModelRef, Status, Task, TrainSpec

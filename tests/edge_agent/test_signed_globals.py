@@ -17,9 +17,9 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
-from edgefed.data import synthetic_shards
-from edgefed.signing import GlobalSigner, write_keypair
-from edgefed.transport import MqttTransport, TransportConfig
+from edgefed.data.synthetic import synthetic_shards
+from edgefed.security.signing import GlobalSigner, write_keypair
+from edgefed.transport.mqtt import MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import GlobalModel
 from tests.edgefed.transport_helpers import until

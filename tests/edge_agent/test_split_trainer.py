@@ -6,8 +6,8 @@ import torch
 from aggregator.split_server import SplitServer, SplitServerConfig
 from edge_agent.split_channel import DirectSplitChannel
 from edge_agent.trainers import SplitTrainer, make_trainer
-from edgefed.data import TokenBatch, synthetic_dataset
-from edgefed.modeling import (
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml.models import (
     adapter_parameters,
     adapter_shapes,
     attach_lora,
@@ -15,8 +15,9 @@ from edgefed.modeling import (
     get_adapter,
     set_adapter,
 )
-from edgefed.objectives import batch_loss
-from edgefed.split_model import part_names
+from edgefed.ml.objectives import batch_loss
+from edgefed.ml.split_model import part_names
+from edgefed.ml.tokens import TokenBatch
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TensorMap, TrainSpec
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from edgefed import assets
-from edgefed.cli import main
-from edgefed.data import load_data
-from edgefed.modeling import build_model, load_tokenizer, model_folder
+from edgefed.cli.main import main
+from edgefed.data.loading import load_data
+from edgefed.ml.models import build_model, load_tokenizer, model_folder
 from schemas.errors import AssetMissing, ConfigError
 from tests.assets_helpers import require_minilm, require_smollm2
 
@@ -68,7 +68,7 @@ def test_prepare_without_install_reports_every_asset_when_present():
 
 
 def test_cli_finds_asset_missing_inside_task_group_errors():
-    from edgefed.cli import _asset_missing
+    from edgefed.cli.main import _asset_missing
 
     missing = AssetMissing("x", "not here", "edgefed assets")
     nested = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [missing])])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgefed.backoff import Backoff
+from edgefed.transport.backoff import Backoff
 
 
 def test_backoff_grows_with_jitter_and_resets() -> None:

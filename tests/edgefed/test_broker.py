@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefed.broker import derive_config
-from edgefed.broker import run as broker_command
-from edgefed.mqtt_config import BrokerURL
+from edgefed.transport.broker import derive_config
+from edgefed.transport.broker import run as broker_command
+from edgefed.transport.config import BrokerURL
 from schemas.errors import ConfigError
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from edgefed import broker_choice
-from edgefed.broker import free_port
-from edgefed.broker_choice import broker_for
-from edgefed.transport import MqttTransport
+from edgefed.transport import broker_choice
+from edgefed.transport.broker import free_port
+from edgefed.transport.broker_choice import broker_for
+from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from tests.edgefed.transport_helpers import config, make_status, receive_message
 

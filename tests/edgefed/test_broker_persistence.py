@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from edgefed.broker import DURABLE_CONFIG, MosquittoProcess, mosquitto_binary, with_persistence_dir
-from edgefed.transport import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.broker import (
+    DURABLE_CONFIG,
+    MosquittoProcess,
+    mosquitto_binary,
+    with_persistence_dir,
+)
+from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
 from schemas import topics
 from schemas.messages import Status
 

@@ -12,10 +12,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aggregator.config import AggregatorConfig
 from edge_agent.config import AgentConfig
-from edgefed.cli import main
-from edgefed.config import load_settings
-from edgefed.credentials import CredentialsDir, render_broker_config
-from edgefed.signing import GlobalSigner, GlobalVerifier
+from edgefed.cli.main import main
+from edgefed.security.credentials import CredentialsDir, render_broker_config
+from edgefed.security.signing import GlobalSigner, GlobalVerifier
+from edgefed.settings import load_settings
 from schemas.messages import GlobalModel
 
 pytestmark = pytest.mark.skipif(

@@ -3,20 +3,18 @@ import json
 import pytest
 import torch
 
-from edgefed.data import (
-    IGNORE_INDEX,
+from edgefed.data.loading import load_data
+from edgefed.data.partition import shard_sizes
+from edgefed.data.synthetic import (
     SYNTHETIC_INCREMENT,
     SYNTHETIC_MULTIPLIER,
     SYNTHETIC_VOCAB,
-    EvalResult,
-    TokenDataset,
-    evaluate,
-    load_data,
-    shard_sizes,
     synthetic_dataset,
     synthetic_shards,
 )
-from edgefed.modeling import build_model
+from edgefed.ml.evaluation import EvalResult, evaluate
+from edgefed.ml.models import build_model
+from edgefed.ml.tokens import IGNORE_INDEX, TokenDataset
 from schemas.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from edgefed.datasets import (
+from edgefed.data.sources import (
     RT_TEST_SIZE,
     data_dir,
     is_text_spec,

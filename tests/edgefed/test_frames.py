@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from edgefed.frames import BadDelivery, Delivery, Inbound, encode_frames, send_windowed
+from edgefed.transport.frames import BadDelivery, Delivery, Inbound, encode_frames, send_windowed
 from schemas import codec
 from schemas.errors import ChunkError, CodecError, PayloadTooLarge
 from schemas.messages import Update

@@ -16,7 +16,7 @@ from edgefed.library_internals import (
     cpu_bf16_native,
     mqtt_socket,
 )
-from edgefed.mqtt_config import BrokerURL
+from edgefed.transport.config import BrokerURL
 from schemas.errors import IncompatibleLibrary
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgefed.frames import BadDelivery, Delivery
-from edgefed.memory_transport import MemoryBroker
-from edgefed.mqtt_config import Will
+from edgefed.transport.config import Will
+from edgefed.transport.frames import BadDelivery, Delivery
+from edgefed.transport.memory import MemoryBroker
 from schemas import topics
 from schemas.errors import ChunkError, TransportError
 from schemas.messages import GlobalModel, Status, Update

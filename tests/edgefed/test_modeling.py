@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edgefed.library_internals import attention_implementation
-from edgefed.modeling import (
+from edgefed.ml.models import (
     TINY_VOCAB,
     adapter_parameters,
     adapter_shapes,

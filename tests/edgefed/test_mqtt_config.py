@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefed.mqtt_config import BrokerURL, TransportConfig, resolve_credentials
+from edgefed.transport.config import BrokerURL, TransportConfig, resolve_credentials
 from schemas.errors import ConfigError
 
 

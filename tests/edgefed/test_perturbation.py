@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgefed.perturbation import GENERATOR, Layout, estimate, rademacher, rebuild_delta
+from edgefed.ml.perturbation import GENERATOR, Layout, estimate, rademacher, rebuild_delta
 from schemas.errors import ConfigError
 from schemas.messages import SeedDelta, SeedStep
 
@@ -55,7 +55,7 @@ def test_rademacher_is_bit_identical_in_another_process() -> None:
     cases = [(0, 0), (12345, 7), (2**63 + 5, 1000)]
     script = (
         "import hashlib, sys\n"
-        "from edgefed.perturbation import Layout, rademacher\n"
+        "from edgefed.ml.perturbation import Layout, rademacher\n"
         f"layout = Layout.from_shapes({SHAPES!r})\n"
         "print(layout.fingerprint)\n"
         f"for seed, index in {cases!r}:\n"

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from edge_agent.trainers import LoraTrainer, make_trainer
-from edgefed import precision
-from edgefed.data import evaluate, synthetic_dataset
-from edgefed.modeling import attach_lora, build_model, get_adapter, set_adapter
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml import precision
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import attach_lora, build_model, get_adapter, set_adapter
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TrainSpec
 

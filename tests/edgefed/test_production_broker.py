@@ -25,20 +25,20 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
-from edgefed.broker import MosquittoProcess, free_port, mosquitto_binary
-from edgefed.config import load_settings
-from edgefed.connection import MqttSettings
-from edgefed.credentials import (
+from edgefed.data.synthetic import synthetic_shards
+from edgefed.security.credentials import (
     AGGREGATOR,
     CredentialsDir,
     add_device,
     init_credentials,
     revoke_device,
 )
-from edgefed.data import synthetic_shards
-from edgefed.frames import Delivery
-from edgefed.signing import GlobalVerifier
-from edgefed.transport import MqttTransport, TransportConfig
+from edgefed.security.signing import GlobalVerifier
+from edgefed.settings import load_settings
+from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from edgefed.transport.connection import MqttSettings
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport, TransportConfig
 from schemas import topics
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Ack, GlobalModel, ModelRef, Status, Task, Update

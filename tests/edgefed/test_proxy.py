@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgefed.data import TokenDataset, synthetic_dataset
-from edgefed.modeling import TINY_VOCAB, attach_lora, build_model
-from edgefed.objectives import IGNORE_INDEX
-from edgefed.proxy import load_proxy, proxy_logits, scored_positions, select_indices, top_k
+from edgefed.data.proxy import load_proxy, proxy_logits, scored_positions, select_indices, top_k
+from edgefed.data.synthetic import synthetic_dataset
+from edgefed.ml.models import TINY_VOCAB, attach_lora, build_model
+from edgefed.ml.tokens import IGNORE_INDEX, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, ModelRef, ProxySpec
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefed.signing import (
+from edgefed.security.signing import (
     GlobalSigner,
     GlobalVerifier,
     global_digest,

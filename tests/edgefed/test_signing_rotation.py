@@ -10,10 +10,10 @@ import pytest
 
 from aggregator.config import AggregatorConfig
 from edge_agent.config import AgentConfig
-from edgefed.cli import main
-from edgefed.config import load_settings
-from edgefed.credentials import CredentialsDir
-from edgefed.signing import GlobalSigner, GlobalVerifier
+from edgefed.cli.main import main
+from edgefed.security.credentials import CredentialsDir
+from edgefed.security.signing import GlobalSigner, GlobalVerifier
+from edgefed.settings import load_settings
 from schemas.errors import SignatureError
 from schemas.messages import GlobalModel, ModelRef, Task
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from edgefed.modeling import attach_lora, build_model
-from edgefed.split_model import causal_mask, embed, run_blocks
+from edgefed.ml.models import attach_lora, build_model
+from edgefed.ml.split_model import causal_mask, embed, run_blocks
 from schemas.messages import LoraSpec
 
 

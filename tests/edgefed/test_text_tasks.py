@@ -10,9 +10,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from edge_agent.trainers import LoraTrainer
-from edgefed.data import IGNORE_INDEX, TokenBatch, TokenDataset, evaluate, load_data
-from edgefed.datasets import TextExamples
-from edgefed.modeling import (
+from edgefed.data.loading import load_data
+from edgefed.data.sources import TextExamples
+from edgefed.data.text_tasks import encode_causal, label_tokens
+from edgefed.ml.evaluation import evaluate
+from edgefed.ml.models import (
     adapter_parameters,
     attach_lora,
     build_model,
@@ -21,8 +23,8 @@ from edgefed.modeling import (
     load_tokenizer,
     model_kind,
 )
-from edgefed.objectives import batch_loss, choice_cross_entropy, predictions, scored_logits
-from edgefed.text_tasks import encode_causal, label_tokens
+from edgefed.ml.objectives import batch_loss, choice_cross_entropy, predictions, scored_logits
+from edgefed.ml.tokens import IGNORE_INDEX, TokenBatch, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TrainSpec
 from tests.assets_helpers import require_minilm, require_smollm2

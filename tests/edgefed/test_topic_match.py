@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgefed.topic_match import check_filter, check_qos, check_topic, split_shared, topic_matches
+from edgefed.transport.topic_match import (
+    check_filter,
+    check_qos,
+    check_topic,
+    split_shared,
+    topic_matches,
+)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,11 @@ import aiomqtt
 import pytest
 import torch
 
-from edgefed.broker import MosquittoProcess, free_port, mosquitto_binary
-from edgefed.frames import BadDelivery, Delivery
-from edgefed.memory_transport import MemoryBroker
-from edgefed.mqtt_config import BrokerURL, TransportConfig, Will
-from edgefed.transport import MqttTransport, Transport, map_transport_errors
+from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from edgefed.transport.config import BrokerURL, TransportConfig, Will
+from edgefed.transport.frames import BadDelivery, Delivery
+from edgefed.transport.memory import MemoryBroker
+from edgefed.transport.mqtt import MqttTransport, Transport, map_transport_errors
 from schemas import codec, topics
 from schemas.errors import CodecError, TransportError
 from schemas.messages import GlobalModel, Status, Update
@@ -58,7 +58,7 @@ def test_map_transport_errors_wraps_library_errors() -> None:
 
 
 def test_transport_module_reexports_what_callers_import() -> None:
-    from edgefed import transport
+    from edgefed.transport import mqtt as transport
 
     assert transport.Delivery is Delivery
     assert transport.BadDelivery is BadDelivery

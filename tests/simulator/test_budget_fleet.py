@@ -1,4 +1,7 @@
-"""A fleet whose devices have different memory budgets plans different methods (DESIGN §7)."""
+"""A fleet whose devices have different memory budgets plans different methods.
+
+See docs/architecture.md §7.
+"""
 
 from __future__ import annotations
 

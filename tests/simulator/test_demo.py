@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from edge_agent.trainers import LoraTrainer, make_trainer
-from edgefed.modeling import attach_lora, build_model
+from edgefed.ml.models import attach_lora, build_model
 from simulator.demo import DEMO_FLEET, TRAIN_SECONDS, tail_average
 from simulator.fleet import FleetResult, aggregator_config
 

@@ -9,7 +9,7 @@ import pytest
 from edge_agent.budget import Budget
 from edge_agent.memory_estimate import model_shape
 from edge_agent.planner import Plan, plan_training
-from edgefed.cli import build_parser
+from edgefed.cli.main import build_parser
 from schemas.errors import ConfigError
 from simulator.cli import _flag_config as flag_config
 from simulator.fleet import FleetConfig, aggregator_config, run_fleet

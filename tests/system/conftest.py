@@ -20,7 +20,7 @@ import pytest
 
 from aggregator.audit import MergeEntry, UpdateEntry, read_audit
 from edge_agent.outbox import OUTBOX_FILE, Answer, Outbox
-from edgefed.broker import DURABLE_CONFIG, MosquittoProcess, mosquitto_binary
+from edgefed.transport.broker import DURABLE_CONFIG, MosquittoProcess, mosquitto_binary
 
 REQUIRE_MOSQUITTO = "EDGEFED_REQUIRE_MOSQUITTO"
 

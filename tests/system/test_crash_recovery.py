@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from aggregator.audit import MergeEntry, UpdateEntry
-from edgefed.broker import MosquittoProcess
-from edgefed.modeling import adapter_shapes, attach_lora, build_model
-from edgefed.transport import Delivery, MqttTransport, TransportConfig
+from edgefed.ml.models import adapter_shapes, attach_lora, build_model
+from edgefed.transport.broker import MosquittoProcess
+from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
 from schemas import codec, topics
 from schemas.messages import LoraSpec, Metrics, ModelRef, Status, Update
 

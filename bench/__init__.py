@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and accuracy targets, measured side by side (RESULTS.md)."""

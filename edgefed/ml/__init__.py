@@ -1,0 +1,1 @@
+"""Models and the maths of training them: objectives, perturbations, precision, privacy."""

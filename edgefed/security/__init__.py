@@ -1,0 +1,1 @@
+"""Credentials, TLS material and broker access for a deployment; signed globals and tasks."""

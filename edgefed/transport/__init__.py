@@ -1,0 +1,1 @@
+"""The MQTT transport: the client, its in-memory stand-in, message frames and brokers."""

@@ -1,0 +1,59 @@
+"""Which broker to use: the one named, a local one that answers, or an embedded one.
+
+The command-line tools take an optional broker URL; this is where a missing one is
+filled in, so a demo on a laptop works with or without Mosquitto installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+from edgefed.transport.config import BrokerURL
+
+log = logging.getLogger(__name__)
+
+LOCAL_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
+"""Where a development broker is looked for when no URL is given."""
+
+
+async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def broker_for(url: str | None) -> AsyncIterator[str]:
+    """The broker URL to use: ``url`` when given, else a local or an embedded broker.
+
+    Without a URL, ``mqtt://127.0.0.1:1883`` is used when something answers there;
+    otherwise an embedded broker is started on a free port for the duration of the
+    block (MQTT 3.1.1 only, no shared subscriptions).
+
+    Raises:
+        ConfigError: ``url`` is not a broker URL.
+    """
+    if url is not None:
+        BrokerURL.parse(url)
+        yield url
+        return
+    local = BrokerURL.parse(LOCAL_BROKER_URL)
+    if await port_answers(local.host, local.port):
+        yield LOCAL_BROKER_URL
+        return
+    from edgefed.transport.broker import embedded_broker  # noqa: PLC0415 (amqtt only when needed)
+
+    log.warning("no broker at %s; starting an embedded one", LOCAL_BROKER_URL)
+    async with embedded_broker() as embedded_url:
+        yield embedded_url

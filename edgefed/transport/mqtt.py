@@ -1,0 +1,598 @@
+"""The MQTT transport: the only module that talks to the MQTT client library.
+
+Everything above this module sees whole, decoded messages through the
+:class:`Transport` protocol. The encode, chunk and decode path both implementations
+share is :mod:`edgefed.transport.frames`; settings are :mod:`edgefed.transport.config`; the
+in-memory implementation for unit tests is :mod:`edgefed.transport.memory`. Their
+public names are re-exported here, where callers import them from.
+
+:class:`MqttTransport` uses aiomqtt (asyncio): paho's own ``select()`` loop fails
+quietly past about 340 clients per process (docs/architecture.md §8b), and the simulator runs
+many agents in one process. It keeps its connection in a background task,
+reconnects with jittered exponential backoff, re-subscribes after every
+reconnect, and makes publishes wait (bounded) while the broker is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, Protocol, Self, TypeVar, cast
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+
+from edgefed.library_internals import close_mqtt_socket, mqtt_socket
+from edgefed.transport.backoff import Backoff
+from edgefed.transport.broker_choice import broker_for, port_answers
+from edgefed.transport.config import BrokerURL, TransportConfig, Will, resolve_credentials
+from edgefed.transport.frames import (
+    BadDelivery,
+    Delivery,
+    DeliveryStream,
+    Inbound,
+    TransportStats,
+    encode_frames,
+    send_windowed,
+)
+from edgefed.transport.memory import MemoryBroker, MemoryTransport
+from edgefed.transport.topic_match import check_filter, check_qos, check_topic
+from schemas import codec
+from schemas.codec import Compression
+from schemas.errors import ConfigError, TransportError
+from schemas.messages import Message
+
+__all__ = [
+    "Backoff",
+    "BadDelivery",
+    "BrokerURL",
+    "Delivery",
+    "MemoryBroker",
+    "MemoryTransport",
+    "MqttTransport",
+    "Transport",
+    "TransportConfig",
+    "TransportStats",
+    "Will",
+    "broker_for",
+    "map_transport_errors",
+    "port_answers",
+    "raw_client",
+    "resolve_credentials",
+]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# CONNACK refusals worth retrying: the broker is up but cannot take us now. Every other
+# refusal (bad credentials, not authorised, invalid client id) will not fix itself.
+_RETRYABLE_CONNACK: Final = frozenset({0x88, 0x89, 0x97, 0x9F})
+_SUBACK_FAILURE: Final = 0x80
+
+
+class Transport(Protocol):
+    """Publish and receive whole messages; what every component is written against."""
+
+    async def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        chunk_topic: Callable[[int], str] | None = None,
+        compression: Compression = "none",
+    ) -> int:
+        """Encode and publish ``message``; return the bytes published, all chunks included.
+
+        A payload larger than ``max_payload`` is split into chunks; chunk ``i`` goes to
+        ``chunk_topic(i)`` when given, else to ``topic``.
+
+        Raises:
+            ValueError: ``retain`` with chunking and no ``chunk_topic`` (only the last chunk
+                would stay retained), or an invalid topic or QoS.
+            PayloadTooLarge: the encoded message exceeds ``max_message_bytes``.
+            TransportError: the broker did not take the message in time.
+        """
+        ...
+
+    async def clear_retained(self, topic: str) -> None:
+        """Delete the retained message on ``topic`` (an empty retained payload)."""
+        ...
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        """Subscribe now and again after every reconnect."""
+        ...
+
+    def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
+        """Every message received, in arrival order; ends when the transport closes."""
+        ...
+
+
+@contextlib.contextmanager
+def map_transport_errors(action: str = "MQTT operation") -> Iterator[None]:
+    """Re-raise the MQTT library's and the network's errors as ``TransportError``."""
+    try:
+        yield
+    except (aiomqtt.MqttError, OSError) as exc:  # OSError: socket, TLS and websocket errors
+        raise TransportError(f"{action} failed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- MQTT
+
+
+class _ConnectionLost(Exception):
+    """The connection an operation was using went away; retry on the next one."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: aiomqtt.Client
+    inbox: asyncio.Queue[aiomqtt.Message]
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Future[object] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def mark_lost(self) -> None:
+        """Set ``lost`` and resolve ``gone``, which operations await without a task each."""
+        self.lost.set()
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
+def _reason_value(code: object) -> int:
+    value = getattr(code, "value", code)
+    return value if isinstance(value, int) else -1
+
+
+def _retryable(exc: BaseException | None) -> bool:
+    """Network failures and a busy broker are retried; a refused identity is not."""
+    if isinstance(exc, MqttConnectError):
+        return _reason_value(exc.rc) in _RETRYABLE_CONNACK
+    return True
+
+
+class MqttTransport:
+    """The :class:`Transport` over a real broker, as an async context manager.
+
+    ``async with MqttTransport(config) as transport:`` connects (retrying with backoff
+    until ``connect_timeout_s``; a broker that refuses the credentials fails at once)
+    and starts a background task that owns the connection: it receives, reconnects
+    after a loss, and re-subscribes. Leaving the block disconnects cleanly.
+
+    It speaks MQTT 3.1.1. ``deliveries()`` is meant for one consumer. Messages are
+    decoded on the event loop (checking and decoding a 64 MiB message holds it for
+    about 0.1 s), and their tensors share memory with the received bytes: clone them
+    before writing in place.
+    A frame re-sent after a connection loss may arrive twice; chunks are deduplicated,
+    whole messages are not (updates carry idempotent ids).
+    """
+
+    def __init__(self, config: TransportConfig) -> None:
+        self.config = config
+        self.stats = TransportStats()
+        self._url = config.broker
+        self._username, self._password = resolve_credentials(config)
+        self._will_payload: bytes | None = None
+        if config.will is not None:
+            check_topic(config.will.topic)
+            self._will_payload = codec.encode(config.will.message)
+            if len(self._will_payload) > config.max_payload:
+                raise ConfigError(
+                    f"the last will encodes to {len(self._will_payload)} bytes, "
+                    f"more than max_payload {config.max_payload}: wills cannot be chunked"
+                )
+        self._subscriptions: dict[str, int] = {}
+        self._subscribe_lock = asyncio.Lock()
+        self._conn: _Connection | None = None
+        self._connected = asyncio.Event()
+        inbound = Inbound(
+            max_message_bytes=config.max_message_bytes, chunk_ttl_s=config.chunk_ttl_s
+        )
+        self._stream = DeliveryStream(self.stats, inbound)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_error: BaseException | None = None
+        self._rng = random.Random()
+        # aiomqtt's own limit on waiting for CONNACK and for the DISCONNECT to go out.
+        self._op_timeout_s = min(10.0, config.connect_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"<MqttTransport {self.config.client_id} {self._url} connected={self.connected}>"
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> Self:
+        if self._supervisor is not None:
+            raise RuntimeError("an MqttTransport is entered once")
+        name = self.config.client_id
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"edgefed-mqtt:{name}")
+        self._tasks = [
+            self._supervisor,
+            asyncio.create_task(self._expire_transfers(), name=f"edgefed-mqtt-expiry:{name}"),
+        ]
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await self._wait_connection()
+        except TimeoutError as exc:
+            await self.aclose()
+            raise TransportError(
+                f"could not connect to {self._url} within {self.config.connect_timeout_s:g} s"
+                f" (last error: {self._last_error or 'none'})"
+            ) from self._last_error or exc
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly (no last will), stop the background tasks, end ``deliveries``."""
+        if self._closing:
+            return
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.debug("%s: background task ended with %r", self.config.client_id, result)
+        self._stream.close()
+
+    # -- state
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up and subscriptions are in place."""
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until connected (after a loss, until reconnected and re-subscribed).
+
+        Raises:
+            TransportError: not connected within ``timeout_s``, or the transport closed.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._wait_connection()
+        except TimeoutError as exc:
+            raise TransportError(f"not connected to {self._url} within {timeout_s} s") from exc
+
+    async def drop_connection(self) -> None:
+        """Drop the socket without DISCONNECT, as a crash or a lost link would.
+
+        The broker then publishes the last will, and the transport reconnects as after
+        any loss. For fault-injection tests and the simulator's dropout emulation.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        sock = mqtt_socket(conn.client)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await conn.lost.wait()
+
+    # -- Transport
+
+    async def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        chunk_topic: Callable[[int], str] | None = None,
+        compression: Compression = "none",
+    ) -> int:
+        """See :meth:`Transport.publish`; chunks go out ``publish_window`` at a time."""
+        check_qos(qos)
+        frames = encode_frames(
+            topic,
+            message,
+            retain=retain,
+            chunk_topic=chunk_topic,
+            compression=compression,
+            max_payload=self.config.max_payload,
+            max_message_bytes=self.config.max_message_bytes,
+        )
+        return await send_windowed(
+            frames,
+            functools.partial(self._publish_frame, qos=qos, retain=retain),
+            window=self.config.publish_window,
+            name=f"edgefed-mqtt-publish:{self.config.client_id}",
+        )
+
+    async def clear_retained(self, topic: str) -> None:
+        """See :meth:`Transport.clear_retained`."""
+        await self._publish_frame(check_topic(topic), b"", qos=1, retain=True)
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
+        """See :meth:`Transport.subscribe`; waits for the broker's SUBACK when connected.
+
+        Raises:
+            ValueError: a malformed filter or QoS.
+            TransportError: the broker refused the subscription or did not answer in time.
+        """
+        check_filter(topic_filter)
+        check_qos(qos)
+        async with self._subscribe_lock:
+            self._subscriptions[topic_filter] = qos
+            conn = self._conn
+            if conn is None:
+                return  # sent by the supervisor as soon as it connects
+            try:
+                async with asyncio.timeout(self.config.publish_timeout_s):
+                    granted = await self._on(
+                        conn, conn.client.subscribe(topic_filter, qos, timeout=math.inf)
+                    )
+            except _ConnectionLost:
+                return  # the supervisor re-subscribes on the next connection
+            except TimeoutError as exc:
+                raise TransportError(f"no SUBACK for {topic_filter!r}") from exc
+            except aiomqtt.MqttError as exc:
+                if conn.lost.is_set():
+                    return
+                raise TransportError(f"subscribe to {topic_filter!r} failed: {exc}") from exc
+        if any(_reason_value(code) >= _SUBACK_FAILURE for code in granted):
+            raise TransportError(f"the broker refused the subscription {topic_filter!r}")
+
+    def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
+        """See :meth:`Transport.deliveries`."""
+        return self._stream.iterate()
+
+    # -- connection supervision
+
+    async def _wait_connection(self) -> _Connection:
+        """The live connection; waits for one, fails if the supervisor stopped."""
+        while True:
+            conn = self._conn
+            if conn is not None and not conn.lost.is_set():
+                return conn
+            supervisor = self._supervisor
+            if self._closing or supervisor is None or supervisor.done():
+                if supervisor is not None and supervisor.done() and not supervisor.cancelled():
+                    error = supervisor.exception()
+                    if error is not None:
+                        raise error
+                raise TransportError(f"{self.config.client_id}: the transport is closed")
+            waiter = asyncio.create_task(self._connected.wait())
+            try:
+                await asyncio.wait({waiter, supervisor}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+
+    async def _supervise(self) -> None:
+        """Own the connection: connect, re-subscribe, receive; on loss, back off and repeat."""
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s, rng=self._rng)
+        ever_connected = False
+        while True:
+            client, inbox = self._new_client()
+            try:
+                with map_transport_errors(f"connecting to {self._url}"):
+                    await self._connect(client)
+            except TransportError as exc:
+                self._last_error = exc.__cause__ or exc
+                if not ever_connected and not _retryable(exc.__cause__):
+                    raise
+                delay = backoff.next()
+                log.info("%s; retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            ever_connected = True
+            conn = _Connection(client, inbox)
+            try:
+                await self._on_connected(conn)
+                backoff.reset()
+                await self._receive(conn)
+            except aiomqtt.MqttError as exc:
+                self._last_error = exc
+                log.warning("%s: connection to %s lost: %s", self.config.client_id, self._url, exc)
+            finally:
+                self._conn = None
+                self._connected.clear()
+                conn.mark_lost()
+                await self._disconnect(client)
+            delay = backoff.next()
+            log.info("%s: reconnecting in %.2f s", self.config.client_id, delay)
+            await asyncio.sleep(delay)
+
+    def _new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
+        """A client for one connection, with the queue aiomqtt receives its messages into."""
+        config = self.config
+        tls = None
+        if self._url.tls or config.ca_file or config.cert_file:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=config.ca_file, certfile=config.cert_file, keyfile=config.key_file
+            )
+        will = None
+        if config.will is not None:
+            will = aiomqtt.Will(
+                config.will.topic, self._will_payload, qos=1, retain=config.will.retain
+            )
+        made: list[asyncio.Queue[aiomqtt.Message]] = []
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            # aiomqtt builds its incoming queue from this (its public ``queue_type``);
+            # keeping it lets _receive hand on what arrived just before a disconnect.
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                made.append(self)
+
+        client = aiomqtt.Client(
+            self._url.host,
+            self._url.port,
+            username=self._username,
+            password=self._password,
+            identifier=config.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=config.clean_session,
+            keepalive=config.keepalive,
+            timeout=self._op_timeout_s,
+            tls_params=tls,
+            queue_type=Inbox,
+        )
+        # aiomqtt warns past 10 pending calls; a full chunk window plus acks is normal here.
+        client.pending_calls_threshold = max(10, 4 * config.publish_window)
+        return client, made[0]
+
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        """Connect; if cancelled meanwhile, finish or fail the handshake before leaving.
+
+        aiomqtt connects in a worker thread, which cancellation cannot stop: leaving
+        early would leave its socket open behind us.
+        """
+        attempt = asyncio.create_task(
+            client.__aenter__(), name=f"edgefed-mqtt-connect:{self.config.client_id}"
+        )
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # Bounded: paho's socket timeout, then aiomqtt's CONNACK wait (_op_timeout_s).
+            with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
+                async with asyncio.timeout(self._op_timeout_s + 6.0):
+                    await attempt
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                await self._disconnect(client)
+            else:
+                close_mqtt_socket(client)
+            raise
+        except BaseException:
+            close_mqtt_socket(client)  # e.g. no CONNACK in time: aiomqtt leaves the socket open
+            raise
+
+    async def _on_connected(self, conn: _Connection) -> None:
+        """Restore every subscription (one SUBSCRIBE), then open the connection for use."""
+        async with self._subscribe_lock:
+            wanted = list(self._subscriptions.items())
+            if wanted:
+                granted = await conn.client.subscribe(wanted, timeout=self.config.publish_timeout_s)
+                for (topic_filter, _), code in zip(wanted, granted, strict=False):
+                    if _reason_value(code) >= _SUBACK_FAILURE:
+                        log.error("the broker refused the subscription %r", topic_filter)
+            self._conn = conn
+            self.stats.connections += 1
+            self._connected.set()
+        log.info("%s: connected to %s", self.config.client_id, self._url)
+
+    async def _receive(self, conn: _Connection) -> None:
+        """Hand every received message to the inbound path until the connection drops."""
+        client = conn.client
+        try:
+            async for message in client.messages:
+                self._handle(message)
+        finally:
+            # Messages already received (and acknowledged) when the link dropped.
+            # aiomqtt's iterator drops them once disconnected; its queue still holds them.
+            while not conn.inbox.empty():
+                self._handle(conn.inbox.get_nowait())
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes):
+            payload = bytes(payload) if isinstance(payload, bytearray) else b""
+        self._stream.receive(topic, payload)
+
+    async def _expire_transfers(self) -> None:
+        """Surface incomplete chunked transfers as ``BadDelivery`` once their TTL passes."""
+        interval = min(5.0, max(0.05, self.config.chunk_ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self._stream.expire()
+
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        """Send DISCONNECT if the link is still up; never hang or raise on the way out."""
+        try:
+            async with asyncio.timeout(2.0):
+                await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            log.debug("%s: disconnect: %r", self.config.client_id, exc)
+
+    async def _on(self, conn: _Connection, operation: Coroutine[object, object, _T]) -> _T:
+        """Run ``operation`` on ``conn``; raise ``_ConnectionLost`` if the link drops first.
+
+        aiomqtt only notices a lost link while waiting for an acknowledgement when its
+        own timeout runs out, so every acknowledged operation races the loss.
+        """
+        task = asyncio.ensure_future(operation)
+        try:
+            either = {cast("asyncio.Future[object]", task), conn.gone}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+        if task.cancelled():
+            raise _ConnectionLost
+        return task.result()
+
+    async def _publish_frame(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        """Publish one frame, waiting for a connection and re-sending after a loss.
+
+        A frame re-sent after a loss may reach subscribers twice; chunks are
+        deduplicated on reassembly and updates carry idempotent ids.
+        """
+        timeout = self.config.publish_timeout_s
+        last_error: BaseException | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    conn = await self._wait_connection()
+                    try:
+                        await self._on(
+                            conn,
+                            conn.client.publish(
+                                topic, payload, qos=qos, retain=retain, timeout=math.inf
+                            ),
+                        )
+                    except _ConnectionLost as exc:
+                        last_error = exc
+                        continue
+                    except aiomqtt.MqttError as exc:
+                        # Usually the link died before the supervisor noticed; wait for that.
+                        last_error = exc
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(1.0):
+                                await conn.lost.wait()
+                        continue
+                    self.stats.published_frames += 1
+                    self.stats.published_bytes += len(payload)
+                    return
+        except TimeoutError as exc:
+            raise TransportError(
+                f"{self.config.client_id}: publish to {topic!r} not acknowledged within "
+                f"{timeout:g} s (last error: {last_error!r})"
+            ) from last_error or exc
+
+
+def raw_client(url: str, client_id: str) -> aiomqtt.Client:
+    """A bare client (no codec, chunking or reconnects), used as an async context manager.
+
+    It is the raw-broker baseline benchmarks measure the product's path against.
+    """
+    broker = BrokerURL.parse(url)
+    return aiomqtt.Client(
+        broker.host, broker.port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311
+    )

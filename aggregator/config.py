@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from aggregator.schedule import ScheduleName
-from aggregator.strategies import Strategy, make_strategy
+from aggregator.staleness import StalenessName
+from aggregator.strategies import Strategy, StrategyName, build_strategy, rule_for
 from aggregator.strategies.fedbuff import RobustMode
 from edgefed.data.text_tasks import answer_tokens
 from edgefed.ml.models import TINY_MODELS, model_kind
@@ -17,8 +18,17 @@ from edgefed.transport.connection import MqttSettings
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
-StrategyName = Literal["fedasync", "fedbuff"]
-StalenessName = Literal["constant", "polynomial", "hinge", "inverse_sqrt"]
+__all__ = [
+    "PRETRAINED_ENCODER_TRAIN",
+    "PRETRAINED_LM_TRAIN",
+    "AggregatorConfig",
+    "FwdGradSettings",
+    "KdSettings",
+    "StalenessName",
+    "StrategyName",
+    "StrategySettings",
+    "default_train",
+]
 
 
 class StrategySettings(Settings):
@@ -44,20 +54,20 @@ class StrategySettings(Settings):
     """``trimmed_mean``: fraction of values dropped at each end of every coordinate."""
 
     def build(self) -> Strategy:
-        """The strategy these settings describe (each strategy gets only its own options)."""
-        params: dict[str, float | str] = (
-            {"alpha": self.alpha}
-            if self.name == "fedasync"
-            else {
-                "buffer_size": float(self.buffer_size),
-                "server_lr": self.server_lr,
-                "trim_ratio": self.trim_ratio,
-            }
-        )
-        if self.name == "fedbuff" or self.robust != "mean":
-            params["robust"] = self.robust  # fedasync refuses anything but mean
-        return make_strategy(
-            self.name, staleness=self.staleness, staleness_params=self.staleness_params, **params
+        """The strategy these settings describe, from the values pydantic already checked.
+
+        Raises:
+            ConfigError: What only the combination can show: rule parameters without a rule
+                name, parameters the rule does not take, or a robust mode for FedAsync.
+        """
+        return build_strategy(
+            self.name,
+            rule=rule_for(self.name, self.staleness, self.staleness_params),
+            alpha=self.alpha,
+            buffer_size=self.buffer_size,
+            server_lr=self.server_lr,
+            robust=None if self.robust == "mean" else self.robust,
+            trim_ratio=self.trim_ratio,
         )
 
 

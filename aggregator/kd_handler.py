@@ -157,6 +157,24 @@ class KdHandler:
             current_version=current_version,
             policy=self._policy,
         )
+        slice_id = self._check_slice(update, current_version)
+        indices, values = self._check_logit_layout(update, slice_id)
+        if not bool(torch.isfinite(values).all()):
+            raise UpdateRejected("non_finite", "logit values hold NaN or inf")
+        ids = self._check_token_ids(indices)
+        factor = self._staleness(staleness)
+        return KdContribution(
+            update_id=update.update_id,
+            slice_id=slice_id,
+            indices=ids.clone(),
+            values=values.float().clone(),
+            staleness=staleness,
+            weight=factor * update.num_samples,
+            factor=factor,
+        )
+
+    def _check_slice(self, update: Update, current_version: int) -> int:
+        """The proxy slice the logits were computed on, if it is one still announced."""
         slice_id = update.proxy_slice
         if not update.logits or slice_id is None:
             raise UpdateRejected("malformed", "a kd update carries logits on a proxy slice")
@@ -166,6 +184,12 @@ class KdHandler:
                 f"proxy slice {slice_id} is not one of the slices of versions "
                 f"{max(0, current_version - self._max_staleness)}..{current_version}",
             )
+        return slice_id
+
+    def _check_logit_layout(
+        self, update: Update, slice_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k token ids and values, once names, shapes and dtypes fit the slice."""
         if set(update.logits) != set(LOGIT_KEYS):
             raise UpdateRejected(
                 "wrong_shape",
@@ -184,23 +208,16 @@ class KdHandler:
                 f"values are {values.dtype} and indices {indices.dtype}; "
                 "need float16/bfloat16/float32 values and int32/int64 indices",
             )
-        if not bool(torch.isfinite(values).all()):
-            raise UpdateRejected("non_finite", "logit values hold NaN or inf")
+        return indices, values
+
+    def _check_token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """The ids as int64, once each lies in the vocabulary and appears once per position."""
         ids = indices.long()
         if int(ids.min()) < 0 or int(ids.max()) >= self._width:
             raise UpdateRejected("malformed", f"token ids must lie in 0..{self._width - 1}")
         if bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
             raise UpdateRejected("malformed", "a token id appears twice in one position's top-k")
-        factor = self._staleness(staleness)
-        return KdContribution(
-            update_id=update.update_id,
-            slice_id=slice_id,
-            indices=ids.clone(),
-            values=values.float().clone(),
-            staleness=staleness,
-            weight=factor * update.num_samples,
-            factor=factor,
-        )
+        return ids
 
     def submit(self, contribution: KdContribution, *, current: TensorMap) -> MergeResult:
         """Buffer ``contribution``; when the buffer is full, distill it into a new global.

@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from aggregator.audit import MergeEntry, UpdateEntry
+from aggregator.audit import MergeEntry
 from aggregator.config import AggregatorConfig
 from aggregator.results import Results
 from aggregator.service import AggregatorService
 from aggregator.strategies.base import MergeResult
 from edgefed.transport.mqtt import Transport
-from schemas.errors import ConfigError
-from schemas.messages import Ack, Task, TensorMap, Update
+from schemas.errors import ConfigError, UpdateRejected
+from schemas.messages import Task, TensorMap, Update
 
 log = logging.getLogger(__name__)
 
@@ -183,25 +183,12 @@ class SyncRoundService(AggregatorService):
             await self._close_round()
 
     async def _refuse_unselected(self, update: Update, size: int) -> None:
-        ack = Ack(
-            update_id=update.update_id,
-            client_id=update.client_id,
-            accepted=False,
-            reason="not_selected",
-            detail=f"{update.client_id} was not selected for round {self.version}",
-            version=self.version,
-            staleness=0,
+        detail = f"{update.client_id} was not selected for round {self.version}"
+        log.warning("refused update %s: %s", update.update_id, detail)
+        unselected = UpdateRejected("not_selected", detail)
+        await self._reject(
+            unselected, client_id=update.client_id, size=size, update=update, staleness=0
         )
-        self._rejected_count += 1
-        self._rejections["not_selected"] += 1
-        log.warning("refused update %s: %s", update.update_id, ack.detail)
-        self._record(update, size, 0, ack)
-        self._ledger.record(
-            UpdateEntry.from_ack(
-                ack, decision="rejected", base_version=update.base_version, size=size
-            )
-        )
-        await self._acks.send(ack)
 
     async def _deadline(self, version: int, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -223,9 +210,6 @@ class SyncRoundService(AggregatorService):
         result = strategy.flush(current=self.current)
         if result.new_global is None:
             return
-        for merged_id in result.merged_update_ids:
-            self.results.merges[merged_id] = self.results.merges.get(merged_id, 0) + 1
-        self._merged_count += len(result.merged_update_ids)
         self.rounds[-1].closed = "deadline"
         self.rounds[-1].closed_s = round(time.monotonic() - self._started, 4)
         log.info(
@@ -234,6 +218,6 @@ class SyncRoundService(AggregatorService):
             len(result.merged_update_ids),
             self.plan.size,
         )
-        self._advance(result.new_global)
+        self._apply_merge(result)
         self._ledger.merged(MergeEntry(version=self.version, update_ids=result.merged_update_ids))
         await self._commit()

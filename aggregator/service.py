@@ -20,22 +20,18 @@ from peft import PeftModel
 
 from aggregator import ops
 from aggregator.acks import AckSender
-from aggregator.audit import AUDIT_FILE, Decision, MergeEntry, UpdateEntry
+from aggregator.audit import AUDIT_FILE, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
-from aggregator.fwdgrad import expand_seeds, perturbation_controller, perturbations_per_step
+from aggregator.fwdgrad import perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
 from aggregator.results import Results, UpdateRecord, VersionRecord
 from aggregator.schedule import lr_factor, run_progress
-from aggregator.strategies import Strategy
-from aggregator.validation import (
-    ValidationPolicy,
-    check_metadata,
-    samples_cap,
-    validate_update,
-)
+from aggregator.strategies import MergeResult, Strategy
+from aggregator.update_checks import CheckedDelta, UpdateChecks
+from aggregator.validation import ValidationPolicy, samples_cap
 from edgefed.data.loading import load_data
 from edgefed.data.sources import num_labels
 from edgefed.ml.evaluation import evaluate
@@ -174,6 +170,7 @@ class AggregatorService:
         if "kd" in {self.config.method, *self.config.accept_methods}:
             self._kd = await asyncio.to_thread(make_kd_handler, self.config, model, self._policy)
             self._stateful["kd"] = self._kd
+        self._checks = UpdateChecks.of(self.config, self._policy, self._shapes, self._kd)
         self._eval_data: TokenDataset = load_data(
             self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
@@ -334,92 +331,76 @@ class AggregatorService:
         await self._handle_update(message, delivery.size)
 
     async def _handle_update(self, update: Update, size: int) -> None:
+        """Check an update, merge it and answer: the ack waits for its checkpoint, a nack not."""
         previous = self._answered.get(update.update_id)
         if previous is not None:
             await self._answer_repeat(update, previous, size)
             return
-        staleness = self.version - update.base_version
-        used_perturbations = perturbations_per_step(update)
-        kd: KdContribution | None = None
         try:
-            if update.method == "kd" and self._kd is not None:  # logits, not a delta
-                kd = await asyncio.to_thread(self._kd.check, update, current_version=self.version)
-            elif update.seeds is not None:  # rebuild the dense delta, off the event loop
-                # ... once the cheap checks passed: a stale or foreign update costs nothing.
-                check_metadata(
-                    update,
-                    task_id=self.config.task_id,
-                    method=self.config.method,
-                    current_version=self.version,
-                    policy=self._policy,
-                )
-                update = await asyncio.to_thread(
-                    expand_seeds,
-                    update,
-                    shapes=self._shapes,
-                    max_perturbations=self.config.fwdgrad.max_update_perturbations,
-                )
-            if kd is None:
-                checked = validate_update(
-                    update,
-                    task_id=self.config.task_id,
-                    method=self.config.method,
-                    current_version=self.version,
-                    shapes=self._shapes,
-                    policy=self._policy,
-                )
-                base = self._base(update.base_version)
+            checked = await self._checks.run(update, version=self.version, kept=self._globals)
         except UpdateRejected as exc:
-            self._rejected_count += 1
-            self._rejections[exc.reason] += 1
             log.warning("rejected update %s from %s: %s", update.update_id, update.client_id, exc)
-            ack = Ack(
-                update_id=update.update_id,
-                client_id=update.client_id,
-                accepted=False,
-                reason=exc.reason,
-                detail=exc.detail,
-                version=self.version,
-                staleness=staleness,
+            staleness = self.version - update.base_version
+            await self._reject(
+                exc, client_id=update.client_id, size=size, update=update, staleness=staleness
             )
-            self._record(update, size, staleness, ack)
-            self._ledger.record(
-                UpdateEntry.from_ack(
-                    ack, decision="rejected", base_version=update.base_version, size=size
-                )
-            )
-            await self._acks.send(ack)
             return
-        if kd is not None and self._kd is not None:
-            result = await asyncio.to_thread(self._kd.submit, kd, current=self.current)
-            staleness = kd.staleness
-        else:
-            result = self._strategy.submit(
+        result = await self._merge(update, checked)
+        self._apply_merge(result)
+        perturbations = self._next_perturbations(update, perturbations_per_step(update))
+        await self._accept(
+            update,
+            staleness=checked.staleness,
+            perturbations=perturbations,
+            merged=result,
+            size=size,
+        )
+
+    async def _merge(self, update: Update, checked: KdContribution | CheckedDelta) -> MergeResult:
+        """Hand a checked update to what merges it: the strategy, or the KD handler for logits."""
+        if isinstance(checked, CheckedDelta):
+            return self._strategy.submit(
                 current=self.current,
-                base=base,
-                delta=ops.scale(checked.delta, self._lr_factor()),
+                base=checked.base,
+                delta=ops.scale(checked.delta.delta, self._lr_factor()),
                 staleness=checked.staleness,
                 num_samples=update.num_samples,
                 update_id=update.update_id,
             )
-            staleness = checked.staleness
-        if result.new_global is not None:
-            for merged_id in result.merged_update_ids:
-                self.results.merges[merged_id] = self.results.merges.get(merged_id, 0) + 1
-            self._merged_count += len(result.merged_update_ids)
-            self._advance(result.new_global)
+        assert self._kd is not None  # only the KD handler makes contributions
+        return await asyncio.to_thread(self._kd.submit, checked, current=self.current)
+
+    def _apply_merge(self, result: MergeResult) -> None:
+        """Count what a merge took in and advance to its new global, if it made one."""
+        if result.new_global is None:
+            return
+        for merged_id in result.merged_update_ids:
+            self.results.merges[merged_id] = self.results.merges.get(merged_id, 0) + 1
+        self._merged_count += len(result.merged_update_ids)
+        self._advance(result.new_global)
+
+    async def _accept(
+        self,
+        update: Update,
+        *,
+        staleness: int,
+        perturbations: int | None,
+        merged: MergeResult,
+        size: int,
+    ) -> None:
+        """Record an accepted update; its ack and audit line wait for the checkpoint."""
         ack = Ack(
             update_id=update.update_id,
             client_id=update.client_id,
             accepted=True,
             version=self.version,
             staleness=staleness,
-            perturbations=self._next_perturbations(update, used_perturbations),
+            perturbations=perturbations,
         )
         self._record(update, size, staleness, ack)
         merge = None
-        if result.new_global is not None:
-            merge = MergeEntry(version=self.version, update_ids=result.merged_update_ids)
+        if merged.new_global is not None:
+            merge = MergeEntry(version=self.version, update_ids=merged.merged_update_ids)
         entry = UpdateEntry.from_ack(
             ack, decision="accepted", base_version=update.base_version, size=size
         )
@@ -432,27 +413,56 @@ class AggregatorService:
         if self._ledger.holds(update.update_id):
             return  # accepted; its ack goes out with the commit that makes it durable
         if previous.client_id != update.client_id:
-            self._rejected_count += 1
-            self._rejections["duplicate"] += 1
-            ack = Ack(
-                update_id=update.update_id,
-                client_id=update.client_id,
-                accepted=False,
-                reason="duplicate",
-                detail="this update_id was already used by another client",
-                version=self.version,
-            )
-            decision: Decision = "rejected"
             log.warning("update id %s reused by %s", update.update_id, update.client_id)
-        else:
-            ack = previous.model_copy(update={"duplicate": True})
-            decision = "duplicate"
-            log.info("duplicate update %s from %s: acked again", update.update_id, update.client_id)
-        self._ledger.record(
-            UpdateEntry.from_ack(
-                ack, decision=decision, base_version=update.base_version, size=size
+            reused = UpdateRejected(
+                "duplicate", "this update_id was already used by another client"
             )
+            await self._reject(reused, client_id=update.client_id, size=size, update=update)
+            return
+        log.info("duplicate update %s from %s: acked again", update.update_id, update.client_id)
+        ack = previous.model_copy(update={"duplicate": True})
+        entry = UpdateEntry.from_ack(
+            ack, decision="duplicate", base_version=update.base_version, size=size
         )
+        await self._send_now(ack, entry)
+
+    async def _reject(
+        self,
+        rejection: UpdateRejected,
+        *,
+        client_id: str,
+        size: int,
+        update: Update | None = None,
+        staleness: int | None = None,
+    ) -> None:
+        """Count a refused message, then audit and send its nack at once (it changes no state).
+
+        ``update`` is None for a message too broken to carry one. With a ``staleness`` the
+        update was examined: its nack also goes into the results and answers its repeats.
+        Without one (an id another client used) the first answer stands.
+        """
+        self._rejected_count += 1
+        self._rejections[rejection.reason] += 1
+        ack = Ack(
+            update_id="unreadable" if update is None else update.update_id,
+            client_id=client_id,
+            accepted=False,
+            reason=rejection.reason,
+            detail=rejection.detail,
+            version=self.version,
+            staleness=staleness,
+        )
+        if update is not None and staleness is not None:
+            self._record(update, size, staleness, ack)
+        base_version = None if update is None else update.base_version
+        entry = UpdateEntry.from_ack(ack, decision="rejected", base_version=base_version, size=size)
+        if update is None:  # the nack's placeholder id is no update's
+            entry = entry.model_copy(update={"update_id": None})
+        await self._send_now(ack, entry)
+
+    async def _send_now(self, ack: Ack, entry: UpdateEntry) -> None:
+        """Audit an answer and send it without waiting for a checkpoint."""
+        self._ledger.record(entry)
         await self._acks.send(ack)
 
     async def _commit(self) -> None:
@@ -538,13 +548,6 @@ class AggregatorService:
         controller.observe(update.variance, used or controller.for_client(update.client_id))
         return controller.for_client(update.client_id)
 
-    def _base(self, version: int) -> TensorMap:
-        """The global an update started from; only the last ``max_staleness`` are kept."""
-        base = self._globals.get(version)
-        if base is None:
-            raise UpdateRejected("stale", f"base version {version} is no longer kept")
-        return base
-
     def _advance(self, new_global: TensorMap) -> None:
         self.version += 1
         self._globals[self.version] = new_global
@@ -570,28 +573,5 @@ class AggregatorService:
     async def _nack_unreadable(
         self, client_id: str, reason: RejectReason, detail: str, *, size: int = 0
     ) -> None:
-        self._rejected_count += 1
-        self._rejections[reason] += 1
         log.warning("rejected unreadable update from %s: %s", client_id, detail)
-        ack = Ack(
-            update_id="unreadable",
-            client_id=client_id,
-            accepted=False,
-            reason=reason,
-            detail=detail,
-            version=self.version,
-        )
-        self._ledger.record(
-            UpdateEntry(
-                update_id=None,
-                client_id=client_id,
-                base_version=None,
-                staleness=None,
-                decision="rejected",
-                reason=reason,
-                detail=detail,
-                version=self.version,
-                size=size,
-            )
-        )
-        await self._acks.send(ack)
+        await self._reject(UpdateRejected(reason, detail), client_id=client_id, size=size)

@@ -19,7 +19,7 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +119,20 @@ class SplitServer:
         if not 1 <= request.cut < self._blocks:
             raise SplitRejected("wrong_shape", f"cut {request.cut} is not in 1..{self._blocks - 1}")
         main = request.tensors["hidden" if request.phase == "forward" else "grad"]
+        rows, length = self._check_activations(main)
+        if request.phase == "backward":
+            self._check_backward(request, main)
+            return
+        self._check_token_inputs(request.tensors, rows, length)
+        labels = request.tensors.get("labels")
+        if labels is not None:
+            self._check_labels(labels, request.choices)
+        mask = request.tensors.get("attention_mask")
+        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+            raise SplitRejected("malformed", "attention_mask holds values other than 0 and 1")
+
+    def _check_activations(self, main: Tensor) -> tuple[int, int]:
+        """Rows and length of a ``[batch, length, hidden]`` block of finite floats."""
         if main.dtype not in _FLOAT:
             raise SplitRejected("wrong_dtype", f"activations are {main.dtype}, not floating")
         rows, length = (main.shape[0], main.shape[1]) if main.dim() == 3 else (0, 0)
@@ -132,44 +146,48 @@ class SplitServer:
             raise SplitRejected("wrong_shape", f"{rows} rows; 1..{self.config.max_rows} allowed")
         if not bool(torch.isfinite(main).all()):
             raise SplitRejected("non_finite", "activations hold NaN or infinity")
-        if request.phase == "backward":
-            step = self._open.get((request.client_id, request.step_id))
-            if step is None:
-                raise SplitRejected(
-                    "malformed", f"no open forward for step {request.step_id} (expired or unknown)"
-                )
-            if tuple(main.shape) != step.shape:
-                raise SplitRejected(
-                    "wrong_shape", f"grad {list(main.shape)} != output {list(step.shape)}"
-                )
-            return
+        return rows, length
+
+    def _check_backward(self, request: SplitRequest, grad: Tensor) -> None:
+        """A gradient must answer an open forward of this device, in that output's shape."""
+        step = self._open.get((request.client_id, request.step_id))
+        if step is None:
+            raise SplitRejected(
+                "malformed", f"no open forward for step {request.step_id} (expired or unknown)"
+            )
+        if tuple(grad.shape) != step.shape:
+            raise SplitRejected(
+                "wrong_shape", f"grad {list(grad.shape)} != output {list(step.shape)}"
+            )
+
+    @staticmethod
+    def _check_token_inputs(tensors: Mapping[str, Tensor], rows: int, length: int) -> None:
+        """Labels and attention mask, when sent, are integers with one value per position."""
         for key in ("labels", "attention_mask"):
-            t = request.tensors.get(key)
+            t = tensors.get(key)
             if t is None:
                 continue
             if t.dtype.is_floating_point or (t.dtype is torch.bool and key == "labels"):
                 raise SplitRejected("wrong_dtype", f"{key} must be integers, not {t.dtype}")
             if tuple(t.shape) != (rows, length):
                 raise SplitRejected("wrong_shape", f"{key} {list(t.shape)} != [{rows}, {length}]")
-        labels = request.tensors.get("labels")
-        if labels is not None:
-            ok = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self._vocab))
-            if not bool(ok.all()):
-                raise SplitRejected("malformed", f"labels outside 0..{self._vocab - 1} and -100")
-            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
-                raise SplitRejected("malformed", "no position of the batch is scored")
-            if request.choices:
-                scored = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-                outside = sorted(set(scored.tolist()) - set(request.choices))
-                if outside or max(request.choices) >= self._vocab:
-                    raise SplitRejected(
-                        "malformed",
-                        f"choices {list(request.choices)} must lie in the vocabulary of "
-                        f"{self._vocab} and hold every scored label (not {outside})",
-                    )
-        mask = request.tensors.get("attention_mask")
-        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
-            raise SplitRejected("malformed", "attention_mask holds values other than 0 and 1")
+
+    def _check_labels(self, labels: Tensor, choices: Sequence[int]) -> None:
+        """Labels lie in the vocabulary, score something, and within ``choices`` if given."""
+        ok = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self._vocab))
+        if not bool(ok.all()):
+            raise SplitRejected("malformed", f"labels outside 0..{self._vocab - 1} and -100")
+        if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+            raise SplitRejected("malformed", "no position of the batch is scored")
+        if choices:
+            scored = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+            outside = sorted(set(scored.tolist()) - set(choices))
+            if outside or max(choices) >= self._vocab:
+                raise SplitRejected(
+                    "malformed",
+                    f"choices {list(choices)} must lie in the vocabulary of "
+                    f"{self._vocab} and hold every scored label (not {outside})",
+                )
 
     # -- serving
 

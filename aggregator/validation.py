@@ -250,6 +250,34 @@ def validate_update(
     staleness = check_metadata(
         update, task_id=task_id, method=method, current_version=current_version, policy=policy
     )
+    return check_delta(update, staleness=staleness, shapes=shapes, policy=policy)
+
+
+def check_delta(
+    update: Update,
+    *,
+    staleness: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    policy: ValidationPolicy,
+) -> ValidatedDelta:
+    """The checks of an update's delta, for one whose metadata passed (:func:`check_metadata`).
+
+    Order: malformed (seeds not yet expanded), wrong_shape, wrong_dtype, non_finite,
+    norm_bound. :func:`validate_update` runs both parts; a caller that had to look at the
+    metadata first (to rebuild a seed update's delta only when it is worth it) runs this one.
+
+    Args:
+        update: The update, its tensors only read.
+        staleness: What :func:`check_metadata` returned for it.
+        shapes: Expected name → shape of the delta.
+        policy: The limits to enforce.
+
+    Returns:
+        The float32 delta (clipped if the policy says so), its staleness and norm.
+
+    Raises:
+        UpdateRejected: For the first failed check, with the reason and a detail.
+    """
     if update.seeds is not None:
         raise UpdateRejected("malformed", "seeds must be expanded to a delta before validation")
     _check_shapes(update.delta, shapes)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -92,6 +93,10 @@ def _random_data(vocab: int, batch: int, seq: int) -> TokenDataset:
     return TokenDataset(input_ids=torch.randint(0, vocab, (batch, seq), generator=gen))
 
 
+Workload = Callable[[], object]
+"""The measured part of a memory run: everything it allocates counts toward the peak."""
+
+
 def memory_child(
     method: str, *, model: str, batch: int, seq: int, steps: int, k: int
 ) -> dict[str, Any]:
@@ -100,51 +105,11 @@ def memory_child(
     vocab = int(base.config.vocab_size)
     data = _random_data(vocab, batch, seq)
     spec = TrainSpec(local_steps=steps, batch_size=batch, seq_len=seq, lr=1e-4, perturbations=k)
-    one = TokenBatch(input_ids=data.input_ids, labels=data.input_ids)
-    if method == "full-backprop":
-        for p in base.parameters():
-            p.requires_grad_(True)
-        trainable = sum(p.numel() for p in base.parameters())
-        optimizer = torch.optim.AdamW(base.parameters(), lr=1e-5)
-        reset_peak()  # the step's peak, not the model load's
-        loaded = _current_rss_mb()
-        started = time.perf_counter()
-        for _ in range(steps):
-            loss = batch_loss(base, one)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        peft = attach_lora(base, LORA)
-        peft.eval()
-        adapter = get_adapter(peft)
-        trainable = sum(t.numel() for t in adapter.values())
-        run: Callable[[], object]
-        if method == "inference":
-
-            def run() -> object:
-                with torch.no_grad():
-                    return [float(batch_loss(peft, one)) for _ in range(steps)]
-
-        elif method == "lora-backprop":
-            trainer = LoraTrainer(peft)
-
-            def run() -> object:
-                return trainer.fit(adapter, data, spec, seed=0)
-
-        elif method in ("fwdgrad-fd", "fwdgrad-jvp"):
-            mode: GradMode = "fd" if method == "fwdgrad-fd" else "jvp"
-            fwd = FwdGradTrainer(peft, FwdGradConfig(mode=mode))
-
-            def run() -> object:
-                return fwd.fit(adapter, data, spec, seed=0)
-
-        else:
-            raise ConfigError(f"unknown method {method!r}; one of {MEMORY_METHODS}")
-        reset_peak()  # the step's peak, not the model load's
-        loaded = _current_rss_mb()
-        started = time.perf_counter()
-        run()
+    trainable, run = _workload(method, base, data, spec)
+    reset_peak()  # the step's peak, not the model load's
+    loaded = _current_rss_mb()
+    started = time.perf_counter()
+    run()
     elapsed = time.perf_counter() - started
     return {
         "method": method,
@@ -154,6 +119,75 @@ def memory_child(
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "step_s": round(elapsed / steps, 3),
     }
+
+
+def _workload(
+    method: str, base: PreTrainedModel, data: TokenDataset, spec: TrainSpec
+) -> tuple[int, Workload]:
+    """How many values ``method`` trains, and its steps, set up but not yet run.
+
+    Raises:
+        ConfigError: ``method`` is not one of :data:`MEMORY_METHODS`.
+    """
+    one = TokenBatch(input_ids=data.input_ids, labels=data.input_ids)
+    if method == "full-backprop":
+        return _full_backprop(base, one, spec.local_steps)
+    peft = attach_lora(base, LORA)
+    peft.eval()
+    adapter = get_adapter(peft)
+    trainable = sum(t.numel() for t in adapter.values())
+    return trainable, _adapter_workload(
+        method, peft, adapter=adapter, data=data, one=one, spec=spec
+    )
+
+
+def _full_backprop(base: PreTrainedModel, one: TokenBatch, steps: int) -> tuple[int, Workload]:
+    """Every weight trainable under AdamW: the ceiling the other methods are compared to."""
+    for p in base.parameters():
+        p.requires_grad_(True)
+    trainable = sum(p.numel() for p in base.parameters())
+    optimizer = torch.optim.AdamW(base.parameters(), lr=1e-5)
+
+    def run() -> object:
+        for _ in range(steps):
+            loss = batch_loss(base, one)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return None
+
+    return trainable, run
+
+
+def _adapter_workload(
+    method: str,
+    peft: PeftModel,
+    *,
+    adapter: TensorMap,
+    data: TokenDataset,
+    one: TokenBatch,
+    spec: TrainSpec,
+) -> Workload:
+    """Inference, LoRA backprop or a forward-gradient fit of the adapter on ``data``.
+
+    Raises:
+        ConfigError: ``method`` is not one of :data:`MEMORY_METHODS`.
+    """
+    if method == "inference":
+
+        def infer() -> object:
+            with torch.no_grad():
+                return [float(batch_loss(peft, one)) for _ in range(spec.local_steps)]
+
+        return infer
+    if method == "lora-backprop":
+        trainer = LoraTrainer(peft)
+        return lambda: trainer.fit(adapter, data, spec, seed=0)
+    if method in ("fwdgrad-fd", "fwdgrad-jvp"):
+        mode: GradMode = "fd" if method == "fwdgrad-fd" else "jvp"
+        fwd = FwdGradTrainer(peft, FwdGradConfig(mode=mode))
+        return lambda: fwd.fit(adapter, data, spec, seed=0)
+    raise ConfigError(f"unknown method {method!r}; one of {MEMORY_METHODS}")
 
 
 def run_child(

@@ -16,13 +16,14 @@ import contextlib
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aggregator.audit import MergeEntry, read_audit
+from aggregator.audit import MergeEntry, UpdateEntry, read_audit
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
 from bench.scale_agents import MODEL, ScaleConfig
@@ -130,12 +131,37 @@ class _AgentProcess:
                 await self.proc.wait()
 
 
+@dataclass(frozen=True)
+class _Observed:
+    """What one run leaves behind, read before the aggregator and its folder go away."""
+
+    connected: dict[str, Any]
+    """The agents' ``connected`` message (connect time, update size)."""
+    done: dict[str, Any]
+    """The agents' ``done`` message (send time, every update's record)."""
+    connected_mb: float | None
+    agents_mb: float | None
+    merges: dict[str, int]
+    buffered: set[str]
+    versions: int
+    merge_times: dict[str, float]
+    """Update id → when the audit log says it was merged."""
+
+
 async def run_scale(
     config: ScaleConfig, *, url: str, broker_pid: int | None = None, progress: bool = True
 ) -> ScaleResult:
     """Run ``config`` against the broker at ``url``; ``broker_pid`` lets us read its RSS."""
     broker = _RssSampler(broker_pid)
     idle_mb = broker.now()
+    observed = await _observe(config, url=url, broker=broker, progress=progress)
+    return _result(config, observed, idle_mb=idle_mb, peak_mb=broker.peak_mb)
+
+
+async def _observe(
+    config: ScaleConfig, *, url: str, broker: _RssSampler, progress: bool
+) -> _Observed:
+    """Serve the agents' updates with a real aggregator; keep what it and they reported."""
     with tempfile.TemporaryDirectory(prefix="edgefed-scale-") as folder:
         audit = Path(folder) / "audit.jsonl"
         agg_transport = MqttTransport(
@@ -161,23 +187,44 @@ async def run_scale(
             buffered = set(_buffered_ids(service))
             merges = dict(service.results.merges)
         entries = read_audit(audit)
-    merge_times = {
+    return _Observed(
+        connected=connected,
+        done=done,
+        connected_mb=connected_mb,
+        agents_mb=agents_mb,
+        merges=merges,
+        buffered=buffered,
+        versions=service.version,
+        merge_times=_merge_times(entries),
+    )
+
+
+def _merge_times(entries: Iterable[UpdateEntry | MergeEntry]) -> dict[str, float]:
+    """When each update was merged, from the audit log's merge entries."""
+    return {
         update_id: entry.time
         for entry in entries
         if isinstance(entry, MergeEntry)
         for update_id in entry.update_ids
     }
-    sent: list[dict[str, Any]] = done["records"]
+
+
+def _result(
+    config: ScaleConfig, seen: _Observed, *, idle_mb: float | None, peak_mb: float | None
+) -> ScaleResult:
+    """Match every record the agents kept against the aggregator's merges and buffer."""
+    sent: list[dict[str, Any]] = seen.done["records"]
     accepted = [r for r in sent if r["accepted"]]
+    merges = seen.merges
     lost = [
         r["update_id"]
         for r in accepted
-        if merges.get(r["update_id"], 0) == 0 and r["update_id"] not in buffered
+        if merges.get(r["update_id"], 0) == 0 and r["update_id"] not in seen.buffered
     ]
     lags = [
-        merge_times[r["update_id"]] - r["sent_at"]
+        seen.merge_times[r["update_id"]] - r["sent_at"]
         for r in accepted
-        if r["update_id"] in merge_times
+        if r["update_id"] in seen.merge_times
     ]
     acks = [r["answered_at"] - r["sent_at"] for r in accepted if r["answered_at"] is not None]
     return ScaleResult(
@@ -189,16 +236,16 @@ async def run_scale(
         resends=sum(r["resends"] for r in sent),
         merged_once=sum(1 for r in accepted if merges.get(r["update_id"]) == 1),
         merged_twice_or_more=sum(1 for n in merges.values() if n > 1),
-        buffered=len(buffered),
+        buffered=len(seen.buffered),
         lost=len(lost),
-        versions=service.version,
-        update_bytes=connected["update_bytes"],
-        connect_s=connected["connect_s"],
-        send_s=done["send_s"],
+        versions=seen.versions,
+        update_bytes=seen.connected["update_bytes"],
+        connect_s=seen.connected["connect_s"],
+        send_s=seen.done["send_s"],
         broker_rss_idle_mb=idle_mb,
-        broker_rss_connected_mb=connected_mb,
-        broker_rss_peak_mb=broker.peak_mb,
-        agents_rss_mb=agents_mb,
+        broker_rss_connected_mb=seen.connected_mb,
+        broker_rss_peak_mb=peak_mb,
+        agents_rss_mb=seen.agents_mb,
         merge_lag_ms=latency_summary(lags),
         ack_latency_ms=latency_summary(acks),
         merge_lags_s=lags,

@@ -180,110 +180,162 @@ def _merge_rows(data: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The RESULTS.md block for ``results``."""
-    lines = [START, "# Benchmark suite (`edgefed bench all`)", ""]
-    lines += [
+    scale = results.get("scale", {})
+    lines = [
+        *_preamble(results),
+        *_scale_rows(scale),
+        *_throughput_rows(results.get("throughput", {})),
+        *_merge_rows(results.get("merges", {})),
+        *_codec_rows(results.get("codec", {})),
+        *_memory_rows(results.get("memory", {}).get("results", [])),
+        *_bytes_rows(results.get("bytes", {}).get("results", [])),
+        *_time_to_target_rows(results.get("time_to_target", {})),
+        *_skipped_rows(results),
+    ]
+    if scale:
+        lines += ["", f"![publish→merged lag, {scale['agents']} agents]({scale['plot']})"]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _preamble(results: dict[str, Any]) -> list[str]:
+    """Title, how to reproduce, the host's load, and the table's header."""
+    return [
+        START,
+        "# Benchmark suite (`edgefed bench all`)",
+        "",
         "Reproduce everything with `make bench` (or `.venv/bin/edgefed bench all`; `--quick` for",
         "a small subset); raw figures in `bench/suite.json`. Each row's own command is given.",
         "",
+        *_load_note(results),
         "| measure | measured | ratio / target | command |",
         "|---|---|---|---|",
     ]
+
+
+def _load_note(results: dict[str, Any]) -> list[str]:
+    """The load average after each step: absolute rates depend on what else ran."""
     loads = {
         k: v["load_avg_1m"]
         for k, v in results.items()
         if isinstance(v, dict) and "load_avg_1m" in v
     }
-    if loads:
-        listed = ", ".join(f"{k} {v:g}" for k, v in loads.items())
-        lines[-2:-2] = [
-            f"Host load (1-minute load average on 2 cores, after each step): {listed}. Other jobs",
-            "shared the cores; the ratios are measured side by side, absolute rates are not.",
-            "",
-        ]
-    scale = results.get("scale", {})
-    if scale:
-        lag, ok = scale["merge_lag_ms"], "yes" if scale["ok"] else "NO"
-        lines += [
-            f"| {scale['agents']} agents (real MQTT connections): connect all | "
-            f"{scale['connect_s']:.2f} s | broker RSS {scale['broker_rss_idle_mb']:.1f} → "
-            f"{scale['broker_rss_peak_mb']:.1f} MB peak; agents' process "
-            f"{scale.get('agents_rss_mb') or 0:.0f} MB | "
-            f"`edgefed bench scale --agents {scale['agents']}` |",
-            f"| {scale['agents']} agents: acked updates lost | {scale['lost']} of "
-            f"{scale['updates_accepted']} (merged once {scale['merged_once']}, buffered "
-            f"{scale['buffered']}, merged twice {scale['merged_twice_or_more']}) | zero lost: "
-            f"{ok} | same |",
-            f"| {scale['agents']} agents: publish→merged p50/p90/p99 | {lag['p50']:.0f} / "
-            f"{lag['p90']:.0f} / {lag['p99']:.0f} ms at {scale['updates_per_s']:.0f} updates/s "
-            f"| FedBuff K=20, {scale['update_bytes'] / 1024:.0f} KiB updates | same |",
-        ]
-    tput = results.get("throughput", {})
-    if tput:
-        raw, raw_cpu = tput["raw_mbps"], tput["raw_receiver_cpu_ms"]
-        lines += [
-            f"| 1 MiB updates publish→merged vs raw broker (same run), 256 KiB chunks | "
-            f"{tput['e2e_mbps']:.0f} vs {raw:.0f} MB/s; receiver CPU "
-            f"{tput['e2e_receiver_cpu_ms']:.1f} vs {raw_cpu:.1f} ms/update | "
-            f"{tput['ratio']:.2f}x (target {THROUGHPUT_TARGET}x) | `edgefed bench throughput` |",
-            f"| same, devices' encoding before the clock | {tput['e2e_encode_first_mbps']:.0f}"
-            f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_encode_first_receiver_cpu_ms']:.1f}"
-            f" ms/update | {tput['ratio_e2e_encode_first']:.2f}x | same |",
-            f"| same, `max_payload` 2 MiB (one frame per update) | {tput['e2e_whole_mbps']:.0f}"
-            f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_whole_receiver_cpu_ms']:.1f}"
-            f" ms/update | {tput['ratio_e2e_whole']:.2f}x | same |",
-        ]
-        if tput.get("ratio_cpu_bound") is not None:
-            lines.append(
-                "| same, CPU per update of every process (receiver + publishers + broker),"
-                f" 256 KiB chunks | {_cpu_split(tput, 'e2e')} vs {_cpu_split(tput, 'raw')} | "
-                f"{tput['ratio_cpu_bound']:.2f}x: the ratio these totals allow on a host"
-                " whose cores all three share | same |"
-            )
-    lines += _merge_rows(results.get("merges", {}))
-    codec = results.get("codec", {})
-    for row in codec.get("results", []):
-        lines.append(
-            f"| codec round trip vs memcpy, {row['size_bytes'] / 1024:,.0f} KiB | "
-            f"{row['roundtrip_gbps']:.2f} vs {row['memcpy_gbps']:.2f} GB/s | "
-            f"{row['ratio_vs_memcpy']:.2f}x | `edgefed bench codec` |"
+    if not loads:
+        return []
+    listed = ", ".join(f"{k} {v:g}" for k, v in loads.items())
+    return [
+        f"Host load (1-minute load average on 2 cores, after each step): {listed}. Other jobs",
+        "shared the cores; the ratios are measured side by side, absolute rates are not.",
+        "",
+    ]
+
+
+def _scale_rows(scale: dict[str, Any]) -> list[str]:
+    """Connect time and memory, lost updates, and merge lag of the many-agents run."""
+    if not scale:
+        return []
+    lag, ok = scale["merge_lag_ms"], "yes" if scale["ok"] else "NO"
+    return [
+        f"| {scale['agents']} agents (real MQTT connections): connect all | "
+        f"{scale['connect_s']:.2f} s | broker RSS {scale['broker_rss_idle_mb']:.1f} → "
+        f"{scale['broker_rss_peak_mb']:.1f} MB peak; agents' process "
+        f"{scale.get('agents_rss_mb') or 0:.0f} MB | "
+        f"`edgefed bench scale --agents {scale['agents']}` |",
+        f"| {scale['agents']} agents: acked updates lost | {scale['lost']} of "
+        f"{scale['updates_accepted']} (merged once {scale['merged_once']}, buffered "
+        f"{scale['buffered']}, merged twice {scale['merged_twice_or_more']}) | zero lost: "
+        f"{ok} | same |",
+        f"| {scale['agents']} agents: publish→merged p50/p90/p99 | {lag['p50']:.0f} / "
+        f"{lag['p90']:.0f} / {lag['p99']:.0f} ms at {scale['updates_per_s']:.0f} updates/s "
+        f"| FedBuff K=20, {scale['update_bytes'] / 1024:.0f} KiB updates | same |",
+    ]
+
+
+def _throughput_rows(tput: dict[str, Any]) -> list[str]:
+    """End to end against the raw broker, per variant, and the CPU-bound ratio if known."""
+    if not tput:
+        return []
+    raw, raw_cpu = tput["raw_mbps"], tput["raw_receiver_cpu_ms"]
+    rows = [
+        f"| 1 MiB updates publish→merged vs raw broker (same run), 256 KiB chunks | "
+        f"{tput['e2e_mbps']:.0f} vs {raw:.0f} MB/s; receiver CPU "
+        f"{tput['e2e_receiver_cpu_ms']:.1f} vs {raw_cpu:.1f} ms/update | "
+        f"{tput['ratio']:.2f}x (target {THROUGHPUT_TARGET}x) | `edgefed bench throughput` |",
+        f"| same, devices' encoding before the clock | {tput['e2e_encode_first_mbps']:.0f}"
+        f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_encode_first_receiver_cpu_ms']:.1f}"
+        f" ms/update | {tput['ratio_e2e_encode_first']:.2f}x | same |",
+        f"| same, `max_payload` 2 MiB (one frame per update) | {tput['e2e_whole_mbps']:.0f}"
+        f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_whole_receiver_cpu_ms']:.1f}"
+        f" ms/update | {tput['ratio_e2e_whole']:.2f}x | same |",
+    ]
+    if tput.get("ratio_cpu_bound") is not None:
+        rows.append(
+            "| same, CPU per update of every process (receiver + publishers + broker),"
+            f" 256 KiB chunks | {_cpu_split(tput, 'e2e')} vs {_cpu_split(tput, 'raw')} | "
+            f"{tput['ratio_cpu_bound']:.2f}x: the ratio these totals allow on a host"
+            " whose cores all three share | same |"
         )
-    memory = results.get("memory", {}).get("results", [])
-    if memory:
-        peaks = ", ".join(
-            f"{r['method']} {r['peak_rss_mb']:.0f} MB ({r['ratio_to_inference']:.2f}x)"
-            for r in memory
-        )
-        lines.append(
-            "| device peak RSS per method, SmolLM2-135M, batch 8 x 128, LoRA r8 q,v | "
-            f"{peaks} | ratio to inference | `edgefed bench memory --model smollm2-135m "
-            "--batch 8 --seq 128 --steps 1 --k 8` |"
-        )
-    sizes = results.get("bytes", {}).get("results", [])
-    if sizes:
-        listed = ", ".join(f"{r['update']}: {r['bytes']:,} B" for r in sizes)
-        dense = next((r["bytes"] for r in sizes if r["update"] == "lora dense none"), None)
-        ratio = f"dense fp32 = {dense:,} B" if dense else ""
-        lines.append(
-            f"| bytes per update per method (SmolLM2 adapter) | {listed} | {ratio} | "
-            "`edgefed bench bytes --steps 5` |"
-        )
-    tta = results.get("time_to_target", {})
+    return rows
+
+
+def _codec_rows(codec: dict[str, Any]) -> list[str]:
+    """One row per payload size: the codec's round trip against a plain memory copy."""
+    return [
+        f"| codec round trip vs memcpy, {row['size_bytes'] / 1024:,.0f} KiB | "
+        f"{row['roundtrip_gbps']:.2f} vs {row['memcpy_gbps']:.2f} GB/s | "
+        f"{row['ratio_vs_memcpy']:.2f}x | `edgefed bench codec` |"
+        for row in codec.get("results", [])
+    ]
+
+
+def _memory_rows(memory: list[dict[str, Any]]) -> list[str]:
+    """Every method's peak RSS on one row, each as a ratio to inference."""
+    if not memory:
+        return []
+    peaks = ", ".join(
+        f"{r['method']} {r['peak_rss_mb']:.0f} MB ({r['ratio_to_inference']:.2f}x)" for r in memory
+    )
+    return [
+        "| device peak RSS per method, SmolLM2-135M, batch 8 x 128, LoRA r8 q,v | "
+        f"{peaks} | ratio to inference | `edgefed bench memory --model smollm2-135m "
+        "--batch 8 --seq 128 --steps 1 --k 8` |"
+    ]
+
+
+def _bytes_rows(sizes: list[dict[str, Any]]) -> list[str]:
+    """Every update kind's encoded size on one row, beside the dense fp32 one."""
+    if not sizes:
+        return []
+    listed = ", ".join(f"{r['update']}: {r['bytes']:,} B" for r in sizes)
+    dense = next((r["bytes"] for r in sizes if r["update"] == "lora dense none"), None)
+    ratio = f"dense fp32 = {dense:,} B" if dense else ""
+    return [
+        f"| bytes per update per method (SmolLM2 adapter) | {listed} | {ratio} | "
+        "`edgefed bench bytes --steps 5` |"
+    ]
+
+
+def _time_to_target_rows(tta: dict[str, Any]) -> list[str]:
+    """Async against sync on the straggler fleet, or why it was not measured."""
     if "skipped" in tta:
-        lines.append(f"| time to target, async vs sync | not measured: {tta['skipped']} | | |")
-    elif tta:
-        lines.append(
-            f"| time to target loss, stragglers fleet (simulated time) | async "
-            f"{_num(tta['async_s'])} s, sync {_num(tta['sync_s'])} s | async "
-            f"{_num(tta['sync_over_async'])}x sooner (target 2x) | `edgefed simulate "
-            f"--fleet {FLEET} --mode async` and `--mode sync` |"
-        )
-    for name, data in results.items():
-        if isinstance(data, dict) and "skipped" in data and name != "time_to_target":
-            lines.append(f"| {name} | not measured: {data['skipped']} | | |")
-    if scale:
-        lines += ["", f"![publish→merged lag, {scale['agents']} agents]({scale['plot']})"]
-    lines += ["", END]
-    return "\n".join(lines)
+        return [f"| time to target, async vs sync | not measured: {tta['skipped']} | | |"]
+    if not tta:
+        return []
+    return [
+        f"| time to target loss, stragglers fleet (simulated time) | async "
+        f"{_num(tta['async_s'])} s, sync {_num(tta['sync_s'])} s | async "
+        f"{_num(tta['sync_over_async'])}x sooner (target 2x) | `edgefed simulate "
+        f"--fleet {FLEET} --mode async` and `--mode sync` |"
+    ]
+
+
+def _skipped_rows(results: dict[str, Any]) -> list[str]:
+    """A row for every other benchmark that could not run, saying why."""
+    return [
+        f"| {name} | not measured: {data['skipped']} | | |"
+        for name, data in results.items()
+        if isinstance(data, dict) and "skipped" in data and name != "time_to_target"
+    ]
 
 
 def _num(value: float | None) -> str:

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from aggregator.config import AggregatorConfig, StrategySettings
+from aggregator.results import Results
 from aggregator.service import AggregatorService
 from edgefed.transport.broker import MosquittoProcess
 from edgefed.transport.frames import encode_frames
@@ -371,17 +372,7 @@ async def e2e_trial(
     :class:`PublishJob`). ``broker_pid`` as in :func:`raw_trial`.
     """
     federation = f"bench-{uuid.uuid4().hex[:8]}"
-    config = AggregatorConfig(
-        federation=federation,
-        model=ModelRef(name="tiny"),
-        lora=LoraSpec(rank=LORA_RANK),
-        strategy=StrategySettings(name="fedbuff", buffer_size=buffer_size),
-        max_staleness=count // buffer_size + 2,
-        eval_every=0,  # scoring is not what is measured
-        eval_data="synthetic:n=8,seed=999",
-        max_message_bytes=8 * PAYLOAD_BYTES,
-        max_payload=max_payload,
-    )
+    config = _e2e_config(federation, count=count, buffer_size=buffer_size, max_payload=max_payload)
     agg = MqttTransport(
         TransportConfig(url=url, client_id=f"{federation}-aggregator", max_payload=max_payload)
     )
@@ -404,11 +395,7 @@ async def e2e_trial(
         )
         async with _publishers(job, broker_pid) as run:
             run.go()
-            while len(service.results.merges) < count:
-                if serving.done():
-                    serving.result()
-                    raise AssertionError("the aggregator stopped before merging every update")
-                await asyncio.sleep(0.002)
+            await _merged(service, serving, count)
             run.stop()
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -416,6 +403,36 @@ async def e2e_trial(
     if sorted(service.results.merges.values()) != [1] * count:
         raise AssertionError("an update was not merged exactly once")
     return run.trial(count)
+
+
+def _e2e_config(
+    federation: str, *, count: int, buffer_size: int, max_payload: int
+) -> AggregatorConfig:
+    """FedBuff on the 1 MiB tiny adapter, lenient enough that every update merges."""
+    return AggregatorConfig(
+        federation=federation,
+        model=ModelRef(name="tiny"),
+        lora=LoraSpec(rank=LORA_RANK),
+        strategy=StrategySettings(name="fedbuff", buffer_size=buffer_size),
+        max_staleness=count // buffer_size + 2,
+        eval_every=0,  # scoring is not what is measured
+        eval_data="synthetic:n=8,seed=999",
+        max_message_bytes=8 * PAYLOAD_BYTES,
+        max_payload=max_payload,
+    )
+
+
+async def _merged(service: AggregatorService, serving: asyncio.Task[Results], count: int) -> None:
+    """Return once ``count`` updates are merged; fail as soon as the aggregator stops.
+
+    Raises:
+        AssertionError: The aggregator ended first (its own error, if any, propagates).
+    """
+    while len(service.results.merges) < count:
+        if serving.done():
+            serving.result()
+            raise AssertionError("the aggregator stopped before merging every update")
+        await asyncio.sleep(0.002)
 
 
 def _delta(shapes: TensorMap) -> TensorMap:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from peft import PeftModel
@@ -26,10 +26,10 @@ from edge_agent.fit_stop import stoppable
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
+from edge_agent.report import AgentReport
 from edge_agent.split_channel import MqttSplitChannel
 from edge_agent.trainers import KdTrainer, SplitTrainer, Trainer, make_trainer
 from edge_agent.trainers.base import FitResult
-from edge_agent.trainers.split import SplitHistory
 from edgefed.data.loading import load_data
 from edgefed.data.sources import num_labels
 from edgefed.ml.models import attach_lora, build_model
@@ -46,42 +46,13 @@ from schemas.messages import (
     SplitReply,
     Status,
     Task,
+    TrainSpec,
     Update,
 )
 
+__all__ = ["AgentReport", "EdgeAgent", "run_agent", "task_model"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class AgentReport:
-    """What one agent did, for logs, tests and the simulator."""
-
-    client_id: str
-    updates_sent: int = 0
-    accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    resends: int = 0
-    last_version: int | None = None
-    first_base_version: int | None = None
-    diverged: int = 0
-    """Fits whose loss blew up and stopped early (forward gradient)."""
-    refused_globals: int = 0
-    """Global versions refused because their signature was missing or wrong."""
-    refused_tasks: int = 0
-    """Task messages refused because their signature was missing or wrong."""
-    stale_tasks: int = 0
-    """Task messages ignored as older versions of the task followed (a replay)."""
-    privacy: dict[str, float | int | str] | None = None
-    """Local DP: noise multiplier, releases and the (ε, δ) estimate so far."""
-    bytes_down: int = 0
-    """Bytes of global models received (all chunks), the download side of the traffic."""
-    plan: dict[str, str | int | float | bool] | None = None
-    """The memory plan (method, shape, estimate, measured peak) or the refusal.
-
-    See docs/architecture.md §7.
-    """
-    split: list[SplitHistory] = field(default_factory=list)
-    """Split learning: per fit, every step's bytes up/down and device compute, and the peak."""
 
 
 class _CpuTimed:
@@ -97,6 +68,23 @@ class _CpuTimed:
             return self._fit()
         finally:
             self.cpu_s = time.thread_time() - started
+
+
+@dataclass(slots=True)
+class _Training:
+    """What the training loop carries from one fit to the next."""
+
+    task: Task
+    trainer: Trainer
+    data: TokenDataset
+    plan: Plan | None
+    replan: Plan | CannotFit | None
+    """The plan to follow from the next fit on; another one after a peak overran the budget."""
+    spec: TrainSpec
+    round_index: int
+    """Fits made by this device, earlier runs included, so no two share a seed."""
+    answered_base: int | None = None
+    """The global version the last accepted update started from."""
 
 
 class EdgeAgent:
@@ -137,10 +125,10 @@ class EdgeAgent:
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._outbox: Outbox | None = None
         self._rounds_before = 0
+        """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
         self._sizer = DeviceSizer.from_config(config)
         self._state: AgentState = "offline"
         self._split: MqttSplitChannel | None = None
-        """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
         self.report = report or AgentReport(client_id=config.client_id)
         """Filled in while running, so a caller holding it sees progress even after a cancel."""
 
@@ -313,16 +301,22 @@ class EdgeAgent:
             return
         for update in await asyncio.to_thread(self._outbox.pending):
             log.warning("%s: re-sending unanswered %s", self.config.client_id, update.update_id)
-            ack = await self._deliver(update)
-            self.report.updates_sent += 1
-            self.report.last_version = ack.version
-            if ack.accepted:
-                self.report.accepted += 1
-            else:
-                self.report.rejected[ack.reason or "unknown"] += 1
+            self._count_answer(await self._deliver(update))
 
     async def _train_loop(self) -> None:
+        """Fit and send updates until ``max_updates`` are answered, or the plan is refused."""
         await self._resend_pending()
+        training = await self._start_training()
+        if training is None:
+            return
+        while not 0 < self.config.max_updates <= self.report.updates_sent:
+            await self._wait_for_turn(training)
+            if not await self._follow_replan(training):
+                return
+            await self._train_round(training)
+
+    async def _start_training(self) -> _Training | None:
+        """Wait for the task and its global, then plan and build; None when it cannot fit."""
         await self._wait_for(
             lambda: (
                 self._task is not None
@@ -332,112 +326,147 @@ class EdgeAgent:
         )
         assert self._task is not None
         task = self._task
-        plan = replan = await asyncio.to_thread(self._sizer.plan, task) if self._sizer else None
+        plan = await asyncio.to_thread(self._sizer.plan, task) if self._sizer else None
         if isinstance(plan, CannotFit):
             await self._refuse(plan)
-            return
+            return None
         self.report.plan = plan.to_status() if plan else None
         trainer = await asyncio.to_thread(self._build_trainer, task, plan)
         data = self._data or load_data(
             self.config.data, seq_len=task.train.seq_len, model=self.config.model or task.model
         )
-        round_index = self._rounds_before
-        spec = plan.train_spec(task.train) if plan else task.train
-        answered_base: int | None = None
-        while not 0 < self.config.max_updates <= self.report.updates_sent:
-            if self.config.once_per_version and answered_base is not None:
-                await self._wait_for_version(answered_base + 1)
-            if self._emulation is not None:
-                await self._emulation.before_fit()
-            if self.config.once_per_version:
-                await self._wait_until_picked()
-            if replan is not plan:  # the measured peak overran the budget: follow the new plan
-                if isinstance(replan, CannotFit):
-                    await self._refuse(replan)
-                    return
-                assert plan is not None and replan is not None
-                if replan.method != plan.method:
-                    trainer = await asyncio.to_thread(self._build_trainer, task, replan)
-                plan, spec = replan, replan.train_spec(spec)
-            start = self._global
-            assert start is not None
-            await self._announce("training")
-            if isinstance(trainer, KdTrainer):  # logits answer the newest announced slice
-                await asyncio.to_thread(self._use_proxy, trainer, self._task or task)
-            stop = threading.Event()
-            timed = _CpuTimed(
-                stoppable(
-                    functools.partial(
-                        trainer.fit,
-                        start.tensors,
-                        data,
-                        spec,
-                        seed=self.config.seed * 1_000_003 + round_index,
-                    ),
-                    stop,
-                    getattr(trainer, "model", None),
-                )
+        return _Training(
+            task=task,
+            trainer=trainer,
+            data=data,
+            plan=plan,
+            replan=plan,
+            spec=plan.train_spec(task.train) if plan else task.train,
+            round_index=self._rounds_before,
+        )
+
+    async def _wait_for_turn(self, training: _Training) -> None:
+        """Wait until the device is online and, in synchronous rounds, picked for a new one."""
+        if self.config.once_per_version and training.answered_base is not None:
+            await self._wait_for_version(training.answered_base + 1)
+        if self._emulation is not None:
+            await self._emulation.before_fit()
+        if self.config.once_per_version:
+            await self._wait_until_picked()
+
+    async def _follow_replan(self, training: _Training) -> bool:
+        """Take up the plan made after a measured peak overran the budget; False if refused."""
+        plan, replan = training.plan, training.replan
+        if replan is plan:
+            return True
+        if isinstance(replan, CannotFit):
+            await self._refuse(replan)
+            return False
+        assert plan is not None and replan is not None
+        if replan.method != plan.method:
+            training.trainer = await asyncio.to_thread(self._build_trainer, training.task, replan)
+        training.plan, training.spec = replan, replan.train_spec(training.spec)
+        return True
+
+    async def _train_round(self, training: _Training) -> None:
+        """Fit from the newest global and send the update, unless the device lost the fit."""
+        start = self._global
+        assert start is not None
+        await self._announce("training")
+        fit = await self._fit(training, start)
+        if fit is None:
+            return
+        fit = await self._ready_to_send(fit)
+        await self._send(training, self._update_of(training, start.version, fit))
+
+    async def _fit(self, training: _Training, start: GlobalModel) -> FitResult | None:
+        """Run one fit in a worker thread; None when the emulated device dropped off during it."""
+        trainer = training.trainer
+        if isinstance(trainer, KdTrainer):  # logits answer the newest announced slice
+            await asyncio.to_thread(self._use_proxy, trainer, self._task or training.task)
+        seed = self.config.seed * 1_000_003 + training.round_index
+        fit_call = functools.partial(
+            trainer.fit, start.tensors, training.data, training.spec, seed=seed
+        )
+        stop = threading.Event()
+        timed = _CpuTimed(stoppable(fit_call, stop, getattr(trainer, "model", None)))
+        fit_started = time.monotonic()
+        try:
+            fit, training.replan = await self._sized_fit(timed, training.task, training.plan)
+        except asyncio.CancelledError:
+            stop.set()  # the worker thread stops at its next forward pass
+            raise
+        training.round_index += 1
+        if isinstance(trainer, SplitTrainer):
+            self.report.split.append(trainer.history)
+        if self._emulation is not None and not await self._emulation.after_fit(
+            wall_s=time.monotonic() - fit_started, cpu_s=timed.cpu_s
+        ):
+            log.info("%s: dropped off during the fit; its work is lost", self.config.client_id)
+            return None
+        return fit
+
+    async def _ready_to_send(self, fit: FitResult) -> FitResult:
+        """The fit as it is sent: filtered (simulated attacks), privatised, slowed down."""
+        if self._fit_filter is not None:
+            fit = self._fit_filter(fit)
+        if self._privacy is not None:
+            fit = self._privacy.apply(fit)
+            self.report.privacy = self._privacy.accountant.report()
+        if fit.diverged:
+            self.report.diverged += 1
+            log.warning(
+                "%s: local training diverged; sending what came before", self.config.client_id
             )
-            fit_started = time.monotonic()
-            try:
-                fit, replan = await self._sized_fit(timed, task, plan)
-            except asyncio.CancelledError:
-                stop.set()  # the worker thread stops at its next forward pass
-                raise
-            round_index += 1
-            if isinstance(trainer, SplitTrainer):
-                self.report.split.append(trainer.history)
-            if self._emulation is not None and not await self._emulation.after_fit(
-                wall_s=time.monotonic() - fit_started, cpu_s=timed.cpu_s
-            ):
-                log.info("%s: dropped off during the fit; its work is lost", self.config.client_id)
-                continue
-            if self._fit_filter is not None:
-                fit = self._fit_filter(fit)
-            if self._privacy is not None:
-                fit = self._privacy.apply(fit)
-                self.report.privacy = self._privacy.accountant.report()
-            if fit.diverged:
-                self.report.diverged += 1
-                log.warning(
-                    "%s: local training diverged; sending what came before", self.config.client_id
-                )
-            if self.config.slowdown > 1:
-                await asyncio.sleep((self.config.slowdown - 1) * fit.compute_s)
-            update = Update(
-                client_id=self.config.client_id,
-                task_id=task.task_id,
-                base_version=start.version,
-                num_samples=fit.num_samples,
-                method=trainer.method,
-                delta=fit.delta if fit.seeds is None else {},
-                seeds=fit.seeds,
-                variance=fit.variance,
-                logits=fit.logits or {},
-                proxy_slice=fit.proxy_slice,
-                train_loss=fit.train_loss,
-                compute_s=fit.compute_s,
-            )
-            ack = await self._deliver(update)
-            if ack.perturbations is not None and ack.perturbations != spec.perturbations:
-                spec = spec.model_copy(update={"perturbations": ack.perturbations})
-            self.report.updates_sent += 1
-            if self.report.first_base_version is None:
-                self.report.first_base_version = start.version
-            self.report.last_version = ack.version
-            if ack.accepted:
-                self.report.accepted += 1
-                answered_base = start.version
-                continue
+        if self.config.slowdown > 1:
+            await asyncio.sleep((self.config.slowdown - 1) * fit.compute_s)
+        return fit
+
+    def _update_of(self, training: _Training, base_version: int, fit: FitResult) -> Update:
+        """The update carrying ``fit``: seeds instead of the delta when the fit has them."""
+        return Update(
+            client_id=self.config.client_id,
+            task_id=training.task.task_id,
+            base_version=base_version,
+            num_samples=fit.num_samples,
+            method=training.trainer.method,
+            delta=fit.delta if fit.seeds is None else {},
+            seeds=fit.seeds,
+            variance=fit.variance,
+            logits=fit.logits or {},
+            proxy_slice=fit.proxy_slice,
+            train_loss=fit.train_loss,
+            compute_s=fit.compute_s,
+        )
+
+    async def _send(self, training: _Training, update: Update) -> None:
+        """Deliver ``update`` and act on its ack: a new K, or waiting for a newer global."""
+        ack = await self._deliver(update)
+        if ack.perturbations is not None and ack.perturbations != training.spec.perturbations:
+            training.spec = training.spec.model_copy(update={"perturbations": ack.perturbations})
+        self._count_answer(ack)
+        if self.report.first_base_version is None:
+            self.report.first_base_version = update.base_version
+        if ack.accepted:
+            training.answered_base = update.base_version
+            return
+        log.info(
+            "%s: update rejected (%s: %s); refetching the global",
+            self.config.client_id,
+            ack.reason,
+            ack.detail,
+        )
+        if ack.reason in ("stale", "future_version"):
+            await self._wait_for_version(ack.version)
+
+    def _count_answer(self, ack: Ack) -> None:
+        """Count an answered update in the report: accepted, or rejected for its reason."""
+        self.report.updates_sent += 1
+        self.report.last_version = ack.version
+        if ack.accepted:
+            self.report.accepted += 1
+        else:
             self.report.rejected[ack.reason or "unknown"] += 1
-            log.info(
-                "%s: update rejected (%s: %s); refetching the global",
-                self.config.client_id,
-                ack.reason,
-                ack.detail,
-            )
-            if ack.reason in ("stale", "future_version"):
-                await self._wait_for_version(ack.version)
 
     async def _refuse(self, refusal: CannotFit) -> None:
         self.report.plan = refusal.to_status()
@@ -497,6 +526,7 @@ class EdgeAgent:
         try:
             if self._outbox is not None:
                 await asyncio.to_thread(self._outbox.put, update)  # on disk before it leaves
+            encoded_bytes = len(codec.encode(update)) if self._emulation is not None else 0
             for attempt in range(self.config.max_resends + 1):
                 if attempt:
                     self.report.resends += 1
@@ -504,7 +534,7 @@ class EdgeAgent:
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
                 if self._emulation is not None:
-                    await self._emulation.uplink(len(codec.encode(update)))
+                    await self._emulation.uplink(encoded_bytes)
                 await self._transport.publish(topic, update)
                 try:
                     async with asyncio.timeout(self.config.ack_timeout_s):

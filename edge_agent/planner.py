@@ -50,6 +50,9 @@ of the same method scatter by this much between shapes (bench/RESULTS.md, memory
 CALIBRATION_FILE = "memory_calibration.json"
 T = TypeVar("T")
 StatusValue = str | int | float | bool
+_TrainerOptions = Mapping[str, Mapping[str, object]]
+_Candidate = tuple[Method, int, int, int | None]
+"""A step to try: method, batch size, sequence length and (split only) cut."""
 
 
 def estimator_key(method: str, trainer: Mapping[str, object] | None = None) -> str:
@@ -172,77 +175,130 @@ def plan_training(
         ConfigError: No method in ``methods`` has an estimate (others are skipped).
     """
     options = trainer or {}
+    sized = _estimated_methods(methods, options)
+    costs = _StepCosts(
+        model,
+        train=train,
+        lora=lora,
+        runtime_mb=runtime_mb,
+        calibration=calibration or {},
+        trainer=options,
+        headroom=headroom,
+    )
+    shapes, cuts = candidate_shapes(train), split_cuts(model.layers)
+    min_tokens = min_fraction * train.batch_size * train.seq_len
+    for method, batch, seq, cut in _candidates(sized, shapes, cuts, min_tokens=min_tokens):
+        plan = costs.fitting_plan(method, batch, seq, cut, budget=budget)
+        if plan is not None:
+            return plan
+    return costs.smallest_refusal(sized, shapes[-1], cut=cuts[-1], budget=budget)
+
+
+def _estimated_methods(methods: Sequence[Method], options: _TrainerOptions) -> list[Method]:
+    """The methods that have a memory estimate; the others are logged and left out.
+
+    Raises:
+        ConfigError: None of ``methods`` has one.
+    """
     sized = [m for m in methods if estimator_key(m, options.get(m)) in ESTIMATORS]
     if len(sized) < len(methods):
         log.warning("no memory estimate for %s: not planned", sorted(set(methods) - set(sized)))
     if not sized:
         raise ConfigError(f"none of the methods {list(methods)} has a memory estimate")
-    methods = sized
-    ratios = calibration or {}
-    shapes = candidate_shapes(train)
-    full = train.batch_size * train.seq_len
+    return sized
 
-    def cost(
-        method: Method, batch: int, seq: int, cut: int | None = None
+
+def _candidates(
+    methods: Sequence[Method],
+    shapes: Sequence[tuple[int, int]],
+    cuts: Sequence[int],
+    *,
+    min_tokens: float,
+) -> list[_Candidate]:
+    """Every (method, batch, seq_len, cut) in the order they are tried.
+
+    First each method in preference order at the shapes of at least ``min_tokens`` per step,
+    then every shape, largest first, with any method.
+    """
+
+    def cuts_of(method: Method) -> Sequence[int | None]:
+        return cuts if method == "split" else (None,)
+
+    preferred = [
+        (m, b, s, c) for m in methods for b, s in shapes if b * s >= min_tokens for c in cuts_of(m)
+    ]
+    any_shape = [(m, b, s, c) for b, s in shapes for m in methods for c in cuts_of(m)]
+    return preferred + any_shape
+
+
+@dataclass(frozen=True)
+class _StepCosts:
+    """The memory estimate of any candidate step of one task, calibrated, with headroom."""
+
+    model: ModelShape
+    train: TrainSpec
+    lora: LoraSpec
+    runtime_mb: float
+    calibration: Mapping[str, float]
+    trainer: _TrainerOptions
+    headroom: float
+
+    def of(
+        self, method: Method, batch: int, seq: int, cut: int | None = None
     ) -> tuple[float, float, float]:
-        """(budget needed, calibrated estimate, ratio) of one step."""
-        key = estimator_key(method, options.get(method))
+        """(budget needed, calibrated estimate, ratio) of one step (split: at ``cut``)."""
+        key = estimator_key(method, self.trainer.get(method))
         step = StepShape(
             batch=batch,
             seq_len=seq,
-            rank=lora.rank,
-            targets=lora.target_modules,
-            perturbations=train.perturbations,
+            rank=self.lora.rank,
+            targets=self.lora.target_modules,
+            perturbations=self.train.perturbations,
             cut=cut,
         )
         # Calibration only ever raises an estimate: peaks of one shape scatter by ~10% between
         # processes, so a low first measurement must not loosen the next plan into an overrun.
-        ratio = max(ratios.get(key, 1.0), 1.0)
-        found = estimate(model, step, key, runtime_mb=runtime_mb)
+        ratio = max(self.calibration.get(key, 1.0), 1.0)
+        found = estimate(self.model, step, key, runtime_mb=self.runtime_mb)
         mb = found.total_mb * ratio
-        return mb + headroom * found.step_mb, mb, ratio
+        return mb + self.headroom * found.step_mb, mb, ratio
 
-    cuts = split_cuts(model.layers)
-    preferred = [
-        (m, b, s, c)
-        for m in methods
-        for b, s in shapes
-        if b * s >= min_fraction * full
-        for c in (cuts if m == "split" else (None,))
-    ]
-    any_shape = [
-        (m, b, s, c)
-        for b, s in shapes
-        for m in methods
-        for c in (cuts if m == "split" else (None,))
-    ]
-    for method, batch, seq, cut in preferred + any_shape:
-        need, mb, ratio = cost(method, batch, seq, cut)
-        if need <= budget.mb:
-            return Plan(
-                method=method,
-                batch_size=batch,
-                seq_len=seq,
-                rank=lora.rank,
-                perturbations=train.perturbations,
-                estimate_mb=mb,
-                budget_mb=budget.mb,
-                budget_source=budget.source,
-                ratio=ratio,
-                cut=cut,
-            )
-    batch, seq = shapes[-1]
-    required, method = min(
-        (cost(m, batch, seq, cuts[-1] if m == "split" else None)[0], m) for m in methods
-    )
-    return CannotFit(
-        required_mb=required,
-        method=method,
-        batch_size=batch,
-        seq_len=seq,
-        budget_mb=budget.mb,
-        budget_source=budget.source,
-    )
+    def fitting_plan(
+        self, method: Method, batch: int, seq: int, cut: int | None, *, budget: Budget
+    ) -> Plan | None:
+        """The plan for this step when it fits ``budget``, headroom included; else None."""
+        need, mb, ratio = self.of(method, batch, seq, cut)
+        if need > budget.mb:
+            return None
+        return Plan(
+            method=method,
+            batch_size=batch,
+            seq_len=seq,
+            rank=self.lora.rank,
+            perturbations=self.train.perturbations,
+            estimate_mb=mb,
+            budget_mb=budget.mb,
+            budget_source=budget.source,
+            ratio=ratio,
+            cut=cut,
+        )
+
+    def smallest_refusal(
+        self, methods: Sequence[Method], shape: tuple[int, int], *, cut: int, budget: Budget
+    ) -> CannotFit:
+        """The refusal naming the least any method needs, at ``shape`` (split at ``cut``)."""
+        batch, seq = shape
+        required, method = min(
+            (self.of(m, batch, seq, cut if m == "split" else None)[0], m) for m in methods
+        )
+        return CannotFit(
+            required_mb=required,
+            method=method,
+            batch_size=batch,
+            seq_len=seq,
+            budget_mb=budget.mb,
+            budget_source=budget.source,
+        )
 
 
 class DeviceSizer:

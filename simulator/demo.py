@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from aggregator import ops
+from aggregator.config import AggregatorConfig
 from edgefed import assets
 from schemas.errors import AssetMissing
 from schemas.messages import TensorMap
@@ -101,15 +102,23 @@ def tail_average(result: FleetResult, count: int) -> tuple[TensorMap, list[int]]
     return mean, versions
 
 
+@dataclass(frozen=True)
+class _Scores:
+    """A finished run's held-out scores, and the folder its exported adapter went to."""
+
+    final_accuracy: float
+    """Accuracy of the exported adapter (the mean of the last versions)."""
+    last_version_accuracy: float | None
+    averaged_versions: list[int]
+    curve: list[dict[str, float]]
+    adapter_dir: Path
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo federation, score it, and write the run folder."""
     if args.tiny:
         return _run_tiny(args)
-    try:
-        assets.smollm2_dir()
-        assets.rotten_tomatoes_csv()
-    except AssetMissing as exc:
-        print(f"edgefed demo: {exc}")
+    if not _assets_ready():
         return 2
     config = DEMO_FLEET
     if args.seconds:
@@ -122,14 +131,65 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = simulate(config, broker=args.broker)
     train_s = time.monotonic() - started
-    curve_note = (
-        f", and {args.curve_points + 1} versions for the curve" if args.curve_points else ""
+    console.print(_scoring_note(args.curve_points))
+    agg = aggregator_config(config)
+    scores = _score(result, config, agg, run_dir=run_dir, curve_points=args.curve_points)
+    results = result.to_dict()
+    steps = sum(a.updates_sent for a in result.agents) * agg.train.local_steps
+    summary = summarize(
+        results,
+        model=config.model,
+        dataset=config.dataset,
+        base_accuracy=scores.curve[0]["accuracy"],
+        final_accuracy=scores.final_accuracy,
+        last_version_accuracy=scores.last_version_accuracy,
+        averaged_versions=scores.averaged_versions,
+        held_out=HELD_OUT,
+        device_steps=steps,
+        train_s=train_s,
+        wall_s=time.monotonic() - started,
+        versions=result.final_version,
     )
-    console.print(
+    results |= {
+        "summary": summary.to_dict(),
+        "accuracy": scores.curve,
+        "adapter": str(scores.adapter_dir),
+    }
+    _save_run(results, scores.curve, run_dir, model=config.model)
+    console.print(summary_table(summary))
+    console.print(f"run folder: {run_dir}/ (results.json, accuracy.png, staleness.png, adapter/)")
+    return 0
+
+
+def _assets_ready() -> bool:
+    """Whether SmolLM2 and the reviews are prepared; says which is missing if not."""
+    try:
+        assets.smollm2_dir()
+        assets.rotten_tomatoes_csv()
+    except AssetMissing as exc:
+        print(f"edgefed demo: {exc}")
+        return False
+    return True
+
+
+def _scoring_note(curve_points: int) -> str:
+    """What is about to be scored: scoring takes a while, so the wait is announced."""
+    curve_note = f", and {curve_points + 1} versions for the curve" if curve_points else ""
+    return (
         f"scoring the base model and the mean of the last {TAIL_VERSIONS} versions (the"
         f" exported adapter) on {HELD_OUT} held-out reviews{curve_note} ..."
     )
-    agg = aggregator_config(config)
+
+
+def _score(
+    result: FleetResult,
+    config: FleetConfig,
+    agg: AggregatorConfig,
+    *,
+    run_dir: Path,
+    curve_points: int,
+) -> _Scores:
+    """Score the tail average (exported to ``run_dir``) and the accuracy curve, held out."""
     scorer = Scorer(
         model=agg.model,
         lora=agg.lora,
@@ -141,38 +201,29 @@ def run(args: argparse.Namespace) -> int:
     adapter, averaged = tail_average(result, TAIL_VERSIONS)
     final = scorer.score(adapter)
     adapter_dir = scorer.export(adapter, run_dir / "adapter")
-    between = max(0, args.curve_points)
+    between = max(0, curve_points)
     last = None  # scored only when a curve is asked for: each pass costs about 40 s
     if between and len(averaged) > 1:
         last = scorer.score(result.final_adapter).accuracy
     curve = _accuracy_curve(
         result, scorer, final_accuracy=final.accuracy if last is None else last, between=between
     )
-    results = result.to_dict()
-    steps = sum(a.updates_sent for a in result.agents) * agg.train.local_steps
-    summary = summarize(
-        results,
-        model=config.model,
-        dataset=config.dataset,
-        base_accuracy=curve[0]["accuracy"],
+    return _Scores(
         final_accuracy=final.accuracy,
         last_version_accuracy=last,
         averaged_versions=averaged,
-        held_out=HELD_OUT,
-        device_steps=steps,
-        train_s=train_s,
-        wall_s=time.monotonic() - started,
-        versions=result.final_version,
+        curve=curve,
+        adapter_dir=adapter_dir,
     )
-    results |= {"summary": summary.to_dict(), "accuracy": curve, "adapter": str(adapter_dir)}
+
+
+def _save_run(
+    results: dict[str, Any], curve: list[dict[str, float]], run_dir: Path, *, model: str
+) -> None:
+    """Write ``results.json`` and the accuracy and staleness plots into ``run_dir``."""
     save_json(results, run_dir / "results.json")
-    plot_accuracy(
-        curve, run_dir / "accuracy.png", title=f"{config.model}, FedBuff", held_out=HELD_OUT
-    )
+    plot_accuracy(curve, run_dir / "accuracy.png", title=f"{model}, FedBuff", held_out=HELD_OUT)
     plot_staleness(results, run_dir / "staleness.png")
-    console.print(summary_table(summary))
-    console.print(f"run folder: {run_dir}/ (results.json, accuracy.png, staleness.png, adapter/)")
-    return 0
 
 
 def _accuracy_curve(

@@ -264,16 +264,7 @@ async def run_fleet(config: FleetConfig, *, url: str, progress: bool = True) -> 
                 await service.ready.wait()
                 if split is not None:  # a request sent before it subscribes would be lost
                     await split.ready.wait()
-                origin = time.monotonic()
-                devices = [
-                    EmulatedDevice(
-                        config.devices[i % len(config.devices)],
-                        seed=config.seed * 7919 + i,
-                        origin=origin,
-                        time_scale=config.time_scale,
-                    )
-                    for i in range(config.agents if config.devices else 0)
-                ]
+                devices = _emulated_devices(config, origin=time.monotonic())
                 agents = [
                     group.create_task(
                         _agent(
@@ -294,6 +285,34 @@ async def run_fleet(config: FleetConfig, *, url: str, progress: bool = True) -> 
                     task.cancel()
     finally:
         torch.set_num_threads(threads)
+    return _fleet_result(config, service, reports, snapshots=snapshots, devices=devices)
+
+
+def _emulated_devices(config: FleetConfig, *, origin: float) -> list[EmulatedDevice]:
+    """One emulated device per agent, profiles cycled; none when the fleet names none.
+
+    ``origin`` is the shared start of every device's availability timeline.
+    """
+    return [
+        EmulatedDevice(
+            config.devices[i % len(config.devices)],
+            seed=config.seed * 7919 + i,
+            origin=origin,
+            time_scale=config.time_scale,
+        )
+        for i in range(config.agents if config.devices else 0)
+    ]
+
+
+def _fleet_result(
+    config: FleetConfig,
+    service: AggregatorService,
+    reports: list[AgentReport],
+    *,
+    snapshots: dict[int, TensorMap],
+    devices: list[EmulatedDevice],
+) -> FleetResult:
+    """The aggregator's record (sync rounds included, device times simulated) and the rest."""
     results = service.results.to_dict()
     if isinstance(service, SyncRoundService):
         results["rounds"] = [asdict(r) for r in service.rounds]

@@ -157,12 +157,7 @@ def fleet_config(raw: dict[str, Any], *, where: Path, **overrides: Any) -> Fleet
     devices, methods, budgets = _expand(spec.devices, profiles, where=where)
     device_trainer = tuple(cls.trainer() for cls in spec.devices for _ in range(cls.count))
     task_method = spec.fleet.method
-    text = is_text_spec(spec.fleet.dataset)
-    if spec.data.partition != "iid" and not text:
-        raise ConfigError(
-            f"fleet spec {where}: partition {spec.data.partition!r} needs a labelled text "
-            f"dataset, not {spec.fleet.dataset!r}"
-        )
+    _check_partition(spec, where=where)
     explicit = any(m is not None for m in methods)
     config = FleetConfig(
         model=spec.fleet.model,
@@ -192,6 +187,30 @@ def fleet_config(raw: dict[str, Any], *, where: Path, **overrides: Any) -> Fleet
         round_deadline_s=spec.sync.round_deadline_s,
     )
     config = replace(config, **overrides) if overrides else config
+    _check_tables(spec, config, where=where)
+    return config
+
+
+def _check_partition(spec: FleetSpec, *, where: Path) -> None:
+    """Only labelled text can be split by label or size; synthetic tokens have no labels.
+
+    Raises:
+        ConfigError: A non-IID partition of a dataset that is not labelled text.
+    """
+    if spec.data.partition != "iid" and not is_text_spec(spec.fleet.dataset):
+        raise ConfigError(
+            f"fleet spec {where}: partition {spec.data.partition!r} needs a labelled text "
+            f"dataset, not {spec.fleet.dataset!r}"
+        )
+
+
+def _check_tables(spec: FleetSpec, config: FleetConfig, *, where: Path) -> None:
+    """Validate the free-form tables now, so a mistake names the spec and not a later run.
+
+    Raises:
+        ConfigError: ``[strategy]``, ``[train]`` or the resulting aggregator settings are
+            invalid; the message names the table and key.
+    """
     for table, check in (
         ("strategy", lambda: StrategySettings.model_validate(spec.strategy)),
         ("train", lambda: TrainSpec.model_validate(spec.train)),
@@ -202,7 +221,6 @@ def fleet_config(raw: dict[str, Any], *, where: Path, **overrides: Any) -> Fleet
         except ValidationError as exc:
             problems = _problems(exc, prefix=f"{table}.")
             raise ConfigError(f"fleet spec {where} is invalid: {problems}") from exc
-    return config
 
 
 def _expand(

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal, cast
 
@@ -32,12 +33,13 @@ from torch.func import functional_call, jvp, vmap
 from transformers import PreTrainedModel
 
 from edge_agent.trainers.base import FitResult
+from edge_agent.trainers.batches import adapter_delta, cut_to_length, endless_batches
+from edge_agent.trainers.fwdgrad_progress import FitProgress, StepSettings
 from edgefed.library_internals import attention_implementation
 from edgefed.ml.models import (
     ANSWER_ROWS,
     adapter_parameters,
     classifier_classes,
-    get_adapter,
     lora_spec,
     set_adapter,
 )
@@ -45,7 +47,7 @@ from edgefed.ml.objectives import batch_loss, logits_loss, scored_logits, scored
 from edgefed.ml.perturbation import Layout, estimate, rademacher
 from edgefed.ml.tokens import TokenBatch, TokenDataset
 from schemas.errors import ConfigError
-from schemas.messages import Method, PerturbTarget, SeedDelta, SeedStep, TensorMap, TrainSpec
+from schemas.messages import Method, PerturbTarget, SeedStep, TensorMap, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +175,6 @@ class _Objective(torch.nn.Module):
     def forward(self) -> torch.Tensor:
         """Mean cross-entropy over the batch's scored outputs (the trainers' shared loss)."""
         return batch_loss(self.model, self.batch, choices=self.choices)
-
-
-def _endless_batches(
-    data: TokenDataset, batch_size: int, generator: torch.Generator
-) -> Iterator[TokenBatch]:
-    while True:
-        yield from data.batches(batch_size, generator=generator)
 
 
 def _use_eager_attention(model: PeftModel) -> None:
@@ -457,9 +452,32 @@ class FwdGradTrainer:
             ConfigError: ``global_adapter`` does not fit the model.
         """
         started = time.perf_counter()
-        model = self.model
-        set_adapter(model, global_adapter)
+        set_adapter(self.model, global_adapter)
         start = self.layout.flatten(global_adapter)
+        settings = self._step_settings(spec, start, data)
+        progress = FitProgress(start, torch.zeros(self.layout.size, dtype=torch.float64))
+        with self._forward_only():
+            self._take_steps(progress, settings, data, spec, seed=seed)
+        self._adjust_backoff(progress, spec, settings.lr)
+        delta = adapter_delta(self.model, global_adapter)
+        seeds = (
+            progress.seed_delta(settings.lr, self.layout) if self.config.upload == "seeds" else None
+        )
+        return FitResult(
+            delta=delta,
+            num_samples=max(1, min(progress.visited, len(data))),
+            train_loss=progress.train_loss,
+            compute_s=time.perf_counter() - started,
+            steps=len(progress.steps),
+            seeds=seeds,
+            variance=progress.variance,
+            diverged=progress.diverged,
+        )
+
+    def _step_settings(
+        self, spec: TrainSpec, start: torch.Tensor, data: TokenDataset
+    ) -> StepSettings:
+        """The settings every step of a fit from ``start`` shares (head-only fits differ)."""
         direction = self._note_global(start)
         count, max_rms = spec.perturbations, self.config.max_step_rms
         if self._head is not None or self._answer_rows is not None:
@@ -467,96 +485,95 @@ class FwdGradTrainer:
                 max(count, self.config.head_perturbations),
                 self.config.head_max_step_rms,
             )
-        lr = self.learning_rate(spec, count)
         bound = None if max_rms is None else max_rms * math.sqrt(self.layout.size)
         if self._answer_rows is not None:  # pretrained rows: a step relative to their size
             bound = self.config.answer_max_step * float(start.norm())
-        batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
         choices = data.choices if self.config.loss == "choices" else None
-        classes = len(choices) if choices else classifier_classes(model)
-        chance = math.log(classes) if classes else 0.0
-        total = torch.zeros(self.layout.size, dtype=torch.float64)
-        last_step = total
-        steps: list[SeedStep] = []
-        losses: list[float] = []
-        variances: list[float] = []
-        visited = 0
-        diverged = False
+        classes = len(choices) if choices else classifier_classes(self.model)
+        return StepSettings(
+            count=count,
+            lr=self.learning_rate(spec, count),
+            bound=bound,
+            direction=direction,
+            choices=choices,
+            chance=math.log(classes) if classes else 0.0,
+        )
+
+    @contextmanager
+    def _forward_only(self) -> Iterator[None]:
+        """Eval mode and no gradients while a fit runs; the model's own flags come back after."""
+        model = self.model
         grad_flags = {name: p.requires_grad for name, p in adapter_parameters(model).items()}
         was_training = model.training
         model.eval()  # no dropout: a central difference of two noisy losses is noise
         for p in adapter_parameters(model).values():
             p.requires_grad_(False)  # forward passes only: never build a backward graph
         try:
-            for index in range(spec.local_steps):
-                batch = next(batches)
-                if batch.attention_mask is None and batch.labels.dim() == 2:
-                    batch = TokenBatch(  # unpadded token rows: cut to the task's length
-                        input_ids=batch.input_ids[:, : spec.seq_len],
-                        labels=batch.labels[:, : spec.seq_len],
-                    )
-                seed_s = step_seed(seed, index)
-                indices = self._choose(seed_s, count, direction)
-                measured = self.derivatives(batch, seed=seed_s, indices=indices, choices=choices)
-                if self._diverging(measured, losses, chance):
-                    diverged = True
-                    if steps:  # undo the step that led here
-                        total.sub_(last_step)
-                        steps.pop()
-                        variances.pop()
-                        self._write_total(start, total)
-                    break
-                losses.append(measured.loss)
-                visited += len(batch)
-                found = estimate(self.layout, seed_s, indices, measured.d)
-                norm = lr * float(found.mean.norm())
-                if not math.isfinite(norm):  # finite derivatives, yet a step beyond floats
-                    diverged = True
-                    break
-                scale = 1.0 if bound is None or norm <= bound else bound / norm
-                step = SeedStep(seed=seed_s, indices=indices, d=measured.d, scale=scale)
-                last_step = found.mean.mul_(-lr * step.scale)
-                total.add_(last_step)
-                self._write_total(start, total)
-                steps.append(step)
-                variances.append(found.variance if found.variance is not None else math.nan)
+            yield
         finally:
             for name, p in adapter_parameters(model).items():
                 p.requires_grad_(grad_flags[name])
             model.train(was_training)
-        if diverged:
-            self.lr_backoff /= 2
-            log.warning(
-                "fwdgrad diverged after %d of %d steps (lr %.3g); step undone, "
-                "learning rate halved for later fits",
-                len(steps),
-                spec.local_steps,
-                lr,
+
+    def _take_steps(
+        self,
+        progress: FitProgress,
+        settings: StepSettings,
+        data: TokenDataset,
+        spec: TrainSpec,
+        *,
+        seed: int,
+    ) -> None:
+        """Step until ``spec.local_steps`` are done or the loss diverges (that step undone)."""
+        batches = endless_batches(data, spec.batch_size, seed=seed)
+        for index in range(spec.local_steps):
+            batch = cut_to_length(next(batches), spec.seq_len)
+            seed_s = step_seed(seed, index)
+            indices = self._choose(seed_s, settings.count, settings.direction)
+            measured = self.derivatives(
+                batch, seed=seed_s, indices=indices, choices=settings.choices
             )
-        else:
+            if self._diverging(measured, progress.losses, settings.chance):
+                progress.diverged = True
+                if progress.undo_last():
+                    self._write_total(progress.start, progress.total)
+                return
+            progress.losses.append(measured.loss)
+            progress.visited += len(batch)
+            if not self._step(progress, settings, seed_s, indices, measured):
+                progress.diverged = True
+                return
+
+    def _step(
+        self,
+        progress: FitProgress,
+        settings: StepSettings,
+        seed: int,
+        indices: tuple[int, ...],
+        measured: Derivatives,
+    ) -> bool:
+        """Move the adapter along the estimate from ``measured``, clipped; False on overflow."""
+        found = estimate(self.layout, seed, indices, measured.d)
+        norm = settings.lr * float(found.mean.norm())
+        if not math.isfinite(norm):  # finite derivatives, yet a step beyond floats
+            return False
+        step = SeedStep(seed=seed, indices=indices, d=measured.d, scale=settings.clip_scale(norm))
+        progress.take(step, found.mean.mul_(-settings.lr * step.scale), found.variance)
+        self._write_total(progress.start, progress.total)
+        return True
+
+    def _adjust_backoff(self, progress: FitProgress, spec: TrainSpec, lr: float) -> None:
+        """Halve the learning rate after a divergence; otherwise double it back towards 1."""
+        if not progress.diverged:
             self.lr_backoff = min(1.0, 2 * self.lr_backoff)
-        trained = get_adapter(model)
-        delta = {
-            name: trained[name] - global_adapter[name].detach().to("cpu", torch.float32)
-            for name in trained
-        }
-        seeds = (
-            SeedDelta(
-                lr=lr, target=self.layout.target, layout=self.layout.fingerprint, steps=tuple(steps)
-            )
-            if self.config.upload == "seeds"
-            else None
-        )
-        finite = [v for v in variances if math.isfinite(v)]
-        return FitResult(
-            delta=delta,
-            num_samples=max(1, min(visited, len(data))),
-            train_loss=math.fsum(losses) / len(losses) if losses else math.nan,
-            compute_s=time.perf_counter() - started,
-            steps=len(steps),
-            seeds=seeds,
-            variance=math.fsum(finite) / len(finite) if finite else None,
-            diverged=diverged,
+            return
+        self.lr_backoff /= 2
+        log.warning(
+            "fwdgrad diverged after %d of %d steps (lr %.3g); step undone, "
+            "learning rate halved for later fits",
+            len(progress.steps),
+            spec.local_steps,
+            lr,
         )
 
     def _write_total(self, start: torch.Tensor, total: torch.Tensor) -> None:

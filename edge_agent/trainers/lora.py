@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -16,7 +16,8 @@ import torch
 from peft import PeftModel
 
 from edge_agent.trainers.base import FitResult
-from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
+from edge_agent.trainers.batches import adapter_delta, cut_to_length, endless_batches
+from edgefed.ml.models import adapter_parameters, set_adapter
 from edgefed.ml.objectives import batch_loss
 from edgefed.ml.precision import PRECISIONS, Precision, autocast
 from edgefed.ml.tokens import TokenBatch, TokenDataset
@@ -71,14 +72,6 @@ class LoraConfig:
             raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
 
-def _endless_batches(
-    data: TokenDataset, batch_size: int, generator: torch.Generator
-) -> Iterator[TokenBatch]:
-    """Shuffled epochs back to back, so ``local_steps`` may exceed one pass."""
-    while True:
-        yield from data.batches(batch_size, generator=generator)
-
-
 class LoraTrainer:
     """Backprop LoRA training on a model built by ``edgefed.ml.models.attach_lora``.
 
@@ -120,15 +113,31 @@ class LoraTrainer:
             ConfigError: ``global_adapter`` does not fit the model.
         """
         started = time.perf_counter()
-        model = self.model
-        set_adapter(model, global_adapter)
-        params = adapter_parameters(model)
+        set_adapter(self.model, global_adapter)
+        params = adapter_parameters(self.model)
         optimizer = self._optimizer(list(params.values()), spec.lr)
-        batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
+        batches = endless_batches(data, spec.batch_size, seed=seed)
         choices = data.choices if self.config.loss == "choices" else None
         device = next(iter(params.values())).device
         visited = 0
         losses: list[float] = []
+        with self._training(seed):
+            for _ in range(spec.local_steps):
+                batch = cut_to_length(next(batches), spec.seq_len)
+                losses.append(self._step(batch, optimizer, params, choices, device))
+                visited += len(batch)
+        return FitResult(
+            delta=adapter_delta(self.model, global_adapter),
+            num_samples=min(visited, len(data)),  # whole epochs: distinct rows seen
+            train_loss=math.fsum(losses) / len(losses),
+            compute_s=time.perf_counter() - started,
+            steps=len(losses),
+        )
+
+    @contextmanager
+    def _training(self, seed: int) -> Iterator[None]:
+        """Train mode for one fit; dropout then draws from a torch RNG forked and seeded."""
+        model = self.model
         was_training = model.training
         uses_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
         with ExitStack() as stack:
@@ -137,33 +146,24 @@ class LoraTrainer:
                 torch.manual_seed(seed)
             model.train()
             try:
-                for _ in range(spec.local_steps):
-                    batch = next(batches)
-                    if batch.attention_mask is None and batch.labels.dim() == 2:
-                        batch = TokenBatch(
-                            input_ids=batch.input_ids[:, : spec.seq_len],
-                            labels=batch.labels[:, : spec.seq_len],
-                        )
-                    with autocast(self.config.precision, device):
-                        loss = batch_loss(model, batch, choices=choices)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    if self.config.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(loss.detach()))
-                    visited += len(batch)
+                yield
             finally:
                 model.train(was_training)
-        trained = get_adapter(model)
-        delta = {
-            name: trained[name] - global_adapter[name].detach().to("cpu", torch.float32)
-            for name in trained
-        }
-        return FitResult(
-            delta=delta,
-            num_samples=min(visited, len(data)),  # whole epochs: distinct rows seen
-            train_loss=math.fsum(losses) / len(losses),
-            compute_s=time.perf_counter() - started,
-            steps=len(losses),
-        )
+
+    def _step(
+        self,
+        batch: TokenBatch,
+        optimizer: torch.optim.Optimizer,
+        params: dict[str, torch.nn.Parameter],
+        choices: tuple[int, ...] | None,
+        device: torch.device,
+    ) -> float:
+        """One backprop step on ``batch``, gradients clipped; return its loss."""
+        with autocast(self.config.precision, device):
+            loss = batch_loss(self.model, batch, choices=choices)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params.values(), self.config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())

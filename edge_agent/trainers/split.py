@@ -21,7 +21,7 @@ from peft import PeftModel
 
 from edge_agent.budget import PeakMeter
 from edge_agent.trainers.base import FitResult
-from edge_agent.trainers.lora import _endless_batches
+from edge_agent.trainers.batches import cut_to_length, endless_batches
 from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
 from edgefed.ml.split_model import (
     check_cut,
@@ -232,19 +232,14 @@ class SplitTrainer:
         set_adapter(model, {n: global_adapter[n] for n in adapter_parameters(model)})
         params = [p for n, p in adapter_parameters(model).items() if n in self._names]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-        batches = _endless_batches(data, spec.batch_size, torch.Generator().manual_seed(seed))
+        batches = endless_batches(data, spec.batch_size, seed=seed)
         history = SplitHistory()
         choices = data.choices if self.config.loss == "choices" else None
         visited = 0
         model.train()
         with PeakMeter() as meter:
             for _ in range(spec.local_steps):
-                batch = next(batches)
-                if batch.attention_mask is None and batch.labels.dim() == 2:
-                    batch = TokenBatch(
-                        input_ids=batch.input_ids[:, : spec.seq_len],
-                        labels=batch.labels[:, : spec.seq_len],
-                    )
+                batch = cut_to_length(next(batches), spec.seq_len)
                 record = self.step(batch, choices)
                 if self.config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)

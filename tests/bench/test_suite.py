@@ -123,3 +123,12 @@ def test_save_entry_replaces_one_benchmark_and_keeps_the_others(
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| codec round trip vs memcpy, 1,024 KiB | 30.00 vs 50.00 GB/s | 0.60x |" in text
     assert "| 300/s | 1.50x of the 200/s target |" in text
+
+
+def test_markdown_of_committed_suite_is_the_committed_results_block() -> None:
+    bench_dir = Path(suite.__file__).resolve().parent
+    results = json.loads((bench_dir / "suite.json").read_text())
+    committed = (bench_dir / "RESULTS.md").read_text()
+    block = markdown(results)
+    assert block.startswith(START) and block.endswith(END)
+    assert block in committed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgefed.ml.privacy import PrivacySettings
 from edgefed.settings import Settings
@@ -43,7 +43,8 @@ class AgentConfig(Settings):
     """``kd`` only: run this model instead of the task's (same vocabulary, any size); the
     device shares logits, never adapter weights, so the shapes need not match."""
     trainer: dict[str, bool | int | float | str] = Field(default_factory=dict)
-    """Method-specific trainer options (e.g. optimizer, grad_clip for lora; mode, lr for fwdgrad)."""
+    """Method-specific trainer options (e.g. optimizer, grad_clip for lora; mode, lr for
+    fwdgrad), checked against the trainers' own options when the config is loaded."""
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
     trusted_global_keys: tuple[str, ...] = ()
@@ -60,3 +61,13 @@ class AgentConfig(Settings):
     the agent plans as a process of its own would and does not measure its steps."""
     privacy: PrivacySettings | None = None
     """Local differential privacy: clip each update and add Gaussian noise on the device."""
+
+    @model_validator(mode="after")
+    def _trainer_options_fit(self) -> AgentConfig:
+        """A misspelt or mistyped trainer option fails at load, not when the first task comes."""
+        if self.trainer:
+            # Imported only here: the trainers import torch, which `edgefed plan` avoids.
+            from edge_agent.trainers import check_trainer_options  # noqa: PLC0415
+
+            check_trainer_options(self.method, self.trainer)
+        return self

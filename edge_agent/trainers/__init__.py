@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from peft import PeftModel
+from pydantic import TypeAdapter, ValidationError
 
 from edge_agent.trainers.base import FitResult, Trainer
 from edge_agent.trainers.fwdgrad import FwdGradConfig, FwdGradTrainer
@@ -29,6 +30,7 @@ __all__ = [
     "SplitTrainer",
     "Trainer",
     "TrainerEntry",
+    "check_trainer_options",
     "make_trainer",
     "register_trainer",
 ]
@@ -61,6 +63,43 @@ def register_trainer(
     if not dataclasses.is_dataclass(config_type):
         raise ConfigError(f"trainer config for {method!r} must be a dataclass")
     TRAINERS[method] = TrainerEntry(config_type=config_type, factory=factory)
+
+
+def check_trainer_options(method: str | None, options: Mapping[str, object]) -> None:
+    """Refuse options no trainer takes, or values a trainer would refuse, before any task.
+
+    The ``[trainer]`` table applies to whichever method the agent runs: ``method`` when the
+    agent fixes it, else any (the task's or the planner's choice), so each method's own
+    options must hold for it.
+
+    Raises:
+        ConfigError: An option no candidate method has, or a value of the wrong type or range.
+    """
+    methods = [method] if method is not None else sorted(TRAINERS)
+    known: set[str] = set()
+    for name in methods:
+        entry = TRAINERS.get(name)
+        if entry is None:
+            continue  # make_trainer names the unknown method when the agent uses it
+        fields = {f.name for f in dataclasses.fields(entry.config_type)}
+        known |= fields
+        _validate(name, entry.config_type, {k: v for k, v in options.items() if k in fields})
+    unknown = sorted(options.keys() - known)
+    if unknown:
+        raise ConfigError(
+            f"trainer option(s) {unknown} belong to no trainer of {methods}; options: "
+            f"{sorted(known)}"
+        )
+
+
+def _validate(method: str, config_type: type[Any], options: Mapping[str, object]) -> None:
+    try:
+        TypeAdapter(config_type).validate_python(dict(options))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"{method} trainer options: {problems}") from None
 
 
 def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:

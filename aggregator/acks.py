@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from edgefed.transport.mqtt import Transport
+from edgefed.transport.base import Transport
 from schemas import topics
 from schemas.errors import TransportError
 from schemas.messages import Ack

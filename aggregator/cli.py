@@ -10,7 +10,9 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.session import aggregator_transport, split_transport
 from edgefed.settings import load_settings
-from edgefed.transport.mqtt import MqttTransport, TransportConfig, broker_for
+from edgefed.transport.broker_choice import broker_for
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 
 
 def run(args: argparse.Namespace) -> int:

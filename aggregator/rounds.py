@@ -24,7 +24,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.results import Results
 from aggregator.service import AggregatorService
 from aggregator.strategies.base import MergeResult
-from edgefed.transport.mqtt import Transport
+from edgefed.transport.base import Transport
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Task, TensorMap, Update
 

@@ -38,7 +38,8 @@ from edgefed.ml.evaluation import evaluate
 from edgefed.ml.models import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalSigner, signed_by
-from edgefed.transport.mqtt import BadDelivery, Delivery, Transport
+from edgefed.transport.base import Transport
+from edgefed.transport.frames import BadDelivery, Delivery
 from schemas import topics
 from schemas.errors import ConfigError, PayloadTooLarge, RejectReason, TopicError, UpdateRejected
 from schemas.messages import Ack, GlobalModel, Metrics, Status, Task, TensorMap, Update

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from aggregator.config import AggregatorConfig
-from edgefed.transport.mqtt import TransportConfig
+from edgefed.transport.config import TransportConfig
 
 
 def aggregator_client_id(federation: str) -> str:

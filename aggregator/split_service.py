@@ -20,7 +20,8 @@ from aggregator.results import Results, SplitRecord
 from aggregator.service import AggregatorService
 from aggregator.split_server import SplitFed, SplitServer, SplitServerConfig
 from edgefed.ml.models import attach_lora, build_model
-from edgefed.transport.mqtt import BadDelivery, Delivery, Transport
+from edgefed.transport.base import Transport
+from edgefed.transport.frames import BadDelivery, Delivery
 from schemas import topics
 from schemas.codec import Compression
 from schemas.errors import PayloadTooLarge, RejectReason, TopicError

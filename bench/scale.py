@@ -29,7 +29,8 @@ from aggregator.service import AggregatorService
 from bench.scale_agents import MODEL, ScaleConfig
 from bench.scale_report import ScaleResult, latency_summary, rss_mb
 from edgefed.transport.broker import MosquittoProcess
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from schemas.messages import ModelRef
 

@@ -27,7 +27,9 @@ from tqdm import tqdm
 from edge_agent.trainers.lora import LoraTrainer
 from edgefed.data.loading import load_data
 from edgefed.ml.models import attach_lora, build_model, get_adapter
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import TransportError
 from schemas.messages import Ack, LoraSpec, ModelRef, TensorMap, TrainSpec, Update

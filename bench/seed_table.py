@@ -34,7 +34,9 @@ from rich.progress import track
 
 from edge_agent.memory_estimate import StepShape, estimate, model_shape
 from edgefed.ml.models import model_kind
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import ConfigError
 from schemas.messages import Method, Task, Update

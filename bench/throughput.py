@@ -32,8 +32,9 @@ from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.results import Results
 from aggregator.service import AggregatorService
 from edgefed.transport.broker import MosquittoProcess
+from edgefed.transport.config import TransportConfig
 from edgefed.transport.frames import encode_frames
-from edgefed.transport.mqtt import MqttTransport, TransportConfig, raw_client
+from edgefed.transport.mqtt import MqttTransport, raw_client
 from schemas import topics
 from schemas.messages import LoraSpec, ModelRef, TensorMap, Update
 

@@ -35,8 +35,11 @@ from edgefed.data.sources import num_labels
 from edgefed.ml.models import attach_lora, build_model
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalVerifier
-from edgefed.transport.mqtt import BadDelivery, MqttTransport, Transport, Will
-from schemas import codec, topics
+from edgefed.transport.base import Transport
+from edgefed.transport.config import Will
+from edgefed.transport.frames import BadDelivery
+from edgefed.transport.mqtt import MqttTransport
+from schemas import topics
 from schemas.errors import ConfigError, SignatureError, TransportError
 from schemas.messages import (
     Ack,
@@ -526,16 +529,15 @@ class EdgeAgent:
         try:
             if self._outbox is not None:
                 await asyncio.to_thread(self._outbox.put, update)  # on disk before it leaves
-            encoded_bytes = len(codec.encode(update)) if self._emulation is not None else 0
+            # The emulated link delays the bytes the transport sends, chunk headers included.
+            uplink = self._emulation.uplink if self._emulation is not None else None
             for attempt in range(self.config.max_resends + 1):
                 if attempt:
                     self.report.resends += 1
                     log.warning(
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
-                if self._emulation is not None:
-                    await self._emulation.uplink(encoded_bytes)
-                await self._transport.publish(topic, update)
+                await self._transport.publish(topic, update, before_send=uplink)
                 try:
                     async with asyncio.timeout(self.config.ack_timeout_s):
                         ack = await asyncio.shield(waiter)

@@ -8,7 +8,7 @@ import asyncio
 from edge_agent.agent import run_agent
 from edge_agent.config import AgentConfig
 from edgefed.settings import load_settings
-from edgefed.transport.mqtt import broker_for
+from edgefed.transport.broker_choice import broker_for
 
 
 def run(args: argparse.Namespace) -> int:

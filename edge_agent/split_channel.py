@@ -18,7 +18,7 @@ import logging
 from typing import Protocol
 
 from edge_agent.emulation import DeviceEmulation
-from edgefed.transport.mqtt import Transport
+from edgefed.transport.base import Transport
 from schemas import codec, topics
 from schemas.codec import Compression
 from schemas.errors import ConfigError

@@ -19,7 +19,7 @@ from typing import Any, cast, get_args
 
 from rich.console import Console
 
-from edgefed.transport.mqtt import broker_for
+from edgefed.transport.broker_choice import broker_for
 from schemas.errors import ConfigError
 from schemas.messages import Method
 from simulator.fleet import FleetConfig, FleetResult, Mode, run_fleet

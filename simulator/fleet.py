@@ -33,7 +33,8 @@ from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
 from edgefed.data.sources import Partition, is_text_spec
 from edgefed.ml.tokens import TokenDataset
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, LoraMode, LoraSpec, Method, ModelRef, TensorMap
 from simulator.attacks import Attack

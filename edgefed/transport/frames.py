@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -98,6 +98,17 @@ def encode_frames(
     total, chunks = chunking.encode_chunks(data, max_payload=max_payload)
     topics = [check_topic(chunk_topic(i)) if chunk_topic else topic for i in range(total)]
     return zip(topics, chunks, strict=True)
+
+
+async def announce_size(
+    frames: Iterator[tuple[str, bytes]], before_send: Callable[[int], Awaitable[None]] | None
+) -> Iterator[tuple[str, bytes]]:
+    """Await ``before_send`` with the frames' total bytes; the frames are then held at once."""
+    if before_send is None:
+        return frames
+    held = list(frames)
+    await before_send(sum(len(payload) for _, payload in held))
+    return iter(held)
 
 
 async def send_windowed(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -22,6 +22,7 @@ from edgefed.transport.frames import (
     DeliveryStream,
     Inbound,
     TransportStats,
+    announce_size,
     encode_frames,
 )
 from edgefed.transport.topic_match import (
@@ -219,6 +220,7 @@ class MemoryTransport:
         qos: int = 1,
         chunk_topic: Callable[[int], str] | None = None,
         compression: Compression = "none",
+        before_send: Callable[[int], Awaitable[None]] | None = None,
     ) -> int:
         """See :meth:`~edgefed.transport.mqtt.Transport.publish`."""
         check_qos(qos)
@@ -233,7 +235,7 @@ class MemoryTransport:
             max_message_bytes=self.max_message_bytes,
         )
         total = 0
-        for frame_topic, payload in frames:
+        for frame_topic, payload in await announce_size(frames, before_send):
             self._send(frame_topic, payload, retain=retain)
             total += len(payload)
             await asyncio.sleep(0)  # let receivers run between chunks, as a broker would

@@ -1,10 +1,10 @@
 """The MQTT transport: the only module that talks to the MQTT client library.
 
 Everything above this module sees whole, decoded messages through the
-:class:`Transport` protocol. The encode, chunk and decode path both implementations
-share is :mod:`edgefed.transport.frames`; settings are :mod:`edgefed.transport.config`; the
-in-memory implementation for unit tests is :mod:`edgefed.transport.memory`. Their
-public names are re-exported here, where callers import them from.
+:class:`Transport` protocol. The protocol is :mod:`edgefed.transport.base`; the encode,
+chunk and decode path both implementations share is :mod:`edgefed.transport.frames`;
+settings are :mod:`edgefed.transport.config`; the in-memory implementation for unit tests
+is :mod:`edgefed.transport.memory`.
 
 :class:`MqttTransport` uses aiomqtt (asyncio): paho's own ``select()`` loop fails
 quietly past about 340 clients per process (docs/architecture.md §8b), and the simulator runs
@@ -22,52 +22,34 @@ import logging
 import math
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar, cast
+from typing import Final, Self, TypeVar, cast
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from edgefed.library_internals import close_mqtt_socket, mqtt_socket
 from edgefed.transport.backoff import Backoff
-from edgefed.transport.broker_choice import broker_for, port_answers
-from edgefed.transport.config import BrokerURL, TransportConfig, Will, resolve_credentials
+from edgefed.transport.config import BrokerURL, TransportConfig, resolve_credentials
 from edgefed.transport.frames import (
     BadDelivery,
     Delivery,
     DeliveryStream,
     Inbound,
     TransportStats,
+    announce_size,
     encode_frames,
     send_windowed,
 )
-from edgefed.transport.memory import MemoryBroker, MemoryTransport
 from edgefed.transport.topic_match import check_filter, check_qos, check_topic
 from schemas import codec
 from schemas.codec import Compression
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Message
 
-__all__ = [
-    "Backoff",
-    "BadDelivery",
-    "BrokerURL",
-    "Delivery",
-    "MemoryBroker",
-    "MemoryTransport",
-    "MqttTransport",
-    "Transport",
-    "TransportConfig",
-    "TransportStats",
-    "Will",
-    "broker_for",
-    "map_transport_errors",
-    "port_answers",
-    "raw_client",
-    "resolve_credentials",
-]
+__all__ = ["MqttTransport", "map_transport_errors", "raw_client"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -76,45 +58,6 @@ _T = TypeVar("_T")
 # refusal (bad credentials, not authorised, invalid client id) will not fix itself.
 _RETRYABLE_CONNACK: Final = frozenset({0x88, 0x89, 0x97, 0x9F})
 _SUBACK_FAILURE: Final = 0x80
-
-
-class Transport(Protocol):
-    """Publish and receive whole messages; what every component is written against."""
-
-    async def publish(
-        self,
-        topic: str,
-        message: Message,
-        *,
-        retain: bool = False,
-        qos: int = 1,
-        chunk_topic: Callable[[int], str] | None = None,
-        compression: Compression = "none",
-    ) -> int:
-        """Encode and publish ``message``; return the bytes published, all chunks included.
-
-        A payload larger than ``max_payload`` is split into chunks; chunk ``i`` goes to
-        ``chunk_topic(i)`` when given, else to ``topic``.
-
-        Raises:
-            ValueError: ``retain`` with chunking and no ``chunk_topic`` (only the last chunk
-                would stay retained), or an invalid topic or QoS.
-            PayloadTooLarge: the encoded message exceeds ``max_message_bytes``.
-            TransportError: the broker did not take the message in time.
-        """
-        ...
-
-    async def clear_retained(self, topic: str) -> None:
-        """Delete the retained message on ``topic`` (an empty retained payload)."""
-        ...
-
-    async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
-        """Subscribe now and again after every reconnect."""
-        ...
-
-    def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
-        """Every message received, in arrival order; ends when the transport closes."""
-        ...
 
 
 @contextlib.contextmanager
@@ -303,6 +246,7 @@ class MqttTransport:
         qos: int = 1,
         chunk_topic: Callable[[int], str] | None = None,
         compression: Compression = "none",
+        before_send: Callable[[int], Awaitable[None]] | None = None,
     ) -> int:
         """See :meth:`Transport.publish`; chunks go out ``publish_window`` at a time."""
         check_qos(qos)
@@ -316,7 +260,7 @@ class MqttTransport:
             max_message_bytes=self.config.max_message_bytes,
         )
         return await send_windowed(
-            frames,
+            await announce_size(frames, before_send),
             functools.partial(self._publish_frame, qos=qos, retain=retain),
             window=self.config.publish_window,
             name=f"edgefed-mqtt-publish:{self.config.client_id}",

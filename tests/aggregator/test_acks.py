@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from aggregator.acks import AckSender
-from edgefed.transport.mqtt import MemoryBroker
+from edgefed.transport.memory import MemoryBroker
 from schemas import topics
 from schemas.codec import decode
 from schemas.messages import Ack

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from aggregator.audit import MergeEntry, UpdateEntry, entry_from_json
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.transport.mqtt import Inbound, MemoryBroker, MemoryTransport
+from edgefed.transport.frames import Inbound
+from edgefed.transport.memory import MemoryBroker, MemoryTransport
 from schemas import chunking, codec, topics
 from schemas.errors import RejectReason
 from schemas.messages import Ack, Chunk, Metrics, Status, TensorMap, Update

@@ -19,7 +19,9 @@ from aggregator.fwdgrad import (
 from aggregator.service import AggregatorService
 from aggregator.validation import ValidationPolicy, validate_update
 from edgefed.ml.perturbation import Layout, rademacher
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import ConfigError, UpdateRejected
 from schemas.messages import Ack, DeviceProfile, SeedDelta, SeedStep, Status, Task, Update

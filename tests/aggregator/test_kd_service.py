@@ -14,7 +14,8 @@ from aggregator.config import AggregatorConfig, KdSettings, StrategySettings
 from aggregator.service import AggregatorService
 from edgefed.data.proxy import load_proxy, proxy_logits, top_k
 from edgefed.ml.models import TINY_VOCAB, attach_lora, build_model
-from edgefed.transport.mqtt import Delivery, MemoryBroker, MemoryTransport
+from edgefed.transport.frames import Delivery
+from edgefed.transport.memory import MemoryBroker, MemoryTransport
 from schemas import topics
 from schemas.messages import Ack, LoraSpec, ModelRef, ProxySpec, Task, TensorMap, Update
 

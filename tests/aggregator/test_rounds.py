@@ -11,7 +11,8 @@ import torch
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import RoundPlan, SyncRoundService
-from edgefed.transport.mqtt import Delivery, MemoryBroker, MemoryTransport
+from edgefed.transport.frames import Delivery
+from edgefed.transport.memory import MemoryBroker, MemoryTransport
 from schemas import topics
 from schemas.errors import ConfigError
 from schemas.messages import Ack, Task, Update

@@ -13,7 +13,8 @@ import torch
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.schedule import lr_factor, run_progress
 from aggregator.service import AggregatorService
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import Update
 

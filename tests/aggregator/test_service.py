@@ -12,7 +12,9 @@ import torch
 
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.transport.mqtt import BrokerURL, Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import Ack, GlobalModel, Update
 

@@ -9,7 +9,7 @@ import torch
 
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.transport.mqtt import MemoryBroker
+from edgefed.transport.memory import MemoryBroker
 from schemas import topics
 from schemas.messages import Update
 

@@ -18,7 +18,8 @@ import torch
 from aggregator.audit import MergeEntry, UpdateEntry, read_audit
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.transport.mqtt import Delivery, MemoryBroker, MemoryTransport
+from edgefed.transport.frames import Delivery
+from edgefed.transport.memory import MemoryBroker, MemoryTransport
 from schemas import topics
 from schemas.errors import ConfigError
 from schemas.messages import Ack, GlobalModel, Metrics, TensorMap, Update

@@ -9,7 +9,8 @@ import pytest
 import simulator.fleet
 from aggregator.config import AggregatorConfig
 from aggregator.session import aggregator_client_id, aggregator_transport, split_transport
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import Update
 from simulator.fleet import FleetConfig, aggregator_config, run_fleet

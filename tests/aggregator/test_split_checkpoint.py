@@ -21,7 +21,9 @@ from aggregator.split_server import SplitServer, SplitServerConfig
 from aggregator.split_service import SPLIT_STATE, SplitService
 from edgefed.ml.models import attach_lora, build_model, get_adapter
 from edgefed.ml.split_model import part_names
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import ConfigError
 from schemas.messages import Ack, LoraSpec, ModelRef, SplitReply, SplitRequest, TrainSpec, Update

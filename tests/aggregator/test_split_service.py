@@ -18,7 +18,9 @@ from aggregator.split_service import SplitService
 from edge_agent.agent import AgentReport, EdgeAgent
 from edge_agent.config import AgentConfig
 from edge_agent.split_channel import MqttSplitChannel
-from edgefed.transport.mqtt import BrokerURL, Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import LoraSpec, ModelRef, SplitReply, SplitRequest, TrainSpec
 

@@ -52,4 +52,3 @@ def test_a_value_a_trainer_would_refuse_fails_at_load(
 def test_without_a_fixed_method_an_option_of_any_trainer_loads(tmp_path: Path) -> None:
     config = _load(tmp_path, "[trainer]\nlr = 20.0\ncut = 2\n")
     assert config.trainer == {"lr": 20.0, "cut": 2}
-

@@ -18,7 +18,8 @@ from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
 from edgefed.data.synthetic import synthetic_shards
 from edgefed.security.signing import GlobalSigner, GlobalVerifier, write_keypair
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import ModelRef, Task, TrainSpec
 from tests.edgefed.transport_helpers import receive_message, until

@@ -15,7 +15,9 @@ from edgefed.transport.broker import (
     mosquitto_binary,
     with_persistence_dir,
 )
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import Status
 

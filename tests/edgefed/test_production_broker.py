@@ -36,9 +36,10 @@ from edgefed.security.credentials import (
 from edgefed.security.signing import GlobalVerifier
 from edgefed.settings import load_settings
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from edgefed.transport.config import TransportConfig
 from edgefed.transport.connection import MqttSettings
 from edgefed.transport.frames import Delivery
-from edgefed.transport.mqtt import MqttTransport, TransportConfig
+from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Ack, GlobalModel, ModelRef, Status, Task, Update

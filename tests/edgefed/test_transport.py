@@ -19,11 +19,12 @@ import aiomqtt
 import pytest
 import torch
 
+from edgefed.transport.base import Transport
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
 from edgefed.transport.config import BrokerURL, TransportConfig, Will
 from edgefed.transport.frames import BadDelivery, Delivery
 from edgefed.transport.memory import MemoryBroker
-from edgefed.transport.mqtt import MqttTransport, Transport, map_transport_errors
+from edgefed.transport.mqtt import MqttTransport, map_transport_errors
 from schemas import codec, topics
 from schemas.errors import CodecError, TransportError
 from schemas.messages import GlobalModel, Status, Update
@@ -57,16 +58,11 @@ def test_map_transport_errors_wraps_library_errors() -> None:
         raise ValueError("mine")
 
 
-def test_transport_module_reexports_what_callers_import() -> None:
-    from edgefed.transport import mqtt as transport
+def test_the_mqtt_module_exports_only_what_it_defines() -> None:
+    """Callers import each name from the module that defines it (base, config, frames...)."""
+    from edgefed.transport import mqtt
 
-    assert transport.Delivery is Delivery
-    assert transport.BadDelivery is BadDelivery
-    assert transport.TransportConfig is TransportConfig
-    assert transport.Will is Will
-    assert transport.BrokerURL is BrokerURL
-    assert transport.MemoryBroker is MemoryBroker
-    assert set(transport.__all__) <= set(dir(transport))
+    assert {getattr(mqtt, name).__module__ for name in mqtt.__all__} == {mqtt.__name__}
 
 
 def test_memory_and_mqtt_transports_satisfy_protocol() -> None:
@@ -96,6 +92,26 @@ async def test_large_update_roundtrip(broker_url: str, federation: str) -> None:
     # It travelled as 256 KiB chunks, and every chunk is counted on both sides.
     assert device.stats.published_frames == aggregator.stats.received_frames > 20
     assert delivered.size == sent == device.stats.published_bytes > 5 * MiB
+
+
+@pytest.mark.broker
+async def test_before_send_is_told_the_bytes_sent_before_any_leave(
+    mosquitto_url: str, federation: str
+) -> None:
+    """An emulated uplink delays exactly what goes out: every chunk, headers included."""
+    update = make_update("dev-1", nbytes=MiB, seed=3)
+    told: list[tuple[int, int]] = []
+    async with MqttTransport(config(mosquitto_url, "dev-1")) as device:
+
+        async def before_send(nbytes: int) -> None:
+            told.append((nbytes, device.stats.published_frames))
+
+        sent = await device.publish(
+            topics.update(federation, "dev-1"), update, before_send=before_send
+        )
+    assert device.stats.published_frames > 1  # chunked
+    assert told == [(sent, 0)]
+    assert sent > len(codec.encode(update))  # the chunks' own headers count too
 
 
 @pytest.mark.broker

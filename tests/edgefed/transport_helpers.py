@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from edgefed.transport.base import Transport
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.frames import BadDelivery, Delivery, encode_frames
-from edgefed.transport.mqtt import Transport
 from schemas.messages import AgentState, Status, Update
 
 MiB = 1024 * 1024

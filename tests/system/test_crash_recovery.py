@@ -26,7 +26,9 @@ import torch
 from aggregator.audit import MergeEntry, UpdateEntry
 from edgefed.ml.models import adapter_shapes, attach_lora, build_model
 from edgefed.transport.broker import MosquittoProcess
-from edgefed.transport.mqtt import Delivery, MqttTransport, TransportConfig
+from edgefed.transport.config import TransportConfig
+from edgefed.transport.frames import Delivery
+from edgefed.transport.mqtt import MqttTransport
 from schemas import codec, topics
 from schemas.messages import LoraSpec, Metrics, ModelRef, Status, Update
 

@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 
 from aggregator.config import AggregatorConfig
+from aggregator.connections import aggregator_transport, split_transport
 from aggregator.service import AggregatorService
-from aggregator.session import aggregator_transport, split_transport
 from edgefed.settings import load_settings
 from edgefed.transport.broker_choice import broker_for
 from edgefed.transport.config import TransportConfig

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from edgefed.data.proxy import proxy_batch
+from edgefed.data.kd_proxy import proxy_batch
 from edgefed.ml.models import adapter_parameters, get_adapter, set_adapter
 from edgefed.ml.objectives import scored_logits
 from edgefed.ml.tokens import TokenDataset

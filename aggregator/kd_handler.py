@@ -22,7 +22,7 @@ from aggregator.distill import DistillTarget, distill, ensemble
 from aggregator.staleness import StalenessName, StalenessRule, staleness_rule
 from aggregator.strategies.base import MergeResult
 from aggregator.validation import ValidationPolicy, check_metadata
-from edgefed.data.proxy import (
+from edgefed.data.kd_proxy import (
     LOGIT_KEYS,
     load_proxy,
     proxy_logits,

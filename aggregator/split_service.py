@@ -18,7 +18,7 @@ from typing import Final
 from aggregator.config import AggregatorConfig
 from aggregator.results import Results, SplitRecord
 from aggregator.service import AggregatorService
-from aggregator.split_server import SplitFed, SplitServer, SplitServerConfig
+from aggregator.split_training import SplitFed, SplitServer, SplitServerConfig
 from edgefed.ml.models import attach_lora, build_model
 from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery

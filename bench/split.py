@@ -28,7 +28,7 @@ from rich.progress import track
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from aggregator.split_server import SplitServer, SplitServerConfig
+from aggregator.split_training import SplitServer, SplitServerConfig
 from edge_agent.budget import current_rss_mb, peak_rss_mb, reset_peak
 from edge_agent.trainers import LoraTrainer
 from edgefed.ml.models import (

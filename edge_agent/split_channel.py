@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class SplitServing(Protocol):
-    """What an in-process channel needs of a split server (``aggregator.split_server``)."""
+    """What an in-process channel needs of a split server (``aggregator.split_training``)."""
 
     task_id: str
 

@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from aggregator.config import AggregatorConfig, StalenessName, StrategyName, StrategySettings
+from aggregator.connections import aggregator_transport, split_transport
 from aggregator.results import VersionRecord
 from aggregator.rounds import RoundPlan, SyncRoundService
 from aggregator.service import AggregatorService
-from aggregator.session import aggregator_transport, split_transport
 from aggregator.split_service import SplitService
 from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig

@@ -18,7 +18,7 @@ from peft import PeftModel
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.fwdgrad import FwdGradTrainer
 from edge_agent.trainers.lora import LoraTrainer
-from edgefed.data.proxy import load_proxy, proxy_logits, top_k
+from edgefed.data.kd_proxy import load_proxy, proxy_logits, top_k
 from edgefed.ml.models import get_adapter, set_adapter
 from edgefed.ml.tokens import TokenDataset
 from schemas.errors import ConfigError

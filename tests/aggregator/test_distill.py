@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aggregator.distill import DistillTarget, distill, ensemble, kd_loss, top_k_probabilities
-from edgefed.data.proxy import proxy_logits, top_k
+from edgefed.data.kd_proxy import proxy_logits, top_k
 from edgefed.data.synthetic import synthetic_dataset
 from edgefed.ml.models import attach_lora, build_model, get_adapter
 from schemas.errors import ConfigError

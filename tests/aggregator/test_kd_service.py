@@ -12,7 +12,7 @@ import torch
 
 from aggregator.config import AggregatorConfig, KdSettings, StrategySettings
 from aggregator.service import AggregatorService
-from edgefed.data.proxy import load_proxy, proxy_logits, top_k
+from edgefed.data.kd_proxy import load_proxy, proxy_logits, top_k
 from edgefed.ml.models import TINY_VOCAB, attach_lora, build_model
 from edgefed.transport.frames import Delivery
 from edgefed.transport.memory import MemoryBroker, MemoryTransport

@@ -17,8 +17,8 @@ import torch
 from aggregator.checkpoint import Checkpoint, CheckpointStore
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from aggregator.split_server import SplitServer, SplitServerConfig
 from aggregator.split_service import SPLIT_STATE, SplitService
+from aggregator.split_training import SplitServer, SplitServerConfig
 from edgefed.ml.models import attach_lora, build_model, get_adapter
 from edgefed.ml.split_model import part_names
 from edgefed.transport.config import TransportConfig

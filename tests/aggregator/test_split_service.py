@@ -13,8 +13,8 @@ import torch
 
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.service import AggregatorService
-from aggregator.split_server import SplitServerConfig
 from aggregator.split_service import SplitService
+from aggregator.split_training import SplitServerConfig
 from edge_agent.agent import AgentReport, EdgeAgent
 from edge_agent.config import AgentConfig
 from edge_agent.split_channel import MqttSplitChannel

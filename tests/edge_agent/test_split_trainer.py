@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aggregator.split_server import SplitServer, SplitServerConfig
+from aggregator.split_training import SplitServer, SplitServerConfig
 from edge_agent.split_channel import DirectSplitChannel
 from edge_agent.trainers import SplitTrainer, make_trainer
 from edgefed.data.synthetic import synthetic_dataset

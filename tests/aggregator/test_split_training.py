@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregator.split_server import SplitFed, SplitServer, SplitServerConfig
+from aggregator.split_training import SplitFed, SplitServer, SplitServerConfig
 from aggregator.strategies import make_strategy
 from edgefed.ml.models import attach_lora, build_model, get_adapter
 from edgefed.ml.split_model import part_names

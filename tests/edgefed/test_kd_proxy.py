@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgefed.data.proxy import load_proxy, proxy_logits, scored_positions, select_indices, top_k
+from edgefed.data.kd_proxy import load_proxy, proxy_logits, scored_positions, select_indices, top_k
 from edgefed.data.synthetic import synthetic_dataset
 from edgefed.ml.models import TINY_VOCAB, attach_lora, build_model
 from edgefed.ml.tokens import IGNORE_INDEX, TokenDataset

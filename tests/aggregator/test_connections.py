@@ -8,7 +8,7 @@ import pytest
 
 import simulator.fleet
 from aggregator.config import AggregatorConfig
-from aggregator.session import aggregator_client_id, aggregator_transport, split_transport
+from aggregator.connections import aggregator_client_id, aggregator_transport, split_transport
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics

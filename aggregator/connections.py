@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from aggregator.config import AggregatorConfig
-from edgefed.transport.config import TransportConfig
+from edgefed.transport.config import BrokerURL, TransportConfig
 
 
 def aggregator_client_id(federation: str) -> str:
@@ -23,7 +23,7 @@ def aggregator_client_id(federation: str) -> str:
     return f"edgefed-{federation}-aggregator"
 
 
-def aggregator_transport(config: AggregatorConfig, *, url: str) -> TransportConfig:
+def aggregator_transport(config: AggregatorConfig, *, url: str | BrokerURL) -> TransportConfig:
     """The aggregator's connection to ``url``: TLS and identity from ``config.mqtt``.
 
     Raises:

@@ -36,7 +36,7 @@ from edgefed.ml.models import attach_lora, build_model
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalVerifier
 from edgefed.transport.base import Transport
-from edgefed.transport.config import Will
+from edgefed.transport.config import BrokerURL, Will
 from edgefed.transport.frames import BadDelivery
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
@@ -566,7 +566,7 @@ def task_model(task: Task, *, model: ModelRef | None = None) -> PeftModel:
 async def run_agent(
     config: AgentConfig,
     *,
-    url: str,
+    url: str | BrokerURL,
     data: TokenDataset | None = None,
     report: AgentReport | None = None,
     fit_filter: Callable[[FitResult], FitResult] | None = None,

@@ -33,7 +33,7 @@ from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
 from edgefed.data.sources import Partition, is_text_spec
 from edgefed.ml.tokens import TokenDataset
-from edgefed.transport.config import TransportConfig
+from edgefed.transport.config import BrokerURL, TransportConfig
 from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, LoraMode, LoraSpec, Method, ModelRef, TensorMap
@@ -242,7 +242,9 @@ def shard_plan(config: FleetConfig, agg_config: AggregatorConfig) -> ShardPlan:
     )
 
 
-async def run_fleet(config: FleetConfig, *, url: str, progress: bool = True) -> FleetResult:
+async def run_fleet(
+    config: FleetConfig, *, url: str | BrokerURL, progress: bool = True
+) -> FleetResult:
     """Run the fleet until the aggregator reaches ``max_versions``."""
     agg_config = aggregator_config(config)
     shards = fleet_shards(shard_plan(config, agg_config), model=config.model)
@@ -390,7 +392,7 @@ async def _agent(
     shard: TokenDataset,
     report: AgentReport,
     *,
-    url: str,
+    url: str | BrokerURL,
     device: EmulatedDevice | None = None,
 ) -> AgentReport:
     if index >= config.agents - config.late_joiners:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+from schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgefed.transport.config import BrokerURL
 
 
 def broker_option(parser: argparse.ArgumentParser) -> None:
@@ -10,6 +16,21 @@ def broker_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         default=None,
+        type=_broker_url,
         help="broker URL, mqtt://host:port or mqtts://host:port; default: 127.0.0.1:1883 "
         "when something answers there, else an embedded broker started for this run",
     )
+
+
+def _broker_url(text: str) -> BrokerURL:
+    """``--broker`` parsed where it is typed: a bad URL is a usage error that says why."""
+    # Imported only now: the transport's settings import the wire schemas (torch).
+    from edgefed.transport.config import BrokerURL  # noqa: PLC0415
+    from edgefed.transport.connection import refuse_password_in_url  # noqa: PLC0415
+
+    try:
+        url = BrokerURL.parse(text)
+        refuse_password_in_url(url, where="--broker")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return url

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
 """Where a development broker is looked for when no URL is given."""
+LOCAL_BROKER: Final = BrokerURL.parse(LOCAL_BROKER_URL)
 
 
 async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
@@ -34,26 +35,24 @@ async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def broker_for(url: str | None) -> AsyncIterator[str]:
-    """The broker URL to use: ``url`` when given, else a local or an embedded broker.
+async def broker_for(url: str | BrokerURL | None) -> AsyncIterator[BrokerURL]:
+    """The broker to use: ``url`` when given, else a local or an embedded broker.
 
     Without a URL, ``mqtt://127.0.0.1:1883`` is used when something answers there;
     otherwise an embedded broker is started on a free port for the duration of the
-    block (MQTT 3.1.1 only, no shared subscriptions).
+    block (MQTT 3.1.1 only, no shared subscriptions). The URL is parsed here, once.
 
     Raises:
         ConfigError: ``url`` is not a broker URL.
     """
     if url is not None:
-        BrokerURL.parse(url)
-        yield url
+        yield BrokerURL.of(url)
         return
-    local = BrokerURL.parse(LOCAL_BROKER_URL)
-    if await port_answers(local.host, local.port):
-        yield LOCAL_BROKER_URL
+    if await port_answers(LOCAL_BROKER.host, LOCAL_BROKER.port):
+        yield LOCAL_BROKER
         return
     from edgefed.transport.broker import embedded_broker  # noqa: PLC0415 (amqtt only when needed)
 
-    log.warning("no broker at %s; starting an embedded one", LOCAL_BROKER_URL)
+    log.warning("no broker at %s; starting an embedded one", LOCAL_BROKER)
     async with embedded_broker() as embedded_url:
-        yield embedded_url
+        yield BrokerURL.parse(embedded_url)

@@ -80,6 +80,11 @@ class BrokerURL:
             password=unquote(parts.password) if parts.password is not None else None,
         )
 
+    @classmethod
+    def of(cls, url: str | BrokerURL) -> BrokerURL:
+        """``url`` as a :class:`BrokerURL`: parsed when it is text, as it is otherwise."""
+        return url if isinstance(url, BrokerURL) else cls.parse(url)
+
     @property
     def tls(self) -> bool:
         """Whether the connection is encrypted."""
@@ -108,7 +113,7 @@ class TransportConfig:
     """How one client reaches the broker.
 
     Attributes:
-        url: broker URL (see :meth:`BrokerURL.parse`).
+        url: broker URL, parsed once (see :meth:`BrokerURL.parse`) into ``broker``.
         client_id: MQTT client identifier; unique per broker.
         max_payload: encoded messages above this are split into chunks.
         max_message_bytes: largest whole message sent or accepted, checked before decoding.
@@ -132,7 +137,7 @@ class TransportConfig:
         publish_window: chunks of one message in flight at once.
     """
 
-    url: str
+    url: str | BrokerURL
     client_id: str
     max_payload: int = 256 * 1024
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -150,9 +155,11 @@ class TransportConfig:
     connect_timeout_s: float = 30.0
     publish_timeout_s: float = 60.0
     publish_window: int = 8
+    broker: BrokerURL = field(init=False, repr=False)
+    """The parsed broker URL: ``url`` itself when it is a :class:`BrokerURL` already."""
 
     def __post_init__(self) -> None:
-        BrokerURL.parse(self.url)
+        object.__setattr__(self, "broker", BrokerURL.of(self.url))
         if not self.client_id or len(self.client_id.encode()) > 65535:
             raise ConfigError("client_id must be 1-65535 bytes")
         if not MIN_MAX_PAYLOAD <= self.max_payload <= MQTT_MAX_PACKET - 65536:
@@ -172,11 +179,6 @@ class TransportConfig:
             raise ConfigError("publish_window must be at least 1")
         if self.key_file is not None and self.cert_file is None:
             raise ConfigError("key_file needs cert_file")
-
-    @property
-    def broker(self) -> BrokerURL:
-        """The parsed broker URL."""
-        return BrokerURL.parse(self.url)
 
 
 def resolve_credentials(

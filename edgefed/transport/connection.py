@@ -19,13 +19,13 @@ from edgefed.transport.config import PASSWORD_ENV, BrokerURL, TransportConfig
 from schemas.errors import ConfigError
 
 
-def refuse_password_in_url(url: str | None, *, where: str) -> None:
+def refuse_password_in_url(url: str | BrokerURL | None, *, where: str) -> None:
     """Refuse a broker URL that carries a password, where it would leak (argv, config dumps).
 
     Raises:
         ConfigError: ``url`` has a password.
     """
-    if url is not None and BrokerURL.parse(url).password is not None:
+    if url is not None and BrokerURL.of(url).password is not None:
         raise ConfigError(
             f"the broker URL in {where} carries a password, which would be kept in shell "
             f"history and shown in the process list; put it in the password_file named in "
@@ -60,7 +60,7 @@ class MqttSettings(Settings):
             raise ValueError("key_file needs cert_file")
         return self
 
-    def broker_url(self, command_line: str | None) -> str | None:
+    def broker_url(self, command_line: str | BrokerURL | None) -> str | BrokerURL | None:
         """The URL to dial: the command line's (never with a password), else the config's.
 
         Raises:
@@ -86,7 +86,9 @@ class MqttSettings(Settings):
             raise ConfigError(f"the MQTT password file {self.password_file} is empty")
         return password
 
-    def transport_config(self, *, url: str, client_id: str, **options: Any) -> TransportConfig:
+    def transport_config(
+        self, *, url: str | BrokerURL, client_id: str, **options: Any
+    ) -> TransportConfig:
         """A :class:`TransportConfig` for ``url`` with these TLS files and this identity.
 
         Raises:

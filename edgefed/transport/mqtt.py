@@ -531,12 +531,12 @@ class MqttTransport:
             ) from last_error or exc
 
 
-def raw_client(url: str, client_id: str) -> aiomqtt.Client:
+def raw_client(url: str | BrokerURL, client_id: str) -> aiomqtt.Client:
     """A bare client (no codec, chunking or reconnects), used as an async context manager.
 
     It is the raw-broker baseline benchmarks measure the product's path against.
     """
-    broker = BrokerURL.parse(url)
+    broker = BrokerURL.of(url)
     return aiomqtt.Client(
         broker.host, broker.port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311
     )

@@ -7,6 +7,7 @@ import pytest
 from edgefed.transport import broker_choice
 from edgefed.transport.broker import free_port
 from edgefed.transport.broker_choice import broker_for
+from edgefed.transport.config import BrokerURL
 from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from tests.edgefed.transport_helpers import config, make_status, receive_message
@@ -14,7 +15,7 @@ from tests.edgefed.transport_helpers import config, make_status, receive_message
 
 async def test_broker_for_prefers_the_given_url() -> None:
     async with broker_for("mqtt://example.invalid:1999") as url:
-        assert url == "mqtt://example.invalid:1999"
+        assert url == BrokerURL(scheme="mqtt", host="example.invalid", port=1999)
     with pytest.raises(ConfigError):
         async with broker_for("http://nope"):
             pass
@@ -22,9 +23,10 @@ async def test_broker_for_prefers_the_given_url() -> None:
 
 @pytest.mark.broker
 async def test_broker_for_falls_back_to_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker_choice, "LOCAL_BROKER_URL", f"mqtt://127.0.0.1:{free_port()}")
+    nobody = BrokerURL.parse(f"mqtt://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(broker_choice, "LOCAL_BROKER", nobody)
     async with broker_for(None) as url:
-        assert url != broker_choice.LOCAL_BROKER_URL
+        assert url.port != nobody.port
         async with MqttTransport(config(url, "probe")) as probe:
             await probe.subscribe("probe/#")
             await probe.publish("probe/1", make_status("probe"))

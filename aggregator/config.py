@@ -19,6 +19,7 @@ from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 
 __all__ = [
+    "PRETRAINED_ENCODER_KD_TRAIN",
     "PRETRAINED_ENCODER_TRAIN",
     "PRETRAINED_LM_TRAIN",
     "AggregatorConfig",
@@ -110,6 +111,11 @@ five AG News rows (44 tokens on average, 58 at the 90th percentile), and at 5e-3
 overshoots: centralized LoRA on AG News fell from 0.83 to 0.67-0.73 by step 500, where
 1e-3 climbed to 0.84-0.86."""
 
+PRETRAINED_ENCODER_KD_TRAIN = PRETRAINED_ENCODER_TRAIN.model_copy(update={"seq_len": 32})
+"""A pretrained encoder's defaults when the federation distills (KD). Per version, KD on
+AG News learned as much at 32 tokens as at 64, and each version took 1.6x as long at 64:
+in 240 s, 0.790 held-out accuracy at version 8 against 0.702 at version 5."""
+
 PRETRAINED_LM_TRAIN = TrainSpec(local_steps=10, batch_size=8, seq_len=64, lr=5e-4)
 """A pretrained causal LM's task defaults (SmolLM2; the demo's settings). At the general
 default of 5e-3 and 32 tokens, LoRA on Rotten Tomatoes went 0.70 -> 0.61 by version 2 and
@@ -117,11 +123,12 @@ split swung between 0.64 and 0.75: a pretrained model needs small steps, and 32 
 most reviews."""
 
 
-def default_train(model: ModelRef | str) -> TrainSpec:
-    """The task's training defaults for ``model``'s family.
+def default_train(model: ModelRef | str, method: Method = "lora") -> TrainSpec:
+    """The task's training defaults for ``model``'s family and the federation's ``method``.
 
     The random tiny models keep ``TrainSpec()``; a pretrained encoder gets
-    :data:`PRETRAINED_ENCODER_TRAIN`, a pretrained causal LM :data:`PRETRAINED_LM_TRAIN`.
+    :data:`PRETRAINED_ENCODER_TRAIN` (:data:`PRETRAINED_ENCODER_KD_TRAIN` when it distills),
+    a pretrained causal LM :data:`PRETRAINED_LM_TRAIN`.
     A model that cannot be read keeps the general defaults (loading it reports the problem).
     """
     name = model.name if isinstance(model, ModelRef) else model
@@ -131,7 +138,9 @@ def default_train(model: ModelRef | str) -> TrainSpec:
         kind = model_kind(model)
     except ConfigError:  # AssetMissing included
         return TrainSpec()
-    return PRETRAINED_LM_TRAIN if kind == "causal" else PRETRAINED_ENCODER_TRAIN
+    if kind == "causal":
+        return PRETRAINED_LM_TRAIN
+    return PRETRAINED_ENCODER_KD_TRAIN if method == "kd" else PRETRAINED_ENCODER_TRAIN
 
 
 class AggregatorConfig(Settings):
@@ -210,7 +219,7 @@ class AggregatorConfig(Settings):
             model = ModelRef.model_validate(model)
         if not isinstance(model, ModelRef | str):
             return data  # field validation names the problem
-        family = default_train(model)
+        family = default_train(model, data.get("method", "lora"))
         given = data.get("train") or {}
         if isinstance(given, dict):
             data = data | {"train": family.model_dump() | given}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aggregator.config import (
+    PRETRAINED_ENCODER_KD_TRAIN,
     PRETRAINED_ENCODER_TRAIN,
     PRETRAINED_LM_TRAIN,
     AggregatorConfig,
@@ -42,6 +43,16 @@ def test_a_pretrained_encoder_reads_whole_rows_at_a_gentler_rate() -> None:
     assert default_train("minilm-l6") == PRETRAINED_ENCODER_TRAIN
     assert PRETRAINED_ENCODER_TRAIN.seq_len > TrainSpec().seq_len
     assert PRETRAINED_ENCODER_TRAIN.lr < TrainSpec().lr
+
+
+def test_an_encoder_that_distills_keeps_its_proxy_rows_short() -> None:
+    require_minilm()
+    kd = AggregatorConfig(federation="f", model=ModelRef(name="minilm-l6"), method="kd")
+    assert kd.train == PRETRAINED_ENCODER_KD_TRAIN
+    assert kd.train.seq_len < PRETRAINED_ENCODER_TRAIN.seq_len
+    assert kd.train.lr == PRETRAINED_ENCODER_TRAIN.lr
+    lora = AggregatorConfig(federation="f", model=ModelRef(name="minilm-l6"), method="lora")
+    assert lora.train == PRETRAINED_ENCODER_TRAIN
 
 
 def test_a_federation_that_takes_forward_gradients_gives_a_pretrained_lm_its_answer_rows() -> None:

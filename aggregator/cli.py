@@ -9,6 +9,7 @@ import contextlib
 from aggregator.config import AggregatorConfig
 from aggregator.connections import aggregator_transport, split_transport
 from aggregator.service import AggregatorService
+from edgefed.process import run_until_stopped
 from edgefed.settings import load_settings
 from edgefed.transport.broker_choice import broker_for
 from edgefed.transport.config import TransportConfig
@@ -24,10 +25,11 @@ def run(args: argparse.Namespace) -> int:
         max_versions=args.max_versions or None,
         max_seconds=args.max_seconds or None,
         checkpoint_dir=args.checkpoint_dir,
+        json_out=args.json_out,
     )
 
     async def main() -> None:
-        async with broker_for(config.mqtt.broker_url(args.broker)) as url:
+        async with broker_for(config.mqtt.broker_url(args.broker), embedded=False) as url:
             # A stable id and a persistent session: updates sent while the aggregator is
             # down (restarting after a crash) wait at the broker (docs/architecture.md §8b).
             transport_config = aggregator_transport(config, url=url)
@@ -39,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         await service.run()
                 finally:
-                    if args.json_out:
-                        service.results.save(args.json_out)
+                    if config.json_out:
+                        service.results.save(config.json_out)
         last = service.results.history[-1]
         print(f"version {last.version}: eval_loss {last.eval_loss}")
 
-    asyncio.run(main())
+    run_until_stopped(main())
     return 0
 
 

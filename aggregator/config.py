@@ -13,7 +13,7 @@ from aggregator.strategies.fedbuff import RobustMode
 from edgefed.data.text_tasks import answer_tokens
 from edgefed.ml.models import TINY_MODELS, model_kind
 from edgefed.ml.privacy import PrivacySettings
-from edgefed.settings import Settings
+from edgefed.settings import CommandSettings, Settings
 from edgefed.transport.connection import MqttSettings
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
@@ -143,7 +143,7 @@ def default_train(model: ModelRef | str, method: Method = "lora") -> TrainSpec:
     return PRETRAINED_ENCODER_KD_TRAIN if method == "kd" else PRETRAINED_ENCODER_TRAIN
 
 
-class AggregatorConfig(Settings):
+class AggregatorConfig(CommandSettings):
     """Everything one aggregator needs to run a federation."""
 
     federation: str
@@ -195,6 +195,9 @@ class AggregatorConfig(Settings):
     """Longest an ack of a buffered update waits for its checkpoint."""
     audit_log: str | None = None
     """JSONL audit log; defaults to ``audit.jsonl`` in ``checkpoint_dir`` when that is set."""
+    json_out: str | None = None
+    """``edgefed aggregator`` writes the run's results (versions, evaluations, every update's
+    answer) to this JSON file when it stops."""
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
     signing_key: str | None = None

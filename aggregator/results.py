@@ -88,6 +88,21 @@ class Results:
     """Central DP: noise multiplier, clip norm, releases and the (ε, δ) estimate."""
     split: list[SplitRecord] = field(default_factory=list)
     """Split learning: every answered request's bytes each way and server time."""
+    series: Path | None = None
+    """Where each version's record is appended as one JSON line when it is made, so a run
+    that dies keeps its history (:func:`series_path` of the results file)."""
+
+    def start_series(self, *, resumed: bool) -> None:
+        """A new run starts its ``series`` afresh; a resumed one goes on appending to it."""
+        if self.series is not None and not resumed:
+            self.series.unlink(missing_ok=True)
+
+    def add_version(self, record: VersionRecord) -> None:
+        """Keep ``record`` and, with a ``series`` file, append it there at once."""
+        self.history.append(record)
+        if self.series is not None:
+            with self.series.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(asdict(record)) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -106,3 +121,9 @@ class Results:
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         tmp.replace(target)
+
+
+def series_path(results_file: str | Path) -> Path:
+    """The per-version JSONL beside a results file: ``r.json`` -> ``r.versions.jsonl``."""
+    path = Path(results_file)
+    return path.with_name(path.stem + ".versions.jsonl")

@@ -27,7 +27,7 @@ from aggregator.durability import Ledger, answers_to_keep
 from aggregator.fwdgrad import perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
-from aggregator.results import Results, UpdateRecord, VersionRecord
+from aggregator.results import Results, UpdateRecord, VersionRecord, series_path
 from aggregator.schedule import lr_factor, run_progress
 from aggregator.strategies import MergeResult, Strategy
 from aggregator.update_checks import CheckedDelta, UpdateChecks
@@ -77,7 +77,10 @@ class AggregatorService:
         self._perturbations = perturbation_controller(config)
         """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
         self.version = 0
-        self.results = Results(config=config.model_dump(mode="json"))
+        self.results = Results(
+            config=config.model_dump(mode="json"),
+            series=series_path(config.json_out) if config.json_out else None,
+        )
         self._globals: OrderedDict[int, TensorMap] = OrderedDict()
         self._answered: OrderedDict[str, Ack] = OrderedDict()
         self._chunks_published: dict[int, int] = {}
@@ -177,6 +180,7 @@ class AggregatorService:
         )
         try:
             self._resume(get_adapter(model))
+            self.results.start_series(resumed=self.version > 0)
             self._started = time.monotonic()
             await self._transport.subscribe(topics.update_filter(fed))
             if self._perturbations is not None:  # device speeds come with their status
@@ -281,7 +285,7 @@ class AggregatorService:
             eval_accuracy=accuracy,
             merged_updates=self._merged_count,
         )
-        self.results.history.append(record)
+        self.results.add_version(record)
         log.info("version %d eval_loss=%s accuracy=%s", self.version, loss, accuracy)
         metrics = Metrics(
             version=self.version,

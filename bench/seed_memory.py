@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.agent import task_model
 from edge_agent.budget import current_rss_mb, peak_rss_mb, reset_peak
+from edge_agent.task_model import task_model
 from edge_agent.trainers import KdTrainer, SplitTrainer, make_trainer
 from edgefed.data.loading import load_data
 from edgefed.ml.models import get_adapter

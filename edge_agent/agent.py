@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel
-
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
@@ -28,11 +26,10 @@ from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
 from edge_agent.report import AgentReport
 from edge_agent.split_channel import MqttSplitChannel
+from edge_agent.task_model import task_model
 from edge_agent.trainers import KdTrainer, SplitTrainer, Trainer, make_trainer
 from edge_agent.trainers.base import FitResult
 from edgefed.data.loading import load_data
-from edgefed.data.sources import num_labels
-from edgefed.ml.models import attach_lora, build_model
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalVerifier
 from edgefed.transport.base import Transport
@@ -45,7 +42,6 @@ from schemas.messages import (
     Ack,
     AgentState,
     GlobalModel,
-    ModelRef,
     SplitReply,
     Status,
     Task,
@@ -53,9 +49,11 @@ from schemas.messages import (
     Update,
 )
 
-__all__ = ["AgentReport", "EdgeAgent", "run_agent", "task_model"]
+__all__ = ["AgentReport", "EdgeAgent", "run_agent"]
 
 log = logging.getLogger(__name__)
+_LEAVE_TIMEOUT_S = 5.0
+"""How long a stopping agent waits to say it is offline."""
 
 
 class _CpuTimed:
@@ -176,15 +174,25 @@ class EdgeAgent:
         await self._transport.subscribe(topics.split_bwd(fed, me))
         self._loop = asyncio.get_running_loop()
         await self._announce("waiting")
-        async with asyncio.TaskGroup() as group:
-            receiver = group.create_task(self._receive(), name=f"agent-{me}-receive")
-            try:
-                await self._train_loop()
-            finally:
-                receiver.cancel()
-        if self._state != "cannot_fit":  # the refusal stays retained for operators
-            await self._announce("offline")
+        try:
+            async with asyncio.TaskGroup() as group:
+                receiver = group.create_task(self._receive(), name=f"agent-{me}-receive")
+                try:
+                    await self._train_loop()
+                finally:
+                    receiver.cancel()
+        finally:  # also when stopped by a signal: observers see it leave, not vanish
+            if self._state != "cannot_fit":  # the refusal stays retained for operators
+                await self._leave()
         return self.report
+
+    async def _leave(self) -> None:
+        """Publish the offline status, waiting at most a few seconds for the broker."""
+        try:
+            async with asyncio.timeout(_LEAVE_TIMEOUT_S):
+                await self._announce("offline")
+        except (TimeoutError, TransportError) as exc:
+            log.warning("%s: could not publish the offline status: %r", self.config.client_id, exc)
 
     async def _announce(self, state: AgentState) -> None:
         self._state = state
@@ -549,18 +557,6 @@ class EdgeAgent:
             raise TransportError(f"update {update.update_id} was never answered")
         finally:
             del self._pending[update.update_id]
-
-
-def task_model(task: Task, *, model: ModelRef | None = None) -> PeftModel:
-    """The model a device trains for ``task``, with the task's adapter attached.
-
-    It is the task's model (or ``model``, a KD device's own), built from the task's seed.
-
-    Raises:
-        AssetMissing: The model is not installed.
-    """
-    base = build_model(model or task.model, seed=task.seed, num_labels=num_labels(task.dataset))
-    return attach_lora(base, task.lora)
 
 
 async def run_agent(

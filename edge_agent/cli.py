@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import logging
 
 from edge_agent.agent import run_agent
 from edge_agent.config import AgentConfig
+from edgefed.ml.models import set_torch_threads
+from edgefed.process import run_until_stopped
 from edgefed.settings import load_settings
 from edgefed.transport.broker_choice import broker_for
+
+log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,14 +26,16 @@ def run(args: argparse.Namespace) -> int:
         max_updates=args.max_updates or None,
         state_dir=args.state_dir,
     )
+    threads = set_torch_threads(config.torch_threads)
+    log.info("%s: torch uses %d CPU thread(s)", config.client_id, threads)
 
     async def main() -> None:
-        async with broker_for(config.mqtt.broker_url(args.broker)) as url:
+        async with broker_for(config.mqtt.broker_url(args.broker), embedded=False) as url:
             report = await run_agent(config, url=url)
         print(
             f"{report.client_id}: {report.updates_sent} updates, {report.accepted} accepted, "
             f"rejected {dict(report.rejected)}, last version {report.last_version}"
         )
 
-    asyncio.run(main())
+    run_until_stopped(main())
     return 0

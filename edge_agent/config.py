@@ -5,12 +5,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from edgefed.ml.privacy import PrivacySettings
-from edgefed.settings import Settings
+from edgefed.settings import CommandSettings
 from edgefed.transport.connection import MqttSettings
 from schemas.messages import DeviceProfile, Method, ModelRef
 
 
-class AgentConfig(Settings):
+class AgentConfig(CommandSettings):
     """Everything one device needs to take part in a federation."""
 
     federation: str
@@ -56,6 +56,9 @@ class AgentConfig(Settings):
 
     See docs/architecture.md §7.
     """
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Threads torch's CPU kernels may use (the agent sets it at start); None keeps torch's
+    default, every core. One thread each is best when several agents share a host's cores."""
     shared_process: bool = False
     """Other agents share this process (the simulator): its memory cannot be told apart, so
     the agent plans as a process of its own would and does not measure its steps."""

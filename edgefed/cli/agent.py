@@ -11,12 +11,16 @@ HELP = "run an edge agent"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``edgefed agent``."""
-    broker_option(parser)
-    parser.add_argument("--federation", required=True)
-    parser.add_argument("--client-id", required=True)
+    broker_option(parser, service=True)
+    parser.add_argument(
+        "--federation", default=None, help="federation name (config key: federation)"
+    )
+    parser.add_argument(
+        "--client-id", default=None, help="this device's id (config key: client_id)"
+    )
     parser.add_argument(
         "--data",
-        required=True,
+        default=None,
         help="synthetic:KEY=VALUE,..., a named text source with options "
         "(rotten-tomatoes:parts=6,part=2), or a .csv/.jsonl file",
     )

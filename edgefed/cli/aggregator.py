@@ -11,8 +11,10 @@ HELP = "run the aggregator"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``edgefed aggregator``."""
-    broker_option(parser)
-    parser.add_argument("--federation", required=True)
+    broker_option(parser, service=True)
+    parser.add_argument(
+        "--federation", default=None, help="federation name (config key: federation)"
+    )
     parser.add_argument("--config", default=None, help="aggregator TOML file")
     parser.add_argument(
         "--max-versions", type=int, default=0, help="stop at version V (0 = run on)"

@@ -35,12 +35,16 @@ async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def broker_for(url: str | BrokerURL | None) -> AsyncIterator[BrokerURL]:
+async def broker_for(
+    url: str | BrokerURL | None, *, embedded: bool = True
+) -> AsyncIterator[BrokerURL]:
     """The broker to use: ``url`` when given, else a local or an embedded broker.
 
     Without a URL, ``mqtt://127.0.0.1:1883`` is used when something answers there;
-    otherwise an embedded broker is started on a free port for the duration of the
-    block (MQTT 3.1.1 only, no shared subscriptions). The URL is parsed here, once.
+    otherwise, with ``embedded``, an embedded broker is started on a free port for the
+    duration of the block (MQTT 3.1.1 only, no shared subscriptions). A long-running
+    service passes ``embedded=False``: it waits for the local broker instead of keeping a
+    private one nobody else reaches. The URL is parsed here, once.
 
     Raises:
         ConfigError: ``url`` is not a broker URL.
@@ -48,7 +52,7 @@ async def broker_for(url: str | BrokerURL | None) -> AsyncIterator[BrokerURL]:
     if url is not None:
         yield BrokerURL.of(url)
         return
-    if await port_answers(LOCAL_BROKER.host, LOCAL_BROKER.port):
+    if not embedded or await port_answers(LOCAL_BROKER.host, LOCAL_BROKER.port):
         yield LOCAL_BROKER
         return
     from edgefed.transport.broker import embedded_broker  # noqa: PLC0415 (amqtt only when needed)

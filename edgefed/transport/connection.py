@@ -9,10 +9,11 @@ where shell history and the process list would keep them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from edgefed.settings import Settings
 from edgefed.transport.config import PASSWORD_ENV, BrokerURL, TransportConfig
@@ -43,6 +44,9 @@ class MqttSettings(Settings):
         key_file: the client certificate's key.
         username: MQTT user name (a device's is its client id); else ``EDGEFED_MQTT_USERNAME``.
         password_file: file whose first line is the password; else ``EDGEFED_MQTT_PASSWORD``.
+        connect_timeout_s: how long the first connection may take; None keeps trying (with
+            backoff, each failure logged with the URL) until the broker answers, as a
+            service that outlives a broker restart must.
     """
 
     url: str | None = None
@@ -51,6 +55,7 @@ class MqttSettings(Settings):
     key_file: str | None = None
     username: str | None = None
     password_file: str | None = None
+    connect_timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _checked(self) -> MqttSettings:
@@ -94,9 +99,11 @@ class MqttSettings(Settings):
         Raises:
             ConfigError: a setting cannot work (see :class:`TransportConfig`).
         """
+        wait = math.inf if self.connect_timeout_s is None else self.connect_timeout_s
         return TransportConfig(
             url=url,
             client_id=client_id,
+            connect_timeout_s=options.pop("connect_timeout_s", wait),
             ca_file=self.ca_file,
             cert_file=self.cert_file,
             key_file=self.key_file,

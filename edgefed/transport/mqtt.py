@@ -339,7 +339,9 @@ class MqttTransport:
                 if not ever_connected and not _retryable(exc.__cause__):
                     raise
                 delay = backoff.next()
-                log.info("%s; retrying in %.2f s", exc, delay)
+                # Before the first connection nothing else says what the process waits for.
+                level = logging.INFO if ever_connected else logging.WARNING
+                log.log(level, "%s; retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             ever_connected = True

@@ -1,0 +1,149 @@
+"""Real ``edgefed`` processes started from config files alone: no flag is required.
+
+A deployment writes one TOML per device and one for the aggregator and starts each with
+``--config`` only; an ``EDGEFED_*`` variable overrides a key of the file, a flag overrides
+both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from tests.system.conftest import Proc, _toml
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _write(path: Path, values: dict[str, object]) -> Path:
+    path.write_text(_toml(values))
+    return path
+
+
+def _federation(
+    tmp_path: Path, url: str, federation: str, *, max_versions: int, max_updates: int
+) -> list[Proc]:
+    """An aggregator and two agents, each started with ``--config FILE`` and nothing else."""
+    aggregator_file = _write(
+        tmp_path / "aggregator.toml",
+        {
+            "federation": federation,
+            "max_versions": max_versions,
+            "json_out": str(tmp_path / "results.json"),
+            "checkpoint_dir": str(tmp_path / "checkpoints"),
+            "eval_data": "synthetic:n=16,seed=9",
+            "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
+            "strategy": {"buffer_size": 2},
+            "mqtt": {"url": url},
+        },
+    )
+    procs = [
+        Proc("aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log")
+    ]
+    for i in range(2):
+        agent_file = _write(
+            tmp_path / f"dev{i}.toml",
+            {
+                "federation": federation,
+                "client_id": f"dev{i}",
+                "data": f"synthetic:n=32,seed={i + 1}",
+                "max_updates": max_updates,
+                "seed": i,
+                "state_dir": str(tmp_path / f"dev{i}"),
+                "torch_threads": 1,
+                "mqtt": {"url": url},
+            },
+        )
+        procs.append(Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log"))
+    return procs
+
+
+def _logs(procs: list[Proc]) -> str:
+    return "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
+
+
+async def test_aggregator_and_agents_run_from_their_files_alone(
+    durable_broker: MosquittoProcess, tmp_path: Path, federation: str
+) -> None:
+    procs = _federation(tmp_path, durable_broker.url, federation, max_versions=3, max_updates=3)
+    try:
+        for proc in procs:
+            proc.start()
+        codes = {proc.name: await proc.exited(120) for proc in procs}
+    finally:
+        for proc in procs:
+            proc.cleanup()
+    assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert history[-1]["version"] == 3, _logs(procs)
+    assert (tmp_path / "checkpoints" / "manifest.json").exists()
+    assert "dev0: torch uses 1 CPU thread(s)" in procs[1].text()
+
+
+async def test_sigterm_stops_every_process_cleanly_with_its_results_written(
+    durable_broker: MosquittoProcess, tmp_path: Path, federation: str
+) -> None:
+    """What systemd and ``docker stop`` send: results are written and every exit code is 0."""
+    procs = _federation(tmp_path, durable_broker.url, federation, max_versions=0, max_updates=0)
+    manifest = tmp_path / "checkpoints" / "manifest.json"
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + 90
+        while not (manifest.exists() and json.loads(manifest.read_text())["version"] >= 2):
+            assert time.monotonic() < deadline, _logs(procs)
+            assert all(proc.running for proc in procs), _logs(procs)
+            await asyncio.sleep(0.2)
+        for proc in procs:
+            assert proc.popen is not None
+            proc.popen.send_signal(signal.SIGTERM)
+        codes = {proc.name: await proc.exited(30) for proc in procs}
+    finally:
+        for proc in procs:
+            proc.cleanup()
+    assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert history[-1]["version"] >= 2, _logs(procs)
+    assert "SIGTERM received: stopping cleanly" in procs[0].text()
+    # Each version was appended as it was made, not only written at the end.
+    series = (tmp_path / "results.versions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["version"] for line in series] == [r["version"] for r in history]
+
+
+async def test_an_agent_waits_for_a_broker_that_is_down_and_joins_when_it_comes(
+    tmp_path: Path, federation: str
+) -> None:
+    """No private embedded broker: it logs each failed try with the URL and keeps trying."""
+    if mosquitto_binary() is None:
+        pytest.skip("the mosquitto binary is not installed")
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    agent_file = _write(
+        tmp_path / "dev0.toml",
+        {"federation": federation, "client_id": "dev0", "data": "synthetic:n=32,seed=1"}
+        | {"mqtt": {"url": url}},
+    )
+    agent = Proc("dev0", ["agent", "--config", str(agent_file)], tmp_path / "dev0.log")
+    try:
+        agent.start()
+        deadline = time.monotonic() + 30
+        while agent.text().count(f"connecting to {url}") < 2:
+            assert agent.running and time.monotonic() < deadline, agent.text()
+            await asyncio.sleep(0.2)
+        with MosquittoProcess(port=port) as broker:
+            while "connected to" not in agent.text():
+                assert agent.running and time.monotonic() < deadline + 30, agent.text()
+                await asyncio.sleep(0.2)
+            assert broker.url == url
+            assert agent.popen is not None
+            agent.popen.send_signal(signal.SIGTERM)
+            assert await agent.exited(30) == 0, agent.text()
+    finally:
+        agent.cleanup()
+    assert "starting an embedded one" not in agent.text()

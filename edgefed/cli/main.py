@@ -24,7 +24,7 @@ from edgefed.cli import (
     simulate,
 )
 from edgefed.heap import reuse_freed_memory
-from schemas.errors import AssetMissing
+from schemas.errors import ConfigError
 
 _RECEIVES_MANY_UPDATES = frozenset({"aggregator", "bench", "simulate", "demo"})
 """Commands whose process takes in every device's updates (an aggregator, in-process or
@@ -79,22 +79,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         reuse_freed_memory()
     try:
         code = COMMANDS[args.command].run(args)
-    except (AssetMissing, BaseExceptionGroup) as exc:
-        missing = _asset_missing(exc)
-        if missing is None:
+    except (ConfigError, BaseExceptionGroup) as exc:
+        problem = _config_problem(exc)
+        if problem is None or args.verbose >= 2:  # -vv: the whole trace
             raise
-        print(f"edgefed {args.command}: {missing}", file=sys.stderr)
+        print(f"edgefed {args.command}: {problem}", file=sys.stderr)
         return 2
     return code
 
 
-def _asset_missing(exc: BaseException) -> AssetMissing | None:
-    """The AssetMissing behind ``exc``, even from inside task groups: one line, not a trace."""
-    if isinstance(exc, AssetMissing):
+def _config_problem(exc: BaseException) -> ConfigError | None:
+    """The ConfigError (a missing asset included) behind ``exc``, even inside task groups.
+
+    A setting the user can fix gets one line that names it, not a trace.
+    """
+    if isinstance(exc, ConfigError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _asset_missing(inner)
+            found = _config_problem(inner)
             if found is not None:
                 return found
     return None

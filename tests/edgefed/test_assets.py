@@ -68,12 +68,12 @@ def test_prepare_without_install_reports_every_asset_when_present():
 
 
 def test_cli_finds_asset_missing_inside_task_group_errors():
-    from edgefed.cli.main import _asset_missing
+    from edgefed.cli.main import _config_problem
 
     missing = AssetMissing("x", "not here", "edgefed assets")
     nested = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [missing])])
-    assert _asset_missing(nested) is missing
-    assert _asset_missing(ExceptionGroup("g", [ValueError("a")])) is None
+    assert _config_problem(nested) is missing
+    assert _config_problem(ExceptionGroup("g", [ValueError("a")])) is None
 
 
 def test_asset_packages_are_the_locked_ones_and_converters_the_assets_extra():

@@ -51,3 +51,17 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     broken = _write(tmp_path / "broken.toml", "federation = \n")
     with pytest.raises(ConfigError, match=r"cannot read configuration .*broken.toml"):
         load_settings(AgentConfig, broken)
+
+
+def test_the_command_names_a_missing_key_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefed.cli.main import main
+
+    assert main(["aggregator", "--config", str(_write(tmp_path / "a.toml", ""))]) == 2
+    err = capsys.readouterr().err
+    assert "edgefed aggregator: invalid configuration for AggregatorConfig in" in err
+    assert (
+        "federation: missing; set it in the file, as --federation or as EDGEFED_FEDERATION" in err
+    )
+    assert "Traceback" not in err

@@ -95,9 +95,10 @@ def load_settings(cls: type[SettingsT], path: str | Path | None, **overrides: An
             invalid; the message names the key and the file.
     """
     file = None if path is None else Path(path)
+    raw: dict[str, Any] = {}
     if file is not None:
-        try:
-            tomllib.loads(file.read_text(encoding="utf-8"))  # a clear error before any source
+        try:  # read here too, so an unreadable file is named before any source runs
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration {file}: {exc}") from exc
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -105,7 +106,6 @@ def load_settings(cls: type[SettingsT], path: str | Path | None, **overrides: An
     try:
         if issubclass(cls, CommandSettings):
             return cls(**given)
-        raw = tomllib.loads(file.read_text(encoding="utf-8")) if file is not None else {}
         return cls.model_validate(raw | given)
     except ValidationError as exc:
         raise ConfigError(_explain(cls, exc, file)) from None

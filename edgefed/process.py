@@ -21,6 +21,21 @@ _T = TypeVar("_T")
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
+def exit_cleanly_on_stop_signals() -> None:
+    """Until :func:`run_until_stopped` takes over, SIGTERM or SIGINT exits 0 at once.
+
+    A service stopped while it still imports torch or loads its model has nothing to save;
+    without this, Python's default action kills it with -15, which systemd logs as a failure.
+    """
+
+    def leave(signum: int, _frame: object) -> None:
+        log.warning("%s received while starting: exiting", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, leave)
+
+
 def run_until_stopped(main: Coroutine[Any, Any, _T]) -> _T | None:
     """``asyncio.run(main)``; SIGTERM or SIGINT cancels ``main`` and returns None."""
     return asyncio.run(_guarded(main))

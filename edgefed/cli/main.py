@@ -24,6 +24,7 @@ from edgefed.cli import (
     simulate,
 )
 from edgefed.heap import reuse_freed_memory
+from edgefed.process import exit_cleanly_on_stop_signals
 from schemas.errors import ConfigError
 
 _RECEIVES_MANY_UPDATES = frozenset({"aggregator", "bench", "simulate", "demo"})
@@ -31,6 +32,9 @@ _RECEIVES_MANY_UPDATES = frozenset({"aggregator", "bench", "simulate", "demo"})
 not): they keep freed message buffers for reuse (:mod:`edgefed.heap`). A device's agent
 keeps the allocator's defaults: one update per round costs little CPU, and its memory
 budget is what it plans with."""
+
+_SERVICES = frozenset({"agent", "aggregator"})
+"""Commands systemd or ``docker stop`` ends with SIGTERM: they exit 0 on it, at any point."""
 
 
 class Command(Protocol):
@@ -75,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in _SERVICES:
+        exit_cleanly_on_stop_signals()
     if args.command in _RECEIVES_MANY_UPDATES:
         reuse_freed_memory()
     try:

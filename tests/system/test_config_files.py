@@ -91,12 +91,17 @@ async def test_sigterm_stops_every_process_cleanly_with_its_results_written(
 ) -> None:
     """What systemd and ``docker stop`` send: results are written and every exit code is 0."""
     procs = _federation(tmp_path, durable_broker.url, federation, max_versions=0, max_updates=0)
-    manifest = tmp_path / "checkpoints" / "manifest.json"
+    series = tmp_path / "results.versions.jsonl"
     try:
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + 90
-        while not (manifest.exists() and json.loads(manifest.read_text())["version"] >= 2):
+        # Mid-run: every process connected and the federation two versions on.
+        while not (
+            series.exists()
+            and len(series.read_text().splitlines()) >= 3  # versions 0, 1, 2
+            and all("connected to" in proc.text() for proc in procs)
+        ):
             assert time.monotonic() < deadline, _logs(procs)
             assert all(proc.running for proc in procs), _logs(procs)
             await asyncio.sleep(0.2)
@@ -112,8 +117,8 @@ async def test_sigterm_stops_every_process_cleanly_with_its_results_written(
     assert history[-1]["version"] >= 2, _logs(procs)
     assert "SIGTERM received: stopping cleanly" in procs[0].text()
     # Each version was appended as it was made, not only written at the end.
-    series = (tmp_path / "results.versions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["version"] for line in series] == [r["version"] for r in history]
+    lines = series.read_text().splitlines()
+    assert [json.loads(line)["version"] for line in lines] == [r["version"] for r in history]
 
 
 async def test_an_agent_waits_for_a_broker_that_is_down_and_joins_when_it_comes(

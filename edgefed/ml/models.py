@@ -43,6 +43,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from edgefed import assets
+from edgefed.ml.pooling import pool_by_mean, trained_pooling
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, ModelRef, TensorMap
 
@@ -201,7 +202,9 @@ def build_model(
     weights; the caller's RNG state is left untouched. Anything else is a packaged name
     (:data:`PACKAGED_MODELS`) or a local folder written by ``save_pretrained``; nothing is
     ever downloaded. Encoders get a classification head of ``num_labels`` outputs, drawn
-    from ``seed`` so that every participant starts from the same head.
+    from ``seed`` so that every participant starts from the same head, over the pooling
+    they were trained with (the mean of the token states for a sentence encoder such as
+    MiniLM; :mod:`edgefed.ml.pooling`).
     ``ModelRef.revision`` has no meaning here and is ignored.
 
     Args:
@@ -242,6 +245,8 @@ def build_model(
                     template = auto.from_pretrained(path, **options)
             except (OSError, ValueError, KeyError) as exc:
                 raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
+            if kind == "classifier" and trained_pooling(path) == "mean":
+                pool_by_mean(template)
             _LOADED[key] = template
         # A new module tree over the same weight tensors: no second copy of the weights.
         shared = {id(param): param for param in template.parameters()}
@@ -425,7 +430,9 @@ def export_adapter(model: PeftModel, tensors: TensorMap, path: str | Path) -> Pa
 
     The folder loads with ``PeftModel.from_pretrained(base, path)`` on the base model
     (including the frozen A of ``ffa`` mode and any classification head), so results can
-    be used without edgefed.
+    be used without edgefed. A sentence encoder's base classifies by the mean of its token
+    states here (:mod:`edgefed.ml.pooling`): give the plain transformers model the same
+    pooling first, with ``edgefed.ml.pooling.pool_by_mean(base)``.
 
     Raises:
         ConfigError: ``tensors`` do not fit the model.

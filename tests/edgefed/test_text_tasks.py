@@ -24,6 +24,7 @@ from edgefed.ml.models import (
     model_kind,
 )
 from edgefed.ml.objectives import batch_loss, choice_cross_entropy, predictions, scored_logits
+from edgefed.ml.pooling import pool_by_mean
 from edgefed.ml.tokens import IGNORE_INDEX, TokenBatch, TokenDataset
 from schemas.errors import ConfigError
 from schemas.messages import LoraSpec, TrainSpec
@@ -135,6 +136,7 @@ def test_minilm_classifies_with_a_lora_adapter_and_head(tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(
         require_minilm(), num_labels=2, local_files_only=True
     )
+    assert pool_by_mean(base)  # as its sentence-transformers config says
     with warnings.catch_warnings():  # peft asks transformers for a renamed attribute
         warnings.simplefilter("ignore", FutureWarning)
         reloaded = PeftModel.from_pretrained(base, str(folder)).eval()

@@ -42,6 +42,14 @@ def _row(row: dict[str, Any]) -> str:
     )
 
 
+def _measured(data: dict[str, Any]) -> list[str]:
+    """A line naming when each task's rows were measured, where they were measured apart."""
+    dates = data.get("measured", {})
+    if len(set(dates.values())) < 2:
+        return []
+    return ["", "Rows measured on: " + ", ".join(f"{d} {when}" for d, when in dates.items()) + "."]
+
+
 def markdown(data: dict[str, Any], plot: str | None) -> str:
     """The section for one run of the table (``data`` as ``edgefed bench seed`` saves it)."""
     budgets = ", ".join(f"{d} / {m}: {s:.0f} s" for d, m, s in data["budgets"])
@@ -58,6 +66,7 @@ def markdown(data: dict[str, Any], plot: str | None) -> str:
         "gradients included) / globals down. Compute: device seconds per update (median) and "
         "in all per device. Peak memory: one device fit in a process of its own, weights "
         "included, measured (the planner's estimate).",
+        *_measured(data),
         "",
         "| task | method | accuracy before → after (best) | versions | bytes/device up / down "
         "| compute s/update | device s in all | device peak MB, measured (est.) |",

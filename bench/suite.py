@@ -61,31 +61,67 @@ def _merges(rounds: int) -> dict[str, Any]:
     return {"results": [r.to_json() for r in bench_merges(rounds=rounds)]}
 
 
-def _seed(budget_s: float | None, *, save: bool) -> dict[str, Any]:
-    """The seed-paper table (:mod:`bench.seed_table`); ``save``: its RESULTS.md section."""
+def _seed(budget_s: float | None, *, save: bool, only: str | None = None) -> dict[str, Any]:
+    """The seed-paper table (:mod:`bench.seed_table`); ``save``: its RESULTS.md section.
+
+    ``only`` reruns one dataset's rows; the other rows then come from ``bench/seed.json``.
+    """
     from bench import seed_report  # noqa: PLC0415 (plots)
     from bench.seed_table import AGENTS, EVAL_ROWS, TASKS, run_table  # noqa: PLC0415
     from edgefed.transport.broker import MosquittoProcess  # noqa: PLC0415
 
+    known = [task.dataset for task in TASKS]
+    if only is not None and only not in known:
+        raise SystemExit(f"edgefed bench seed: --task must be one of {known}, got {only!r}")
     tasks = tuple(
-        task if budget_s is None else dataclasses.replace(task, budget_s=budget_s) for task in TASKS
+        task if budget_s is None else dataclasses.replace(task, budget_s=budget_s)
+        for task in TASKS
+        if only in (None, task.dataset)
     )
     started = time.perf_counter()
     with MosquittoProcess() as broker:
         rows = asyncio.run(run_table(url=broker.url, tasks=tasks))
-    data = {
+    today = time.strftime("%Y-%m-%d")
+    data: dict[str, Any] = {
         "agents": AGENTS,
         "eval_rows": EVAL_ROWS,
         "budgets": [(t.dataset, t.model, t.budget_s) for t in tasks],
+        "measured": {t.dataset: today for t in tasks},
         "wall_s": round(time.perf_counter() - started, 1),
         "results": rows,
     }
+    saved = BENCH_DIR / "seed.json"
+    if only is not None and saved.exists():
+        data = _with_saved_rows(data, json.loads(saved.read_text()), order=known)
     if save:
-        (BENCH_DIR / "seed.json").write_text(json.dumps(data, indent=1) + "\n")
+        saved.write_text(json.dumps(data, indent=1) + "\n")
         figure = seed_report.plot(rows, BENCH_DIR / "seed_table.png")
         seed_report.write_section(data, figure.name, BENCH_DIR / "RESULTS.md")
         console.print(f"wrote bench/seed.json, {figure} and its section of bench/RESULTS.md")
     return data
+
+
+def _with_saved_rows(
+    data: dict[str, Any], before: dict[str, Any], *, order: list[str]
+) -> dict[str, Any]:
+    """``data`` (some datasets' rows) completed with the other datasets' saved rows."""
+    rerun = set(data["measured"])
+    kept = [row for row in before["results"] if row["dataset"] not in rerun]
+
+    def by_task(items: list[Any], dataset: Callable[[Any], str]) -> list[Any]:
+        return sorted(items, key=lambda item: order.index(dataset(item)))
+
+    old_budgets = [b for b in before["budgets"] if b[0] not in rerun]
+    old_share = len(kept) / max(1, len(before["results"]))
+    return data | {
+        "results": by_task(kept + data["results"], lambda row: row["dataset"]),
+        "budgets": by_task(old_budgets + data["budgets"], lambda budget: budget[0]),
+        "measured": {
+            d: before.get("measured", {}).get(d, "earlier") for d in order if d not in rerun
+        }
+        | data["measured"],
+        "wall_s": round(data["wall_s"] + before["wall_s"] * old_share, 1),
+    }
 
 
 def _codec() -> dict[str, Any]:
@@ -358,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     """
     which: str = args.which
     if which == "seed":
-        data = _seed(args.budget, save=args.save)
+        data = _seed(args.budget, save=args.save, only=args.task)
         sys.stdout.write(json.dumps(data) + "\n")
         return 0
     singles: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget", type=float, default=None, help="seed: seconds per row (default: per task)"
     )
     parser.add_argument(
+        "--task",
+        default=None,
+        help="seed: rerun only this dataset's rows (ag-news, rotten-tomatoes); with --save the "
+        "other rows are kept from bench/seed.json",
+    )
+    parser.add_argument(
         "--save", action="store_true", help="codec, scale, throughput, merge, seed: into RESULTS.md"
     )
     parser.add_argument("--plot", default=None, help="split: write the memory figure (PNG) here")

@@ -13,6 +13,7 @@ import pytest
 from bench import seed_report
 from bench.results_file import replace_block
 from bench.seed_table import SeedTask, points, rows_to_run
+from bench.suite import _with_saved_rows
 from schemas.messages import Method, ModelRef, ProxySpec, Task, TrainSpec
 
 
@@ -119,3 +120,36 @@ def test_a_device_fit_is_measured_in_a_process_of_its_own(tmp_path: Path, method
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["peak_mb"] >= row["resident_before_mb"] > 50  # torch and the model are in it
     assert row["fit_s"] > 0
+
+
+def test_rerunning_one_task_keeps_the_other_tasks_saved_rows() -> None:
+    """``bench seed --task D --save``: D's rows replaced in place, the rest kept with their date."""
+
+    def row(dataset: str, method: str, accuracy: float) -> dict[str, Any]:
+        return {"dataset": dataset, "method": method, "final_accuracy": accuracy}
+
+    before = {
+        "budgets": [("ag-news", "minilm-l6", 240), ("rotten-tomatoes", "smollm2-135m", 360)],
+        "measured": {"ag-news": "2026-12-06", "rotten-tomatoes": "2026-12-06"},
+        "wall_s": 2400.0,
+        "results": [
+            *[row("ag-news", "lora", 0.8), row("ag-news", "kd", 0.7)],
+            *[row("rotten-tomatoes", "lora", 0.81), row("rotten-tomatoes", "split", 0.83)],
+        ],
+    }
+    rerun = {
+        "budgets": [("ag-news", "minilm-l6", 240)],
+        "measured": {"ag-news": "2026-12-07"},
+        "wall_s": 900.0,
+        "results": [row("ag-news", "lora", 0.85), row("ag-news", "kd", 0.83)],
+    }
+    merged = _with_saved_rows(rerun, before, order=["ag-news", "rotten-tomatoes"])
+    assert [(r["dataset"], r["final_accuracy"]) for r in merged["results"]] == [
+        ("ag-news", 0.85), ("ag-news", 0.83), ("rotten-tomatoes", 0.81), ("rotten-tomatoes", 0.83)
+    ]  # fmt: skip
+    assert [b[0] for b in merged["budgets"]] == ["ag-news", "rotten-tomatoes"]
+    assert merged["measured"] == {"rotten-tomatoes": "2026-12-06", "ag-news": "2026-12-07"}
+    assert merged["wall_s"] == 900.0 + 1200.0
+    assert "Rows measured on: rotten-tomatoes 2026-12-06, ag-news 2026-12-07." in (
+        seed_report.markdown(merged | {"agents": 2, "eval_rows": 400, "results": []}, None)
+    )

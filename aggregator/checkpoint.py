@@ -81,6 +81,7 @@ class Checkpoint:
         task_id: Task the state belongs to; likewise.
         version: The current global version.
         globals: Kept global adapters by version, oldest first; holds ``version``.
+        run_id: The run resuming continues (``Task.run_id``); empty in older checkpoints.
         states: State dicts of the registered Stateful parts, by key.
         answered: Accepted updates a repeat of which must be re-acked, not merged.
         audit: The audit lines this checkpoint commits.
@@ -99,6 +100,7 @@ class Checkpoint:
     audit: tuple[UpdateEntry | MergeEntry, ...] = ()
     counters: Mapping[str, int] = field(default_factory=dict)
     published_chunks: Mapping[int, int] = field(default_factory=dict)
+    run_id: str = ""
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -218,6 +220,7 @@ class _Manifest(BaseModel):
     audit: list[UpdateEntry | MergeEntry]
     counters: dict[str, int]
     published_chunks: dict[int, int]
+    run_id: str = ""
     created_at: float
 
 
@@ -286,6 +289,7 @@ class CheckpointStore:
             audit=list(checkpoint.audit),
             counters=dict(checkpoint.counters),
             published_chunks=dict(checkpoint.published_chunks),
+            run_id=checkpoint.run_id,
             created_at=checkpoint.created_at,
         )
         write_atomic(self.manifest_path, manifest.model_dump_json().encode())
@@ -344,6 +348,7 @@ class CheckpointStore:
                 audit=tuple(manifest.audit),
                 counters=manifest.counters,
                 published_chunks=manifest.published_chunks,
+                run_id=manifest.run_id,
                 created_at=manifest.created_at,
             )
         except ValueError as exc:

@@ -42,7 +42,16 @@ from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery
 from schemas import topics
 from schemas.errors import ConfigError, PayloadTooLarge, RejectReason, TopicError, UpdateRejected
-from schemas.messages import Ack, GlobalModel, Metrics, Status, Task, TensorMap, Update
+from schemas.messages import (
+    Ack,
+    GlobalModel,
+    Metrics,
+    Status,
+    Task,
+    TensorMap,
+    Update,
+    new_run_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,7 @@ class AggregatorService:
         self._perturbations = perturbation_controller(config)
         """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
         self.version = 0
+        self.run_id = ""  # Task.run_id: new at a fresh start, kept when resuming
         self.results = Results(
             config=config.model_dump(mode="json"),
             series=series_path(config.json_out) if config.json_out else None,
@@ -174,12 +184,14 @@ class AggregatorService:
         if "kd" in {self.config.method, *self.config.accept_methods}:
             self._kd = await asyncio.to_thread(make_kd_handler, self.config, model, self._policy)
             self._stateful["kd"] = self._kd
-        self._checks = UpdateChecks.of(self.config, self._policy, self._shapes, self._kd)
         self._eval_data: TokenDataset = load_data(
             self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
         try:
             self._resume(get_adapter(model))
+            self._checks = UpdateChecks.of(
+                self.config, self._policy, self._shapes, self._kd, run_id=self.run_id
+            )
             self.results.start_series(resumed=self.version > 0)
             self._started = time.monotonic()
             await self._transport.subscribe(topics.update_filter(fed))
@@ -237,6 +249,7 @@ class AggregatorService:
             task_id=cfg.task_id,
             federation=cfg.federation,
             version=self.version,
+            run_id=self.run_id,
             method=cfg.method,
             methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,
@@ -251,7 +264,9 @@ class AggregatorService:
     async def _publish_version(self) -> None:
         """Publish the global at the current version (retained), the task, and metrics."""
         fed, version = self.config.federation, self.version
-        message = GlobalModel(task_id=self.config.task_id, version=version, tensors=self.current)
+        message = GlobalModel(
+            task_id=self.config.task_id, version=version, run_id=self.run_id, tensors=self.current
+        )
         message = signed_by(self._signer, message, federation=fed)
         used: set[int] = set()
 
@@ -500,6 +515,7 @@ class AggregatorService:
             audit=audit,
             counters=counters,
             published_chunks=dict(self._chunks_published),
+            run_id=self.run_id,
         )
 
     def _resume(self, initial: TensorMap) -> None:
@@ -510,10 +526,12 @@ class AggregatorService:
         """
         fed, task_id = self.config.federation, self.config.task_id
         checkpoint = self._ledger.resume(federation=fed, task_id=task_id)
-        if checkpoint is None:
+        if checkpoint is None:  # a new run: what earlier runs left on the broker loses to it
+            self.run_id = new_run_id()
             self._globals[0] = initial
             self._ledger.recover_audit(())
             return
+        self.run_id = checkpoint.run_id
         for version, adapter in checkpoint.globals.items():
             if {name: tuple(t.shape) for name, t in adapter.items()} != self._shapes:
                 raise ConfigError(f"checkpointed global {version} does not fit the model's adapter")

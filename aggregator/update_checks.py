@@ -46,6 +46,7 @@ class UpdateChecks:
         shapes: The global adapter's layout, name -> shape.
         max_perturbations: Most perturbations one seed update may ask to have rebuilt.
         kd: The KD handler when the federation accepts ``kd`` updates.
+        run_id: The run merged into; an update trained in another one is ``wrong_run``.
     """
 
     task_id: str
@@ -54,6 +55,7 @@ class UpdateChecks:
     shapes: Mapping[str, tuple[int, ...]]
     max_perturbations: int
     kd: KdHandler | None = None
+    run_id: str = ""
 
     @classmethod
     def of(
@@ -62,9 +64,12 @@ class UpdateChecks:
         policy: ValidationPolicy,
         shapes: Mapping[str, tuple[int, ...]],
         kd: KdHandler | None,
+        *,
+        run_id: str = "",
     ) -> UpdateChecks:
         """The checks of the federation ``config`` describes, for a model of ``shapes``."""
         return cls(
+            run_id=run_id,
             task_id=config.task_id,
             method=config.method,
             policy=policy,
@@ -81,6 +86,11 @@ class UpdateChecks:
         Raises:
             UpdateRejected: At the first check that fails.
         """
+        if update.run_id and self.run_id and update.run_id != self.run_id:
+            raise UpdateRejected(
+                "wrong_run",
+                f"update was trained in run {update.run_id}, the current run is {self.run_id}",
+            )
         if update.method == "kd" and self.kd is not None:  # logits, not a delta
             return await asyncio.to_thread(self.kd.check, update, current_version=version)
         staleness = check_metadata(

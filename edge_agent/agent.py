@@ -56,6 +56,11 @@ _LEAVE_TIMEOUT_S = 5.0
 """How long a stopping agent waits to say it is offline."""
 
 
+def _order(message: GlobalModel | Task) -> tuple[str, int]:
+    """The newer message sorts higher: a later run (by start time), then a higher version."""
+    return message.run_id, message.version
+
+
 class _CpuTimed:
     """Calls a fit and keeps the CPU time of the calling thread it used (contention-free)."""
 
@@ -227,7 +232,7 @@ class EdgeAgent:
                 self.report.bytes_down += delivery.size
                 if self._emulation is not None:
                     await self._emulation.downlink(delivery.size)
-                if self._global is None or message.version > self._global.version:
+                if self._global is None or _order(message) > _order(self._global):
                     if not self._trusted(message):
                         continue
                     self._global = message
@@ -269,15 +274,17 @@ class EdgeAgent:
         could send a device back to an earlier round's task.
         """
         current = self._task
-        if current is None or task.task_id != current.task_id or task.version >= current.version:
+        if current is None or task.task_id != current.task_id or _order(task) >= _order(current):
             return False
         self.report.stale_tasks += 1
         log.warning(
-            "%s: ignoring version %d of task %s, older than version %d already followed",
+            "%s: ignoring version %d of task %s (run %s), older than version %d (run %s)",
             self.config.client_id,
             task.version,
             task.task_id,
+            task.run_id or "-",
             current.version,
+            current.run_id or "-",
         )
         return True
 
@@ -388,7 +395,7 @@ class EdgeAgent:
         if fit is None:
             return
         fit = await self._ready_to_send(fit)
-        await self._send(training, self._update_of(training, start.version, fit))
+        await self._send(training, self._update_of(training, start, fit))
 
     async def _fit(self, training: _Training, start: GlobalModel) -> FitResult | None:
         """Run one fit in a worker thread; None when the emulated device dropped off during it."""
@@ -433,12 +440,13 @@ class EdgeAgent:
             await asyncio.sleep((self.config.slowdown - 1) * fit.compute_s)
         return fit
 
-    def _update_of(self, training: _Training, base_version: int, fit: FitResult) -> Update:
+    def _update_of(self, training: _Training, start: GlobalModel, fit: FitResult) -> Update:
         """The update carrying ``fit``: seeds instead of the delta when the fit has them."""
         return Update(
             client_id=self.config.client_id,
             task_id=training.task.task_id,
-            base_version=base_version,
+            base_version=start.version,
+            run_id=start.run_id,
             num_samples=fit.num_samples,
             method=training.trainer.method,
             delta=fit.delta if fit.seeds is None else {},
@@ -469,6 +477,10 @@ class EdgeAgent:
         )
         if ack.reason in ("stale", "future_version"):
             await self._wait_for_version(ack.version)
+        elif ack.reason == "wrong_run":  # trained on an earlier run's global: take the new one
+            await self._wait_for(
+                lambda: self._global is None or self._global.run_id != update.run_id
+            )
 
     def _count_answer(self, ack: Ack) -> None:
         """Count an answered update in the report: accepted, or rejected for its reason."""

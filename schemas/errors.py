@@ -31,6 +31,7 @@ RejectReason = Literal[
     "schema_version",
     "unknown_client",
     "wrong_task",
+    "wrong_run",
     "wrong_method",
     "too_many_samples",
     "wrong_shape",

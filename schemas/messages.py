@@ -40,6 +40,15 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def new_run_id() -> str:
+    """A fresh run identifier that sorts after every earlier one (milliseconds, then random).
+
+    A later run of a federation therefore wins over what an earlier run left on the broker,
+    and a replayed message of an earlier run loses.
+    """
+    return f"{time.time_ns() // 1_000_000:013x}-{uuid.uuid4().hex[:8]}"
+
+
 class WireModel(BaseModel):
     """Base of every wire object: immutable, strict about unknown fields."""
 
@@ -109,6 +118,10 @@ class Task(Message):
     task_id: str = Field(min_length=1)
     federation: str = Field(min_length=1)
     version: NonNegative
+    run_id: str = ""
+    """This run of the federation (:func:`new_run_id`): a fresh aggregator starts a new one,
+    one resumed from its checkpoint keeps it. Devices follow the latest run only. Empty: a
+    peer from before runs existed."""
     method: Method = "lora"
     methods: tuple[Method, ...] = ()
     """Methods a device may choose from to fit its memory budget, preferred first;
@@ -139,6 +152,8 @@ class GlobalModel(Message):
     kind: Literal["global"] = "global"
     task_id: str = Field(min_length=1)
     version: NonNegative
+    run_id: str = ""
+    """The run this version belongs to (``Task.run_id``)."""
     tensors: TensorMap
     created_at: float = Field(default_factory=time.time)
     signature: bytes | None = Field(default=None, min_length=64, max_length=64)
@@ -194,6 +209,8 @@ class Update(Message):
     client_id: str = Field(min_length=1)
     task_id: str = Field(min_length=1)
     base_version: NonNegative
+    run_id: str = ""
+    """The run of the global it was trained from; another run's update is ``wrong_run``."""
     num_samples: Positive
     method: Method = "lora"
     delta: TensorMap = Field(default_factory=dict)

@@ -203,8 +203,7 @@ def build_model(
     (:data:`PACKAGED_MODELS`) or a local folder written by ``save_pretrained``; nothing is
     ever downloaded. Encoders get a classification head of ``num_labels`` outputs, drawn
     from ``seed`` so that every participant starts from the same head, over the pooling
-    they were trained with (the mean of the token states for a sentence encoder such as
-    MiniLM; :mod:`edgefed.ml.pooling`).
+    they were trained with (:mod:`edgefed.ml.pooling`: the mean of MiniLM's token states).
     ``ModelRef.revision`` has no meaning here and is ignored.
 
     Args:

@@ -7,8 +7,8 @@ small (32 and 64 bytes) and verification fast enough for a Raspberry Pi.
 
 What is signed is :func:`global_digest`, a SHA-256 over a domain tag and, in this order::
 
-    "edgefed/global-model/v1" LF
-    lp(federation) lp(task_id) u64(version) u32(number of tensors)
+    "edgefed/global-model/v2" LF
+    lp(federation) lp(task_id) lp(run_id) u64(version) u32(number of tensors)
     for each tensor, by name in code-point order:
         lp(name) lp(dtype) u32(ndim) u64(dim) for each dim, u64(nbytes) raw bytes
 
@@ -16,7 +16,8 @@ where ``lp(s)`` is ``u32(len(utf8(s))) utf8(s)``, integers are little-endian, ``
 torch name without ``torch.`` (``float32``) and the raw bytes are the C-contiguous tensor as
 the codec sends it (little-endian). The federation is not in the message but in its topic:
 signing it stops a global of one federation being replayed into another under the same key.
-``created_at`` is informational and not covered.
+Signing the run id stops a global of an earlier run being relabelled as the current run's
+(v1 had no run id). ``created_at`` is informational and not covered.
 
 The task tells devices what to train, at which learning rate, on which proxy rows, so it is
 signed with the same key. :func:`task_digest` is a SHA-256 over::
@@ -46,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from schemas.errors import ConfigError, SignatureError, SignedKind
 from schemas.messages import GlobalModel, Task, TensorMap
 
-DOMAIN: Final = b"edgefed/global-model/v1\n"
+DOMAIN: Final = b"edgefed/global-model/v2\n"
 """Tag that makes a global's digest unlike any other digest signed with the same key."""
 TASK_DOMAIN: Final = b"edgefed/task/v1\n"
 """Tag that makes a task's digest unlike any other digest signed with the same key."""
@@ -66,10 +67,13 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-def global_digest(*, federation: str, task_id: str, version: int, tensors: TensorMap) -> bytes:
+def global_digest(
+    *, federation: str, task_id: str, version: int, tensors: TensorMap, run_id: str = ""
+) -> bytes:
     """The 32-byte SHA-256 that a global's signature covers (layout in the module docstring)."""
     digest = hashlib.sha256(DOMAIN)
-    digest.update(_lp(federation) + _lp(task_id) + struct.pack("<QI", version, len(tensors)))
+    head = _lp(federation) + _lp(task_id) + _lp(run_id)
+    digest.update(head + struct.pack("<QI", version, len(tensors)))
     for name in sorted(tensors):
         tensor = tensors[name]
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -99,6 +103,7 @@ def _digest_of(message: GlobalModel | Task, federation: str) -> bytes:
         task_id=message.task_id,
         version=message.version,
         tensors=message.tensors,
+        run_id=message.run_id,
     )
 
 

@@ -293,3 +293,23 @@ async def broker_transport() -> AsyncIterator[MemoryTransport]:
 async def service_device(transport: MemoryTransport) -> AsyncIterator[MemoryTransport]:
     async with transport.broker.transport("device") as device:
         yield device
+
+
+async def test_a_resumed_service_keeps_its_run_and_refuses_another_runs_updates(
+    tmp_path: Path,
+) -> None:
+    """Resuming continues the run; a fresh folder starts a new, later one."""
+    config = make_config(tmp_path)
+    async with running(config, MemoryBroker()) as run:
+        first_run = run.service.run_id
+        shapes = run.service.current
+        assert (await run.send_and_ack(make_update(shapes, value=0.01))).accepted
+    async with running(config, MemoryBroker()) as run:
+        assert run.service.run_id == first_run
+        elsewhere = make_update(shapes, value=0.02).model_copy(update={"run_id": "0-earlier"})
+        refused = await run.send_and_ack(elsewhere)
+        assert (refused.accepted, refused.reason) == (False, "wrong_run")
+        assert run.service.version == 0  # nothing merged, state intact
+    fresh = make_config(tmp_path / "other")
+    async with running(fresh, MemoryBroker()) as run:
+        assert run.service.run_id > first_run

@@ -56,14 +56,18 @@ async def test_agent_refuses_forged_globals_and_trains_on_the_next_valid_one(
 
         def poisoned(version: int) -> GlobalModel:
             tensors = {name: torch.full(shape, 9.0) for name, shape in shapes.items()}
-            return GlobalModel(task_id=config.task_id, version=version, tensors=tensors)
+            return GlobalModel(
+                task_id=config.task_id, version=version, run_id=service.run_id, tensors=tensors
+            )
 
-        # Three forged "next versions", retained before the agent starts, as an intruder on
-        # an open broker would leave them: the genuine key's signature over other tensors
+        # Three forged "next versions" of the current run, retained before the agent starts,
+        # as an intruder on an open broker would leave them: the genuine key's signature over other tensors
         # (tampered), a signature by another key, and no signature at all.
         genuine = GlobalSigner.from_file(tmp_path / "agg.key")
         signed_other = genuine.sign(
-            GlobalModel(task_id=config.task_id, version=1, tensors=service.current),
+            GlobalModel(
+                task_id=config.task_id, version=1, run_id=service.run_id, tensors=service.current
+            ),
             federation=federation,
         )
         tampered = poisoned(1).model_copy(update={"signature": signed_other.signature})

@@ -3,7 +3,8 @@
 One folder holds a deployment's security material, laid out by who may read what::
 
     <dir>/ca/          ca.key (owner only), ca.crt, revoked.json       -- stays on the admin host
-    <dir>/broker/      mosquitto.conf, ca.crt, server.crt/.key, passwd, edgefed.acl [, ca.crl]
+    <dir>/broker/      mosquitto.conf, ca.crt, server.crt/.key, passwd, edgefed.acl [, ca.crl],
+                       data/ (the broker's own database)
     <dir>/signing/     global.key (owner only), global.pub [, previous.pub] -- the signing key
     <dir>/aggregator/  password, ca.crt, global.key, connection.toml    -- for the aggregator host
     <dir>/devices/ID/  password, ca.crt, global.pub, [client.crt/.key], connection.toml
@@ -59,9 +60,15 @@ _CA_DAYS: Final = 3650
 
 @dataclass(frozen=True)
 class CredentialsDir:
-    """Where each part of a deployment's security material lives (see the module docstring)."""
+    """Where each part of a deployment's security material lives (see the module docstring).
+
+    ``root`` is made absolute, so the configs written from it work from any directory.
+    """
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).absolute())
 
     @property
     def ca(self) -> Path:
@@ -77,6 +84,11 @@ class CredentialsDir:
     def signing(self) -> Path:
         """The global-model signing key pair."""
         return self.root / "signing"
+
+    @property
+    def persistence(self) -> Path:
+        """The broker's own database folder, never the packaged Mosquitto's."""
+        return self.broker / "data"
 
     @property
     def broker_config(self) -> Path:
@@ -298,7 +310,7 @@ def _revoke_certificate(layout: CredentialsDir, cert_path: Path) -> None:
 def render_broker_config(
     template: str, broker_dir: Path, *, client_certs: bool, port: int = DEFAULT_PORT
 ) -> str:
-    """``production.conf`` with its file paths moved into ``broker_dir``.
+    """``production.conf`` with its file paths and database folder moved into ``broker_dir``.
 
     With ``client_certs`` the certificate-identity lines are switched on (see the comments in
     production.conf); the listener moves to ``port``.
@@ -313,6 +325,8 @@ def render_broker_config(
             line = " ".join(words)
         if keyword in _PATH_KEYS and len(words) == 2:
             line = f"{keyword} {broker_dir / Path(words[1]).name}"
+        elif keyword == "persistence_location":  # its own, not /var/lib/mosquitto's database
+            line = f"{keyword} {broker_dir / 'data'}/"
         elif keyword == "listener":
             line = f"listener {port}" + (f" {words[2]}" if len(words) > 2 else "")
         out.append(line)
@@ -449,7 +463,8 @@ def init_credentials(
     _mosquitto_passwd()
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.root.chmod(0o711)  # the broker's user must reach broker/, nothing more
-    for folder, mode in ((layout.ca, 0o700), (layout.signing, 0o700), (layout.broker, 0o750)):
+    folders = [(layout.ca, 0o700), (layout.signing, 0o700), (layout.broker, 0o750)]
+    for folder, mode in [*folders, (layout.persistence, 0o750)]:
         folder.mkdir()
         folder.chmod(mode)
     host = broker_hosts[0]

@@ -122,3 +122,20 @@ def test_credentials_render_moves_paths_and_port() -> None:
     assert "listener 9999\n" in text
     assert "cafile /srv/b/ca.crt\n" in text
     assert "#crlfile /etc/mosquitto/edgefed/broker/ca.crl" in text  # off without client certs
+
+
+def test_credentials_init_writes_absolute_paths_and_its_own_broker_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``--dir`` still gives configs that work from anywhere, and the broker never
+    shares the packaged Mosquitto's ``/var/lib/mosquitto`` database."""
+    monkeypatch.chdir(tmp_path)
+    layout = _init(Path("deploy"))
+    assert layout.root == tmp_path / "deploy"
+    config = layout.broker_config.read_text()
+    assert f"persistence_location {layout.persistence}/\n" in config
+    assert layout.persistence.is_dir()
+    assert "/var/lib/mosquitto" not in config
+    assert f"cafile {layout.broker / 'ca.crt'}\n" in config
+    connection = (layout.identity("aggregator") / "connection.toml").read_text()
+    assert str(tmp_path / "deploy") in connection and '"deploy/' not in connection

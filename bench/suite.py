@@ -95,7 +95,7 @@ def _seed(budget_s: float | None, *, save: bool, only: str | None = None) -> dic
         data = _with_saved_rows(data, json.loads(saved.read_text()), order=known)
     if save:
         saved.write_text(json.dumps(data, indent=1) + "\n")
-        figure = seed_report.plot(rows, BENCH_DIR / "seed_table.png")
+        figure = seed_report.plot(data["results"], BENCH_DIR / "seed_table.png")
         seed_report.write_section(data, figure.name, BENCH_DIR / "RESULTS.md")
         console.print(f"wrote bench/seed.json, {figure} and its section of bench/RESULTS.md")
     return data

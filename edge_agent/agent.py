@@ -1,8 +1,7 @@
 """The device process: follow the task, train on local data, publish updates, obey acks.
 
-One receive task keeps the latest task and global adapter and resolves acks; the
-training loop runs each fit in a worker thread (``asyncio.to_thread``) so the
-MQTT connection keeps breathing while torch works.
+One receive task keeps the latest task and global adapter and resolves acks; the training
+loop runs each fit in a worker thread so the MQTT connection breathes while torch works.
 """
 
 from __future__ import annotations
@@ -89,8 +88,8 @@ class _Training:
     spec: TrainSpec
     round_index: int
     """Fits made by this device, earlier runs included, so no two share a seed."""
-    answered_base: int | None = None
-    """The global version the last accepted update started from."""
+    answered_base: tuple[str, int] | None = None
+    """(run, version) of the global the last accepted update started from."""
 
 
 class EdgeAgent:
@@ -365,8 +364,11 @@ class EdgeAgent:
 
     async def _wait_for_turn(self, training: _Training) -> None:
         """Wait until the device is online and, in synchronous rounds, picked for a new one."""
-        if self.config.once_per_version and training.answered_base is not None:
-            await self._wait_for_version(training.answered_base + 1)
+        answered = training.answered_base
+        if self.config.once_per_version and answered is not None:  # a newer version or run
+            await self._wait_for(
+                lambda: self._global is not None and _order(self._global) > answered
+            )
         if self._emulation is not None:
             await self._emulation.before_fit()
         if self.config.once_per_version:
@@ -467,7 +469,7 @@ class EdgeAgent:
         if self.report.first_base_version is None:
             self.report.first_base_version = update.base_version
         if ack.accepted:
-            training.answered_base = update.base_version
+            training.answered_base = (update.run_id, update.base_version)
             return
         log.info(
             "%s: update rejected (%s: %s); refetching the global",

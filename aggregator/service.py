@@ -1,10 +1,9 @@
 """The aggregator: an asyncio service that merges updates as they arrive.
 
-It publishes the task and the initial global adapter (both retained), then for
-each update: validate, weight by staleness, merge through the configured strategy,
-advance the version when the strategy produces a new global, publish it, evaluate,
-and answer the sender with an Ack or a Nack carrying the reason. Bad input is
-answered and dropped; it never stops the service or touches its state.
+It publishes the task and the initial global adapter (both retained), then for each
+update: validate, weight by staleness, merge through the configured strategy, advance the
+version when the strategy produces a new global, publish it, evaluate, and answer the
+sender with an Ack or a Nack carrying the reason. Bad input is answered and dropped, state intact.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 
 from peft import PeftModel
@@ -303,15 +303,15 @@ class AggregatorService:
         self.results.add_version(record)
         log.info("version %d eval_loss=%s accuracy=%s", self.version, loss, accuracy)
         metrics = Metrics(
-            version=self.version,
-            time_s=record.time_s,
-            eval_loss=loss,
-            eval_accuracy=accuracy,
-            merged_updates=self._merged_count,
+            **asdict(record),
             rejected_updates=self._rejected_count,
             rejected_by_reason=dict(self._rejections),
         )
-        await self._transport.publish(topics.metrics(self.config.federation), metrics, qos=0)
+        fed = self.config.federation  # retained: an observer that joins sees the latest
+        await self._transport.publish(topics.metrics(fed), metrics, retain=True)
+        await self._transport.publish_text(
+            topics.metrics_json(fed), metrics.model_dump_json(), retain=True
+        )
 
     def _evaluate(self, adapter: TensorMap) -> tuple[float, float]:
         set_adapter(self._model, adapter)

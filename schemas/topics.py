@@ -91,8 +91,13 @@ def split_fwd_filter(federation: str) -> str:
 
 
 def metrics(federation: str) -> str:
-    """Progress reports for observers."""
+    """Progress reports for observers (msgpack, retained: the latest)."""
     return f"{_base(federation)}/metrics"
+
+
+def metrics_json(federation: str) -> str:
+    """The same reports as JSON, for operators' own tools (``mosquitto_sub``)."""
+    return f"{metrics(federation)}/json"
 
 
 @dataclass(frozen=True, slots=True)

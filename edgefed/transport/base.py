@@ -48,6 +48,12 @@ class Transport(Protocol):
         """Delete the retained message on ``topic`` (an empty retained payload)."""
         ...
 
+    async def publish_text(
+        self, topic: str, text: str, *, retain: bool = False, qos: int = 1
+    ) -> None:
+        """Publish UTF-8 ``text`` outside the codec: JSON that ``mosquitto_sub`` shows as is."""
+        ...
+
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect."""
         ...

@@ -246,6 +246,14 @@ class MemoryTransport:
         self._require_connected()
         self._send(check_topic(topic), b"", retain=True)
 
+    async def publish_text(
+        self, topic: str, text: str, *, retain: bool = False, qos: int = 1
+    ) -> None:
+        """See :meth:`~edgefed.transport.base.Transport.publish_text`."""
+        self._require_connected()
+        check_qos(qos)
+        self._send(check_topic(topic), text.encode(), retain=retain)
+
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """See :meth:`~edgefed.transport.mqtt.Transport.subscribe`; retained matches arrive at once."""
         check_filter(topic_filter)

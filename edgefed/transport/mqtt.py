@@ -270,6 +270,13 @@ class MqttTransport:
         """See :meth:`Transport.clear_retained`."""
         await self._publish_frame(check_topic(topic), b"", qos=1, retain=True)
 
+    async def publish_text(
+        self, topic: str, text: str, *, retain: bool = False, qos: int = 1
+    ) -> None:
+        """See :meth:`Transport.publish_text`."""
+        check_qos(qos)
+        await self._publish_frame(check_topic(topic), text.encode(), qos=qos, retain=retain)
+
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """See :meth:`Transport.subscribe`; waits for the broker's SUBACK when connected.
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from edgefed.transport.config import BrokerURL
 from tests.system.conftest import Proc, _toml
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -152,3 +155,30 @@ async def test_an_agent_waits_for_a_broker_that_is_down_and_joins_when_it_comes(
     finally:
         agent.cleanup()
     assert "starting an embedded one" not in agent.text()
+
+
+async def test_operators_read_the_latest_metrics_as_json_with_mosquitto_sub(
+    durable_broker: MosquittoProcess, tmp_path: Path, federation: str
+) -> None:
+    """Retained at QoS 1, so ``mosquitto_sub`` shows the latest report whenever it joins."""
+    tool = shutil.which("mosquitto_sub")
+    if tool is None:
+        pytest.skip("mosquitto_sub is not installed")
+    procs = _federation(tmp_path, durable_broker.url, federation, max_versions=2, max_updates=2)
+    try:
+        for proc in procs:
+            proc.start()
+        codes = {proc.name: await proc.exited(120) for proc in procs}
+    finally:
+        for proc in procs:
+            proc.cleanup()
+    assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
+    broker = BrokerURL.parse(durable_broker.url)
+    args = ["-h", broker.host, "-p", str(broker.port), "-t", "edgefed/+/metrics/json"]
+    command = [tool, *args, "-C", "1", "-W", "10"]
+    shown = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, check=True
+    )
+    report = json.loads(shown.stdout)
+    assert (report["version"], report["merged_updates"]) == (2, 4)
+    assert report["rejected_updates"] == 0 and report["eval_loss"] > 0

@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -353,9 +354,9 @@ class MqttTransport:
                 continue
             ever_connected = True
             conn = _Connection(client, inbox)
+            connected_at = time.monotonic()
             try:
                 await self._on_connected(conn)
-                backoff.reset()
                 await self._receive(conn)
             except aiomqtt.MqttError as exc:
                 self._last_error = exc
@@ -365,6 +366,7 @@ class MqttTransport:
                 self._connected.clear()
                 conn.mark_lost()
                 await self._disconnect(client)
+            backoff.connection_ended(time.monotonic() - connected_at)
             delay = backoff.next()
             log.info("%s: reconnecting in %.2f s", self.config.client_id, delay)
             await asyncio.sleep(delay)

@@ -16,9 +16,9 @@ import contextvars
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +32,10 @@ SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 ENV_PREFIX = "EDGEFED_"
 """Environment variables that set a key: ``EDGEFED_FEDERATION``, ``EDGEFED_MQTT__URL``."""
+
+
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A finite number above zero (a rate, a step, a clip bound)."""
 
 
 class Settings(BaseModel):

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from peft import PeftModel
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edge_agent.trainers.base import FitResult, Trainer
 from edge_agent.trainers.fwdgrad import FwdGradConfig, FwdGradTrainer
 from edge_agent.trainers.kd import KdConfig, KdTrainer
 from edge_agent.trainers.lora import LoraConfig, LoraTrainer
 from edge_agent.trainers.split import SplitConfig, SplitTrainer
+from edgefed.settings import SettingsT
 from schemas.errors import ConfigError
 
 __all__ = [
@@ -38,9 +38,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainerEntry:
-    """How to build one method's trainer: its config dataclass and a factory."""
+    """How to build one method's trainer: its options model and a factory."""
 
-    config_type: type[Any]
+    config_type: type[BaseModel]
     factory: Callable[[PeftModel, Any], Trainer]
 
 
@@ -51,17 +51,15 @@ _PLANNED: tuple[str, ...] = ()
 
 
 def register_trainer(
-    method: str, config_type: type[Any], factory: Callable[[PeftModel, Any], Trainer]
+    method: str, config_type: type[BaseModel], factory: Callable[[PeftModel, Any], Trainer]
 ) -> None:
     """Make ``method`` available to :func:`make_trainer`.
 
     Raises:
-        ConfigError: ``method`` is registered already or ``config_type`` is not a dataclass.
+        ConfigError: ``method`` is registered already.
     """
     if method in TRAINERS:
         raise ConfigError(f"a trainer for {method!r} is registered already")
-    if not dataclasses.is_dataclass(config_type):
-        raise ConfigError(f"trainer config for {method!r} must be a dataclass")
     TRAINERS[method] = TrainerEntry(config_type=config_type, factory=factory)
 
 
@@ -81,7 +79,7 @@ def check_trainer_options(method: str | None, options: Mapping[str, object]) -> 
         entry = TRAINERS.get(name)
         if entry is None:
             continue  # make_trainer names the unknown method when the agent uses it
-        fields = {f.name for f in dataclasses.fields(entry.config_type)}
+        fields = set(entry.config_type.model_fields)
         known |= fields
         _validate(name, entry.config_type, {k: v for k, v in options.items() if k in fields})
     unknown = sorted(options.keys() - known)
@@ -92,9 +90,11 @@ def check_trainer_options(method: str | None, options: Mapping[str, object]) -> 
         )
 
 
-def _validate(method: str, config_type: type[Any], options: Mapping[str, object]) -> None:
+def _validate(
+    method: str, config_type: type[SettingsT], options: Mapping[str, object]
+) -> SettingsT:
     try:
-        TypeAdapter(config_type).validate_python(dict(options))
+        return config_type.model_validate(dict(options))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()
@@ -103,7 +103,7 @@ def _validate(method: str, config_type: type[Any], options: Mapping[str, object]
 
 
 def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
-    """Build the trainer for ``method`` on ``model``; ``config`` fills its config dataclass.
+    """Build the trainer for ``method`` on ``model``; ``config`` fills its options model.
 
     Raises:
         ConfigError: Unknown or not yet implemented method, or an invalid config option.
@@ -115,11 +115,11 @@ def make_trainer(method: str, model: PeftModel, **config: object) -> Trainer:
                 f"method {method!r} has no trainer yet; available: {sorted(TRAINERS)}"
             )
         raise ConfigError(f"unknown method {method!r}; available: {sorted(TRAINERS)}")
-    fields = {f.name for f in dataclasses.fields(entry.config_type)}
+    fields = set(entry.config_type.model_fields)
     unknown = sorted(config.keys() - fields)
     if unknown:
         raise ConfigError(f"{method} trainer has no option(s) {unknown}; options: {sorted(fields)}")
-    return entry.factory(model, entry.config_type(**config))
+    return entry.factory(model, _validate(method, entry.config_type, config))
 
 
 register_trainer("lora", LoraConfig, LoraTrainer)

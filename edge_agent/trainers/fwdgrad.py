@@ -29,6 +29,7 @@ from typing import ClassVar, Literal, cast
 
 import torch
 from peft import PeftModel
+from pydantic import Field
 from torch.func import functional_call, jvp, vmap
 from transformers import PreTrainedModel
 
@@ -46,7 +47,7 @@ from edgefed.ml.models import (
 from edgefed.ml.objectives import batch_loss, logits_loss, scored_logits, scored_rows
 from edgefed.ml.perturbation import Layout, estimate, rademacher
 from edgefed.ml.tokens import TokenBatch, TokenDataset
-from schemas.errors import ConfigError
+from edgefed.settings import PositiveNumber, Settings
 from schemas.messages import Method, PerturbTarget, SeedStep, TensorMap, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ Upload = Literal["seeds", "dense"]
 Loss = Literal["choices", "vocabulary"]
 
 
-@dataclass(frozen=True)
-class FwdGradConfig:
+class FwdGradConfig(Settings):
     """Device-side settings of forward-gradient training; K and steps come from the task.
 
     Attributes:
@@ -105,42 +105,19 @@ class FwdGradConfig:
     """
 
     mode: GradMode = "fd"
-    lr: float | None = 10.0
+    lr: PositiveNumber | None = 10.0
     scale_lr: bool = True
-    eps: float = 1e-3
+    eps: PositiveNumber = 1e-3
     target: PerturbTarget | Literal["auto"] = "auto"
-    max_step_rms: float | None = 1e-2
-    head_perturbations: int = 256
-    head_max_step_rms: float | None = 5e-2
-    answer_max_step: float = 3e-3
+    max_step_rms: PositiveNumber | None = 1e-2
+    head_perturbations: int = Field(default=256, ge=1)
+    head_max_step_rms: PositiveNumber | None = 5e-2
+    answer_max_step: PositiveNumber = 3e-3
     upload: Upload = "seeds"
-    candidates: int = 1
-    jvp_batch: int = 1
-    divergence_ratio: float = 2.0
+    candidates: int = Field(default=1, ge=1)
+    jvp_batch: int = Field(default=1, ge=1)
+    divergence_ratio: float = Field(default=2.0, gt=1)
     loss: Loss = "choices"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("fd", "jvp"):
-            raise ConfigError(f"mode must be 'fd' or 'jvp', got {self.mode!r}")
-        if self.upload not in ("seeds", "dense"):
-            raise ConfigError(f"upload must be 'seeds' or 'dense', got {self.upload!r}")
-        if self.target not in ("auto", "all", "lora_B", "head"):
-            raise ConfigError(
-                f"target must be 'auto', 'all', 'lora_B' or 'head', got {self.target!r}"
-            )
-        if self.loss not in ("choices", "vocabulary"):
-            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
-        for name in ("lr", "eps", "max_step_rms", "head_max_step_rms", "answer_max_step"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("candidates", "jvp_batch", "head_perturbations"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if not self.divergence_ratio > 1:
-            raise ConfigError(f"divergence_ratio must be > 1, got {self.divergence_ratio}")
 
 
 @dataclass(frozen=True)

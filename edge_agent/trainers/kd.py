@@ -10,10 +10,10 @@ general and is ignored.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from peft import PeftModel
+from pydantic import Field
 
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.fwdgrad import FwdGradTrainer
@@ -21,12 +21,12 @@ from edge_agent.trainers.lora import LoraTrainer
 from edgefed.data.kd_proxy import load_proxy, proxy_logits, top_k
 from edgefed.ml.models import get_adapter, set_adapter
 from edgefed.ml.tokens import TokenDataset
+from edgefed.settings import Settings
 from schemas.errors import ConfigError
 from schemas.messages import Method, ModelRef, ProxySpec, TensorMap, TrainSpec
 
 
-@dataclass(frozen=True)
-class KdConfig:
+class KdConfig(Settings):
     """How a KD device trains and what it uploads.
 
     Attributes:
@@ -37,13 +37,7 @@ class KdConfig:
     """
 
     local: Literal["lora", "fwdgrad"] = "lora"
-    top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.local not in ("lora", "fwdgrad"):
-            raise ConfigError(f"local must be 'lora' or 'fwdgrad', got {self.local!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}")
+    top_k: int | None = Field(default=None, ge=1)
 
 
 class KdTrainer:

@@ -9,24 +9,23 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from peft import PeftModel
+from pydantic import Field
 
 from edge_agent.trainers.base import FitResult
 from edge_agent.trainers.batches import adapter_delta, cut_to_length, endless_batches
 from edgefed.ml.models import adapter_parameters, set_adapter
 from edgefed.ml.objectives import batch_loss
-from edgefed.ml.precision import PRECISIONS, Precision, autocast
+from edgefed.ml.precision import Precision, autocast
 from edgefed.ml.tokens import TokenBatch, TokenDataset
-from schemas.errors import ConfigError
+from edgefed.settings import PositiveNumber, Settings
 from schemas.messages import Method, TensorMap, TrainSpec
 
 
-@dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Settings):
     """Device-side optimiser settings; the learning rate comes from the task's ``TrainSpec``.
 
     Attributes:
@@ -48,28 +47,15 @@ class LoraConfig:
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
+    grad_clip: PositiveNumber | None = 1.0
     loss: Literal["choices", "vocabulary"] = "choices"
     precision: Precision = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.loss not in ("choices", "vocabulary"):
-            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(
-                f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}"
-            )
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
 
 class LoraTrainer:

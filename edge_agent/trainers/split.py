@@ -18,6 +18,7 @@ from typing import ClassVar, Literal, Protocol
 
 import torch
 from peft import PeftModel
+from pydantic import Field
 
 from edge_agent.budget import PeakMeter
 from edge_agent.trainers.base import FitResult
@@ -32,6 +33,7 @@ from edgefed.ml.split_model import (
     run_blocks,
 )
 from edgefed.ml.tokens import TokenBatch, TokenDataset
+from edgefed.settings import PositiveNumber, Settings
 from schemas.codec import Compression
 from schemas.errors import ConfigError, SplitRejected
 from schemas.messages import (
@@ -62,8 +64,7 @@ class SplitChannel(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Settings):
     """Device-side split settings; the learning rate comes from the task's ``TrainSpec``.
 
     Attributes:
@@ -82,24 +83,12 @@ class SplitConfig:
 
     cut: int = 1
     variant: SplitVariant = "vanilla"
-    compression: Literal["none", "fp16", "bf16", "int8"] = "fp16"
-    grad_clip: float | None = 1.0
+    compression: Compression = "fp16"
+    grad_clip: PositiveNumber | None = 1.0
     drop_rest: bool = True
-    timeout_s: float = 10.0
-    retries: int = 2
+    timeout_s: PositiveNumber = 10.0
+    retries: int = Field(default=2, ge=0)
     loss: Literal["choices", "vocabulary"] = "choices"
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("choices", "vocabulary"):
-            raise ConfigError(f"loss must be 'choices' or 'vocabulary', got {self.loss!r}")
-        if self.variant not in ("vanilla", "u_shaped"):
-            raise ConfigError(f"variant must be 'vanilla' or 'u_shaped', got {self.variant!r}")
-        if self.compression not in ("none", "fp16", "bf16", "int8"):
-            raise ConfigError(f"unknown activation compression {self.compression!r}")
-        if not self.timeout_s > 0 or self.retries < 0:
-            raise ConfigError(f"need timeout_s > 0, retries >= 0: {self.timeout_s}, {self.retries}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from peft import PeftModel
+from pydantic import ValidationError
 from transformers import BertConfig, BertForSequenceClassification, LlamaForCausalLM
 
 from aggregator.fwdgrad import expand_seeds
@@ -222,16 +223,16 @@ def test_fwdgrad_config_errors() -> None:
     model = attach_lora(build_model("tiny"), LoraSpec())
     with pytest.raises(ConfigError, match="mode"):
         make_trainer("fwdgrad", model, mode="backprop")
-    with pytest.raises(ConfigError, match="candidates"):
+    with pytest.raises(ValidationError, match="candidates"):
         FwdGradConfig(candidates=0)
-    with pytest.raises(ConfigError, match="eps"):
+    with pytest.raises(ValidationError, match="eps"):
         FwdGradConfig(eps=0.0)
-    with pytest.raises(ConfigError, match="divergence_ratio"):
+    with pytest.raises(ValidationError, match="divergence_ratio"):
         FwdGradConfig(divergence_ratio=1.0)
     assert FwdGradConfig(jvp_batch=4.0).jvp_batch == 4  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="target"):
+    with pytest.raises(ValidationError, match="target"):
         FwdGradConfig(target="none")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="loss"):
+    with pytest.raises(ValidationError, match="loss"):
         FwdGradConfig(loss="hinge")  # type: ignore[arg-type]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from edge_agent.trainers import KdConfig, KdTrainer, make_trainer
 from edgefed.data.synthetic import synthetic_dataset
@@ -70,9 +71,9 @@ def test_kd_config_and_missing_proxy_are_refused() -> None:
     model = attach_lora(build_model("tiny"), LoraSpec())
     with pytest.raises(ConfigError, match="proxy slice"):
         KdTrainer(model).fit({}, synthetic_dataset(8, seq_len=16, seed=1), SPEC, seed=0)
-    with pytest.raises(ConfigError, match="local"):
+    with pytest.raises(ValidationError, match="local"):
         KdConfig(local="sgd")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="top_k"):
+    with pytest.raises(ValidationError, match="top_k"):
         KdConfig(top_k=0)
 
 

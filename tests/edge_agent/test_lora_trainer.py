@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from edge_agent.trainers import TRAINERS, LoraConfig, LoraTrainer, make_trainer
 from edgefed.data.synthetic import synthetic_dataset, synthetic_shards
@@ -212,7 +213,7 @@ def test_fit_loss_option_scores_label_tokens_or_whole_vocabulary(loss):
         expected = batch_loss(trainer.model, batch, choices=(5, 9) if loss == "choices" else None)
     result = trainer.fit(glob, data, TrainSpec(local_steps=1, batch_size=16, seq_len=12), seed=0)
     assert result.train_loss == pytest.approx(float(expected), rel=1e-5)
-    with pytest.raises(ConfigError, match="loss must be"):
+    with pytest.raises(ValidationError, match="loss"):
         LoraConfig(loss="label")  # type: ignore[arg-type]
 
 
@@ -228,7 +229,7 @@ def test_make_trainer_registry_and_errors():
         make_trainer("lora", model, learning_rate=0.1)
     with pytest.raises(ConfigError, match="optimizer"):
         make_trainer("lora", model, optimizer="adam")
-    with pytest.raises(ConfigError, match="grad_clip"):
+    with pytest.raises(ValidationError, match="grad_clip"):
         LoraConfig(grad_clip=0.0)
 
 

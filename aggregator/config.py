@@ -28,6 +28,7 @@ __all__ = [
     "StalenessName",
     "StrategyName",
     "StrategySettings",
+    "SyncSettings",
     "default_train",
 ]
 
@@ -70,6 +71,39 @@ class StrategySettings(Settings):
             robust=None if self.robust == "mean" else self.robust,
             trim_ratio=self.trim_ratio,
         )
+
+
+class SyncSettings(Settings):
+    """Classic FedAvg rounds (the ``[sync]`` table): one round per version, no stale update.
+
+    With it the strategy defaults to FedBuff with a buffer of one round's devices and
+    ``max_staleness`` to 0; devices see the rounds in the task and train once per round they
+    are picked for (see :mod:`aggregator.rounds`).
+    """
+
+    clients: tuple[str, ...] = Field(min_length=1)
+    """The roster: the client ids rounds draw from."""
+    clients_per_round: int | None = Field(default=None, ge=1)
+    """Devices drawn per round with the run's seed; None: every one of ``clients``."""
+    round_deadline_s: float | None = Field(default=None, gt=0)
+    """Close a round this long after it opened with whoever answered (at least one);
+    None: wait for every device drawn."""
+
+    @model_validator(mode="after")
+    def _round_fits_roster(self) -> SyncSettings:
+        if len(set(self.clients)) != len(self.clients):
+            raise ValueError("clients must be distinct")
+        if self.clients_per_round is not None and self.clients_per_round > len(self.clients):
+            raise ValueError(
+                f"clients_per_round {self.clients_per_round} is more than the "
+                f"{len(self.clients)} clients"
+            )
+        return self
+
+    @property
+    def size(self) -> int:
+        """Devices per round."""
+        return self.clients_per_round or len(self.clients)
 
 
 class FwdGradSettings(Settings):
@@ -205,6 +239,37 @@ class AggregatorConfig(CommandSettings):
     privacy: PrivacySettings | None = None
     """Central client-level DP (FedBuff, ``robust = "mean"``): updates clipped to
     ``clip_norm``, Gaussian noise on every merged buffer; (ε, δ) reported in the results."""
+    sync: SyncSettings | None = None
+    """Synchronous FedAvg rounds instead of asynchronous merging; None: asynchronous."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sync_defaults(cls, data: Any) -> Any:
+        """With ``[sync]``, a FedBuff buffer of one round and no staleness, unless given."""
+        if not isinstance(data, dict) or not isinstance(data.get("sync"), dict | SyncSettings):
+            return data
+        try:
+            sync = SyncSettings.model_validate(data["sync"])
+        except ValueError:
+            return data  # field validation names the problem
+        strategy = data.get("strategy", {})
+        if isinstance(strategy, dict):
+            data = data | {"strategy": {"name": "fedbuff", "buffer_size": sync.size} | strategy}
+        return {"max_staleness": 0} | data
+
+    @model_validator(mode="after")
+    def _sync_is_consistent(self) -> AggregatorConfig:
+        sync = self.sync
+        if sync is None:
+            return self
+        if self.strategy.name != "fedbuff" or self.strategy.buffer_size != sync.size:
+            raise ValueError(
+                f"[sync] rounds of {sync.size} need strategy fedbuff with buffer_size "
+                f"{sync.size} (leave [strategy] name and buffer_size out to get them)"
+            )
+        if self.max_staleness != 0:
+            raise ValueError("[sync] rounds need max_staleness 0 (leave it out to get it)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

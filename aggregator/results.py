@@ -88,6 +88,9 @@ class Results:
     """Central DP: noise multiplier, clip norm, releases and the (ε, δ) estimate."""
     split: list[SplitRecord] = field(default_factory=list)
     """Split learning: every answered request's bytes each way and server time."""
+    rounds: list[Any] = field(default_factory=list)
+    """Synchronous rounds: each round's record (a dataclass), who was picked and when it
+    closed (:class:`aggregator.rounds.RoundRecord`); empty for asynchronous merging."""
     series: Path | None = None
     """Where each version's record is appended as one JSON line when it is made, so a run
     that dies keeps its history (:func:`series_path` of the results file)."""
@@ -113,6 +116,7 @@ class Results:
             "merges": self.merges,
             "privacy": self.privacy,
             "split": [asdict(record) for record in self.split],
+            "rounds": [asdict(record) for record in self.rounds],
         }
 
     def save(self, path: str | Path) -> None:

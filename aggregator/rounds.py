@@ -76,6 +76,23 @@ class RoundPlan:
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ConfigError(f"round_deadline_s must be > 0, got {self.deadline_s}")
 
+    @classmethod
+    def of(cls, config: AggregatorConfig) -> RoundPlan:
+        """The rounds ``config``'s ``[sync]`` table asks for, drawn with its seed.
+
+        Raises:
+            ConfigError: ``config`` has no ``[sync]`` table.
+        """
+        if config.sync is None:
+            raise ConfigError("synchronous rounds need a [sync] table")
+        sync = config.sync
+        return cls(
+            clients=sync.clients,
+            per_round=sync.clients_per_round,
+            deadline_s=sync.round_deadline_s,
+            seed=config.seed,
+        )
+
     @property
     def size(self) -> int:
         """Devices per round."""
@@ -122,6 +139,9 @@ class SyncRoundService(AggregatorService):
             raise ConfigError(f"{self._strategy!r} cannot close a round at its deadline")
         self.plan = plan
         self.rounds: list[RoundRecord] = []
+        self.results.rounds = self.rounds  # the same list: written with the results
+        self._contributed: set[str] = set()
+        """Devices whose update the open round has taken."""
         self._overdue = False
         self._timer: asyncio.Task[None] | None = None
 
@@ -141,10 +161,8 @@ class SyncRoundService(AggregatorService):
                     await self._timer
 
     def _task(self) -> Task:
-        task = super()._task()
-        if self.plan.size == len(self.plan.clients):
-            return task  # everyone takes part: an empty list says so in fewer bytes
-        return task.model_copy(update={"round_clients": self.selection})
+        """The task naming this round's devices: what tells a device it trains in rounds."""
+        return super()._task().model_copy(update={"round_clients": self.selection})
 
     async def _publish_version(self) -> None:
         """Open the round of the new version once its global is out and scored.
@@ -163,27 +181,33 @@ class SyncRoundService(AggregatorService):
             RoundRecord(version=self.version, selected=self.selection, opened_s=opened)
         )
         self._overdue = False
+        self._contributed.clear()
         if self.plan.deadline_s is not None:
             self._timer = asyncio.create_task(
                 self._deadline(self.version, self.plan.deadline_s), name="round-deadline"
             )
 
     async def _handle_update(self, update: Update, size: int) -> None:
-        """Refuse unselected devices; close an overdue round on its first arrival."""
-        if (
-            update.base_version == self.version
-            and update.client_id not in self.selection
-            and update.update_id not in self._answered
-        ):
-            await self._refuse_unselected(update, size)
-            return
+        """Take one update per picked device per round; an overdue round closes on arrival."""
+        if update.base_version == self.version and update.update_id not in self._answered:
+            client, version = update.client_id, self.version
+            if client not in self.selection:
+                detail = f"{client} was not selected for round {version}"
+                await self._refuse_unselected(update, size, detail)
+                return
+            if client in self._contributed:
+                detail = f"{client} answered round {version} already: one update per round"
+                await self._refuse_unselected(update, size, detail)
+                return
         before = self.version
         await super()._handle_update(update, size)
+        ack = self._answered.get(update.update_id)
+        if self.version == before and ack is not None and ack.accepted:
+            self._contributed.add(update.client_id)
         if self._overdue and self.version == before and self._strategy.pending:
             await self._close_round()
 
-    async def _refuse_unselected(self, update: Update, size: int) -> None:
-        detail = f"{update.client_id} was not selected for round {self.version}"
+    async def _refuse_unselected(self, update: Update, size: int, detail: str) -> None:
         log.warning("refused update %s: %s", update.update_id, detail)
         unselected = UpdateRejected("not_selected", detail)
         await self._reject(

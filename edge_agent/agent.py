@@ -365,13 +365,12 @@ class EdgeAgent:
     async def _wait_for_turn(self, training: _Training) -> None:
         """Wait until the device is online and, in synchronous rounds, picked for a new one."""
         answered = training.answered_base
-        if self.config.once_per_version and answered is not None:  # a newer version or run
-            await self._wait_for(
-                lambda: self._global is not None and _order(self._global) > answered
-            )
+        in_rounds = self.config.once_per_version or bool(training.task.round_clients)
+        if in_rounds and answered is not None:  # a newer version or run
+            await self._wait_for(lambda: bool(self._global and _order(self._global) > answered))
         if self._emulation is not None:
             await self._emulation.before_fit()
-        if self.config.once_per_version:
+        if in_rounds:
             await self._wait_until_picked()
 
     async def _follow_replan(self, training: _Training) -> bool:

@@ -23,8 +23,10 @@ class AgentConfig(CommandSettings):
     slowdown: float = Field(default=1.0, ge=1.0)
     """Emulates a slower device: after each fit, wait (slowdown - 1) x the fit's compute time."""
     once_per_version: bool = False
-    """Synchronous rounds: after an accepted update, wait for the next global version before
-    training again (classic FedAvg), instead of training on as soon as the ack arrives."""
+    """After an accepted update, wait for the next global version before training again
+    (classic FedAvg), instead of training on as soon as the ack arrives. An aggregator with
+    a ``[sync]`` table names each round's devices in its task, and the agent then does this
+    (and trains only in rounds it is picked for) without being told."""
     max_updates: int = Field(default=0, ge=0)
     """Stop after this many answered updates (0 = run until stopped)."""
     ack_timeout_s: float = Field(default=30.0, gt=0)

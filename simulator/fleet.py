@@ -317,8 +317,6 @@ def _fleet_result(
 ) -> FleetResult:
     """The aggregator's record (sync rounds included, device times simulated) and the rest."""
     results = service.results.to_dict()
-    if isinstance(service, SyncRoundService):
-        results["rounds"] = [asdict(r) for r in service.rounds]
     return FleetResult(
         results=_simulated_times(results, config.time_scale) if config.devices else results,
         agents=reports,

@@ -149,3 +149,57 @@ def test_rounds_need_fedbuff_sized_to_the_round() -> None:
     plan = RoundPlan(clients=CLIENTS, per_round=2)
     with pytest.raises(ConfigError, match="buffer_size 2"):
         SyncRoundService(make_config(3), MemoryBroker().transport("x"), plan=plan)
+
+
+def test_a_sync_table_sets_up_rounds_without_other_settings() -> None:
+    """``[sync]`` alone gives FedBuff with a buffer of one round and no stale update."""
+    config = AggregatorConfig.model_validate(
+        {"federation": FED, "seed": 4, "sync": {"clients": CLIENTS, "clients_per_round": 2}}
+    )
+    assert config.strategy.name == "fedbuff" and config.strategy.buffer_size == 2
+    assert config.max_staleness == 0
+    plan = RoundPlan.of(config)
+    assert plan.clients == CLIENTS and plan.size == 2 and plan.seed == 4
+    whole = AggregatorConfig.model_validate({"federation": FED, "sync": {"clients": CLIENTS}})
+    assert whole.strategy.buffer_size == 3 and RoundPlan.of(whole).per_round is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"strategy": {"buffer_size": 3}}, "buffer_size 2"),
+        ({"strategy": {"name": "fedasync"}}, "fedbuff"),
+        ({"max_staleness": 2}, "max_staleness 0"),
+        ({"sync": {"clients": CLIENTS, "clients_per_round": 4}}, "more than the 3 clients"),
+        ({"sync": {"clients": ("a", "a")}}, "distinct"),
+        ({"sync": {"clients": ()}}, "at least 1"),
+    ],
+)
+def test_a_sync_table_refuses_what_contradicts_rounds(
+    extra: dict[str, object], message: str
+) -> None:
+    data = {"federation": FED, "sync": {"clients": CLIENTS, "clients_per_round": 2}} | extra
+    with pytest.raises(ValueError, match=message):
+        AggregatorConfig.model_validate(data)
+
+
+async def test_every_round_names_its_devices_even_when_all_take_part() -> None:
+    """The names in the task are how an agent knows it trains in rounds."""
+    plan = RoundPlan(clients=CLIENTS)
+    async with running(plan) as (_, _, watcher):
+        assert (await newest_task(watcher, 0)).round_clients == CLIENTS
+
+
+async def test_a_device_answers_each_round_once() -> None:
+    """A fast device cannot fill a round in place of a slower one that was picked too."""
+    plan = RoundPlan(clients=CLIENTS, per_round=2, seed=1)  # rounds 0 and 1 both take dev1
+    async with running(plan) as (service, device, _):
+        first, second = plan.selected(0)
+        assert first in plan.selected(1)
+        assert (await send(device, update(service, first, 0))).accepted
+        again = await send(device, update(service, first, 0))
+        assert not again.accepted and again.reason == "not_selected"
+        assert "already" in (again.detail or "") and service.version == 0
+        assert (await send(device, update(service, second, 0))).accepted
+        assert service.version == 1
+        assert (await send(device, update(service, first, 1))).accepted  # a new round

@@ -30,9 +30,18 @@ def _write(path: Path, values: dict[str, object]) -> Path:
 
 
 def _federation(
-    tmp_path: Path, url: str, federation: str, *, max_versions: int, max_updates: int
+    tmp_path: Path,
+    url: str,
+    federation: str,
+    *,
+    max_versions: int,
+    max_updates: int,
+    sync: bool = False,
 ) -> list[Proc]:
     """An aggregator and two agents, each started with ``--config FILE`` and nothing else."""
+    merging: dict[str, object] = (
+        {"sync": {"clients": ["dev0", "dev1"]}} if sync else {"strategy": {"buffer_size": 2}}
+    )
     aggregator_file = _write(
         tmp_path / "aggregator.toml",
         {
@@ -42,9 +51,9 @@ def _federation(
             "checkpoint_dir": str(tmp_path / "checkpoints"),
             "eval_data": "synthetic:n=16,seed=9",
             "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
-            "strategy": {"buffer_size": 2},
             "mqtt": {"url": url},
-        },
+        }
+        | merging,
     )
     procs = [
         Proc("aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log")
@@ -61,7 +70,9 @@ def _federation(
                 "state_dir": str(tmp_path / f"dev{i}"),
                 "torch_threads": 1,
                 "mqtt": {"url": url},
-            },
+            }
+            # In rounds a slower device must not let a faster one answer twice in its place.
+            | ({"slowdown": 4.0} if sync and i == 1 else {}),
         )
         procs.append(Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log"))
     return procs
@@ -87,6 +98,35 @@ async def test_aggregator_and_agents_run_from_their_files_alone(
     assert history[-1]["version"] == 3, _logs(procs)
     assert (tmp_path / "checkpoints" / "manifest.json").exists()
     assert "dev0: torch uses 1 CPU thread(s)" in procs[1].text()
+
+
+async def test_a_sync_table_runs_fedavg_rounds_with_agents_that_know_nothing_of_it(
+    durable_broker: MosquittoProcess, tmp_path: Path, federation: str
+) -> None:
+    """Only the aggregator's file says ``[sync]``: each device trains once per round."""
+    procs = _federation(
+        tmp_path, durable_broker.url, federation, max_versions=3, max_updates=3, sync=True
+    )
+    try:
+        for proc in procs:
+            proc.start()
+        codes = {proc.name: await proc.exited(120) for proc in procs}
+    finally:
+        for proc in procs:
+            proc.cleanup()
+    assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["history"][-1]["version"] == 3, _logs(procs)
+    accepted = [u for u in results["updates"] if u["accepted"]]
+    assert len(accepted) == 6 and {u["staleness"] for u in accepted} == {0}, results["updates"]
+    assert all(u["accepted"] for u in results["updates"]), results["updates"]
+    for client in ("dev0", "dev1"):  # one update per round, on that round's version
+        bases = sorted(u["base_version"] for u in accepted if u["client_id"] == client)
+        assert bases == [0, 1, 2]
+    rounds = results["rounds"]
+    assert [r["version"] for r in rounds][:3] == [0, 1, 2]
+    assert all(r["selected"] == ["dev0", "dev1"] for r in rounds)
+    assert [r["closed"] for r in rounds[:3]] == ["full"] * 3
 
 
 async def test_sigterm_stops_every_process_cleanly_with_its_results_written(

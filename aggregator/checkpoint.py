@@ -303,25 +303,10 @@ class CheckpointStore:
             ConfigError: The checkpoint belongs to another federation or task, is from an
                 unknown format, or a file it names is missing or damaged.
         """
-        try:
-            raw = self.manifest_path.read_bytes()
-        except FileNotFoundError:
+        manifest = self._manifest(federation=federation, task_id=task_id)
+        if manifest is None:
             self._collect_garbage(None)
             return None
-        try:
-            manifest = _Manifest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise ConfigError(f"{self.manifest_path} is not a readable checkpoint: {exc}") from exc
-        if manifest.format_version != FORMAT_VERSION:
-            raise ConfigError(
-                f"checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; "
-                "move the folder away to start afresh"
-            )
-        if (manifest.federation, manifest.task_id) != (federation, task_id):
-            raise ConfigError(
-                f"{self.directory} holds federation {manifest.federation!r} task "
-                f"{manifest.task_id!r}, not {federation!r} {task_id!r}"
-            )
         globals_: dict[int, TensorMap] = {
             ref.version: self._read_tensors(ref) for ref in manifest.globals
         }
@@ -353,6 +338,40 @@ class CheckpointStore:
             )
         except ValueError as exc:
             raise ConfigError(f"{self.manifest_path}: {exc}") from exc
+
+    def kept_globals(self, *, federation: str, task_id: str) -> tuple[int, dict[int, TensorMap]]:
+        """The committed version and the globals kept with it, changing no file.
+
+        A running aggregator may own the folder, so nothing is collected here.
+
+        Raises:
+            ConfigError: As :meth:`load`, or the folder holds no checkpoint.
+        """
+        manifest = self._manifest(federation=federation, task_id=task_id)
+        if manifest is None:
+            raise ConfigError(f"{self.directory} holds no checkpoint")
+        return manifest.version, {ref.version: self._read_tensors(ref) for ref in manifest.globals}
+
+    def _manifest(self, *, federation: str, task_id: str) -> _Manifest | None:
+        try:
+            raw = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = _Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"{self.manifest_path} is not a readable checkpoint: {exc}") from exc
+        if manifest.format_version != FORMAT_VERSION:
+            raise ConfigError(
+                f"checkpoint format {manifest.format_version} is not {FORMAT_VERSION}; "
+                "move the folder away to start afresh"
+            )
+        if (manifest.federation, manifest.task_id) != (federation, task_id):
+            raise ConfigError(
+                f"{self.directory} holds federation {manifest.federation!r} task "
+                f"{manifest.task_id!r}, not {federation!r} {task_id!r}"
+            )
+        return manifest
 
     def _read_tensors(self, ref: _FileRef) -> dict[str, torch.Tensor]:
         path = self.directory / ref.file

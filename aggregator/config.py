@@ -239,6 +239,10 @@ class AggregatorConfig(CommandSettings):
     privacy: PrivacySettings | None = None
     """Central client-level DP (FedBuff, ``robust = "mean"``): updates clipped to
     ``clip_norm``, Gaussian noise on every merged buffer; (ε, δ) reported in the results."""
+    init_adapter: str | None = None
+    """A PEFT adapter folder (``adapter_config.json`` and weights) a fresh run starts from
+    instead of a new adapter: its rank, alpha and target modules must be ``[lora]``'s. A
+    run resumed from ``checkpoint_dir`` goes on from its checkpoint instead."""
     sync: SyncSettings | None = None
     """Synchronous FedAvg rounds instead of asynchronous merging; None: asynchronous."""
 

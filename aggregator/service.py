@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from peft import PeftModel
 
 from aggregator import ops
 from aggregator.acks import AckSender
+from aggregator.adapter_folder import FederationModel, initial_adapter, keep_latest
 from aggregator.audit import AUDIT_FILE, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
@@ -33,9 +35,8 @@ from aggregator.strategies import MergeResult, Strategy
 from aggregator.update_checks import CheckedDelta, UpdateChecks
 from aggregator.validation import ValidationPolicy, samples_cap
 from edgefed.data.loading import load_data
-from edgefed.data.sources import num_labels
 from edgefed.ml.evaluation import evaluate
-from edgefed.ml.models import adapter_shapes, attach_lora, build_model, get_adapter, set_adapter
+from edgefed.ml.models import adapter_shapes, set_adapter
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalSigner, signed_by
 from edgefed.transport.base import Transport
@@ -188,7 +189,7 @@ class AggregatorService:
             self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
         try:
-            self._resume(get_adapter(model))
+            self._resume(lambda: initial_adapter(self.config, model))
             self._checks = UpdateChecks.of(
                 self.config, self._policy, self._shapes, self._kd, run_id=self.run_id
             )
@@ -237,9 +238,7 @@ class AggregatorService:
         return lr_factor(cfg.strategy.schedule, progress, final=cfg.strategy.final_lr)
 
     def _build_model(self) -> PeftModel:
-        num = num_labels(self.config.dataset)
-        base = build_model(self.config.model, seed=self.config.seed, num_labels=num)
-        return attach_lora(base, self.config.lora)
+        return FederationModel.of(self.config).build()
 
     def _task(self) -> Task:
         cfg, train = self.config, self.config.train
@@ -283,6 +282,9 @@ class AggregatorService:
         for old in [v for v in self._chunks_published if v < version]:
             for index in range(self._chunks_published.pop(old)):
                 await self._transport.clear_retained(topics.global_model(fed, old, index))
+        await asyncio.to_thread(  # <checkpoint_dir>/adapter/: the latest global, as PEFT
+            keep_latest, self._model, self.current, self.config, version=version, run_id=self.run_id
+        )
         self.published_version = version
         self._published.set()
         self._published = asyncio.Event()
@@ -518,7 +520,7 @@ class AggregatorService:
             run_id=self.run_id,
         )
 
-    def _resume(self, initial: TensorMap) -> None:
+    def _resume(self, initial: Callable[[], TensorMap]) -> None:
         """Continue from the latest checkpoint when there is one, else start at version 0.
 
         Raises:
@@ -528,7 +530,7 @@ class AggregatorService:
         checkpoint = self._ledger.resume(federation=fed, task_id=task_id)
         if checkpoint is None:  # a new run: what earlier runs left on the broker loses to it
             self.run_id = new_run_id()
-            self._globals[0] = initial
+            self._globals[0] = initial()
             self._ledger.recover_audit(())
             return
         self.run_id = checkpoint.run_id
@@ -555,13 +557,7 @@ class AggregatorService:
         for entry in checkpoint.answered:
             if entry.update_id is not None:
                 self._answered[entry.update_id] = entry.to_ack()
-        log.info(
-            "resumed %s from checkpoint %d at version %d (%d updates buffered)",
-            fed,
-            checkpoint.commit,
-            self.version,
-            self._strategy.pending,
-        )
+        log.info("resumed %s at version %d", fed, self.version)
 
     def _next_perturbations(self, update: Update, used: int | None) -> int | None:
         """Fold a forward-gradient update's variance in; the K to ask its sender for next."""

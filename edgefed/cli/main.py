@@ -20,6 +20,7 @@ from edgefed.cli import (
     broker,
     credentials,
     demo,
+    export,
     plan,
     simulate,
 )
@@ -61,6 +62,7 @@ COMMANDS: dict[str, Command] = {
     "assets": assets,
     "credentials": credentials,
     "plan": plan,
+    "export": export,
 }
 
 

@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from edgefed.ml.models import build_model
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
 from edgefed.transport.config import BrokerURL
+from tests.peft_helpers import reload_with_peft
 from tests.system.conftest import Proc, _toml
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -98,6 +101,20 @@ async def test_aggregator_and_agents_run_from_their_files_alone(
     assert history[-1]["version"] == 3, _logs(procs)
     assert (tmp_path / "checkpoints" / "manifest.json").exists()
     assert "dev0: torch uses 1 CPU thread(s)" in procs[1].text()
+    # The last global is a PEFT folder, and `edgefed export` writes it the same way.
+    kept = tmp_path / "checkpoints" / "adapter"
+    assert json.loads((kept / "edgefed.json").read_text())["version"] == 3
+    export = Proc("export", ["export", "--checkpoint-dir", str(kept.parent), "--out",
+                             str(tmp_path / "v3")], tmp_path / "export.log")  # fmt: skip
+    assert await export.start().exited(120) == 0, export.text()
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        outputs = [
+            reload_with_peft(build_model("tiny", seed=0), folder)(input_ids=ids).logits
+            for folder in (kept, tmp_path / "v3")
+        ]
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], build_model("tiny", seed=0)(input_ids=ids).logits)
 
 
 async def test_a_sync_table_runs_fedavg_rounds_with_agents_that_know_nothing_of_it(

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from aggregator.audit import MergeEntry, UpdateEntry, read_audit
+from edge_agent.outbox import OUTBOX_FILE, Answer, Outbox
 from edgefed.ml.models import build_model
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
 from edgefed.transport.config import BrokerURL
@@ -149,36 +151,64 @@ async def test_a_sync_table_runs_fedavg_rounds_with_agents_that_know_nothing_of_
 async def test_sigterm_stops_every_process_cleanly_with_its_results_written(
     durable_broker: MosquittoProcess, tmp_path: Path, federation: str
 ) -> None:
-    """What systemd and ``docker stop`` send: results are written and every exit code is 0."""
+    """What systemd and ``docker stop`` send: results are written and every exit code is 0;
+    started again, the federation merges what the agents kept unanswered exactly once."""
     procs = _federation(tmp_path, durable_broker.url, federation, max_versions=0, max_updates=0)
     series = tmp_path / "results.versions.jsonl"
     try:
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + 90
-        # Mid-run: every process connected and the federation two versions on.
-        while not (
-            series.exists()
-            and len(series.read_text().splitlines()) >= 3  # versions 0, 1, 2
-            and all("connected to" in proc.text() for proc in procs)
-        ):
-            assert time.monotonic() < deadline, _logs(procs)
-            assert all(proc.running for proc in procs), _logs(procs)
-            await asyncio.sleep(0.2)
-        for proc in procs:
-            assert proc.popen is not None
-            proc.popen.send_signal(signal.SIGTERM)
-        codes = {proc.name: await proc.exited(30) for proc in procs}
+        first = await _run_then_sigterm(procs, series, versions=3)  # versions 0, 1, 2
+        history = json.loads((tmp_path / "results.json").read_text())["history"]
+        # Each version was appended as it was made, not only written at the end.
+        lines = series.read_text().splitlines()
+        assert [json.loads(line)["version"] for line in lines] == [r["version"] for r in history]
+        kept = {c: _outbox(tmp_path, c)[0] for c in ("dev0", "dev1")}
+        second = await _run_then_sigterm(procs, series, versions=len(lines) + 2)
     finally:
         for proc in procs:
             proc.cleanup()
-    assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
-    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert first == second == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
     assert history[-1]["version"] >= 2, _logs(procs)
     assert "SIGTERM received: stopping cleanly" in procs[0].text()
-    # Each version was appended as it was made, not only written at the end.
-    lines = series.read_text().splitlines()
-    assert [json.loads(line)["version"] for line in lines] == [r["version"] for r in history]
+    entries = read_audit(tmp_path / "checkpoints" / "audit.jsonl")
+    accepted = [
+        e.update_id for e in entries if isinstance(e, UpdateEntry) and e.decision == "accepted"
+    ]
+    merged = [uid for e in entries if isinstance(e, MergeEntry) for uid in e.update_ids]
+    assert len(accepted) == len(set(accepted)) and len(merged) == len(set(merged))
+    for client, pending in kept.items():  # kept over the stop: answered after it, once
+        answered = {a.update_id: a for a in _outbox(tmp_path, client)[1]}
+        assert set(pending) <= answered.keys(), (client, pending)
+        assert all(accepted.count(uid) == 1 for uid in pending if answered[uid].accepted)
+
+
+def _outbox(tmp_path: Path, client: str) -> tuple[list[str], list[Answer]]:
+    """What an agent's outbox holds: pending update ids, and the answers it recorded."""
+    with Outbox(tmp_path / client / OUTBOX_FILE) as outbox:
+        return outbox.pending_ids(), outbox.answers()
+
+
+def _recorded(series: Path) -> int:
+    """Versions the aggregator has appended to its per-version JSONL so far."""
+    return len(series.read_text().splitlines()) if series.exists() else 0
+
+
+async def _run_then_sigterm(procs: list[Proc], series: Path, *, versions: int) -> dict[str, int]:
+    """Start every process, wait until all are connected and ``versions`` are recorded,
+    then stop them all with SIGTERM; their exit codes."""
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + 90
+    while not (
+        _recorded(series) >= versions
+        and all(proc.text().count("connected to") >= proc.starts for proc in procs)
+    ):
+        assert time.monotonic() < deadline, _logs(procs)
+        assert all(proc.running for proc in procs), _logs(procs)
+        await asyncio.sleep(0.2)
+    for proc in procs:
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGTERM)
+    return {proc.name: await proc.exited(30) for proc in procs}
 
 
 async def test_an_agent_waits_for_a_broker_that_is_down_and_joins_when_it_comes(

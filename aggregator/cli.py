@@ -62,7 +62,8 @@ async def _run_with_split(service: AggregatorService, transport_config: Transpor
     """Run ``service`` with the split server beside it, on a connection of its own."""
     from aggregator.split_service import SplitService  # noqa: PLC0415  # split tasks only
 
-    async with MqttTransport(split_transport(transport_config)) as transport:
+    login = service.config.split_mqtt
+    async with MqttTransport(split_transport(transport_config, login)) as transport:
         split = SplitService.beside(service, transport)
         serving = asyncio.create_task(split.run(), name="split-server")
         try:

@@ -234,6 +234,11 @@ class AggregatorConfig(CommandSettings):
     answer) to this JSON file when it stops."""
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
+    split_mqtt: MqttSettings | None = None
+    """The split server's own login (``[split_mqtt]``; ``url`` defaults to the aggregator's
+    broker). A broker that makes the user name the client id (production.conf) needs it: a
+    second login as the aggregator would close the aggregator's connection. None: the split
+    server logs in as ``[mqtt]`` says, with a client id of its own."""
     signing_key: str | None = None
     """PEM Ed25519 private key: every published global and task is signed with it."""
     privacy: PrivacySettings | None = None

@@ -16,6 +16,7 @@ import dataclasses
 
 from aggregator.config import AggregatorConfig
 from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.connection import MqttSettings
 
 
 def aggregator_client_id(federation: str) -> str:
@@ -38,8 +39,24 @@ def aggregator_transport(config: AggregatorConfig, *, url: str | BrokerURL) -> T
     )
 
 
-def split_transport(aggregator: TransportConfig) -> TransportConfig:
-    """The split server's connection beside the aggregator's: same broker, own clean session."""
-    return dataclasses.replace(
-        aggregator, client_id=f"{aggregator.client_id}-split", clean_session=True
+def split_transport(
+    aggregator: TransportConfig, login: MqttSettings | None = None
+) -> TransportConfig:
+    """The split server's connection beside the aggregator's: same broker, own clean session.
+
+    It logs in as ``login`` (the ``[split_mqtt]`` table) when the configuration gives one.
+
+    Raises:
+        ConfigError: a setting of ``login`` cannot work.
+    """
+    client_id = f"{aggregator.client_id}-split"
+    if login is None:
+        return dataclasses.replace(aggregator, client_id=client_id, clean_session=True)
+    return login.transport_config(
+        url=login.broker_url(None) or aggregator.broker,
+        client_id=client_id,
+        clean_session=True,
+        max_payload=aggregator.max_payload,
+        max_message_bytes=aggregator.max_message_bytes,
+        connect_timeout_s=aggregator.connect_timeout_s,
     )

@@ -52,6 +52,10 @@ PRODUCTION_CONFIG: Final = CONFIG_DIR / "production.conf"
 ACL_FILE: Final = CONFIG_DIR / "edgefed.acl"
 AGGREGATOR: Final = "aggregator"
 """The aggregator's identity; broker_config/edgefed.acl gives this user name its rights."""
+SPLIT_SERVER: Final = "aggregator-split"
+"""The split server's identity, beside the aggregator on its host: a broker that makes the
+user name the client id would take a second ``aggregator`` login for the first one's
+replacement and close it. Its login lives in the aggregator's folder (``split.*``)."""
 DEFAULT_PORT: Final = 8883
 _PATH_KEYS: Final = ("cafile", "certfile", "keyfile", "crlfile", "password_file", "acl_file")
 _CERT_MODE_KEYS: Final = ("require_certificate", "use_identity_as_username", "crlfile")
@@ -375,8 +379,8 @@ def _check_identity(name: str, *, device: bool) -> str:
         check_name(name, "identity")
     except TopicError as exc:
         raise ConfigError(str(exc)) from exc
-    if device and name == AGGREGATOR:
-        raise ConfigError(f"{AGGREGATOR!r} is the aggregator's identity; a device needs another")
+    if device and name in (AGGREGATOR, SPLIT_SERVER):
+        raise ConfigError(f"{name!r} is the aggregator's identity; a device needs another")
     return name
 
 
@@ -387,41 +391,59 @@ def _toml_str(value: str) -> str:
 def _write_identity(
     layout: CredentialsDir, name: str, *, client_cert: bool, days: int, broker_user: str | None
 ) -> Path:
-    settings = layout._settings()
     folder = layout.identity(name)
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
-    password = secrets.token_urlsafe(24)
-    _write_secret(folder / "password", password.encode())
     shutil.copyfile(layout.ca / "ca.crt", folder / "ca.crt")
     lines = [
         "# edgefed connection settings for this identity; secrets stay in the files named here.",
         "[mqtt]",
-        f"url = {_toml_str(str(settings['url']))}",
-        f"ca_file = {_toml_str(str(folder / 'ca.crt'))}",
-        f"username = {_toml_str(name)}",
-        f"password_file = {_toml_str(str(folder / 'password'))}",
+        *_login(layout, name, folder, prefix="", client_cert=client_cert, days=days),
     ]
-    if client_cert:
-        _revoke_certificate(layout, folder / "client.crt")  # a rotated certificate stops working
-        ca_key, ca_cert = _load_ca(layout)
-        key, cert = _issue(ca_key, ca_cert, common_name=name, days=days)
-        _write_secret(folder / "client.key", _pem_key(key))
-        (folder / "client.crt").write_bytes(_pem_cert(cert))
-        lines += [
-            f"cert_file = {_toml_str(str(folder / 'client.crt'))}",
-            f"key_file = {_toml_str(str(folder / 'client.key'))}",
-        ]
     if name == AGGREGATOR:
         shutil.copyfile(layout.signing / "global.key", folder / "global.key")
         (folder / "global.key").chmod(0o600)
         lines.insert(1, f"signing_key = {_toml_str(str(folder / 'global.key'))}")
+        lines += [
+            "",
+            "# The split server's own login (it connects beside the aggregator).",
+            "[split_mqtt]",
+        ]
+        lines += _login(
+            layout, SPLIT_SERVER, folder, prefix="split.", client_cert=client_cert, days=days
+        )
     else:
         lines.insert(1, trusted_keys_line(layout, folder))
     (folder / "connection.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _set_password(layout, name, password)
     _give_to_broker_user(layout.broker, broker_user)
     return folder
+
+
+def _login(
+    layout: CredentialsDir, name: str, folder: Path, *, prefix: str, client_cert: bool, days: int
+) -> list[str]:
+    """A fresh password (and certificate) for ``name`` in ``folder``; its ``[mqtt]`` lines."""
+    password = secrets.token_urlsafe(24)
+    _write_secret(folder / f"{prefix}password", password.encode())
+    lines = [
+        f"url = {_toml_str(str(layout._settings()['url']))}",
+        f"ca_file = {_toml_str(str(folder / 'ca.crt'))}",
+        f"username = {_toml_str(name)}",
+        f"password_file = {_toml_str(str(folder / f'{prefix}password'))}",
+    ]
+    if client_cert:
+        cert_path, key_path = folder / f"{prefix}client.crt", folder / f"{prefix}client.key"
+        _revoke_certificate(layout, cert_path)  # a rotated certificate stops working
+        ca_key, ca_cert = _load_ca(layout)
+        key, cert = _issue(ca_key, ca_cert, common_name=name, days=days)
+        _write_secret(key_path, _pem_key(key))
+        cert_path.write_bytes(_pem_cert(cert))
+        lines += [
+            f"cert_file = {_toml_str(str(cert_path))}",
+            f"key_file = {_toml_str(str(key_path))}",
+        ]
+    _set_password(layout, name, password)
+    return lines
 
 
 def trusted_keys_line(layout: CredentialsDir, folder: Path) -> str:

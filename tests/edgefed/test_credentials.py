@@ -44,7 +44,11 @@ def test_credentials_init_and_add_device_keep_secrets_private(
     assert password and password not in printed
     hashes = layout.password_file.read_text()
     assert password not in hashes
-    assert {line.split(":")[0] for line in hashes.splitlines()} == {"aggregator", "pi-01"}
+    assert {line.split(":")[0] for line in hashes.splitlines()} == {
+        "aggregator",
+        "aggregator-split",
+        "pi-01",
+    }
     assert all(line.split(":")[1].startswith("$7$") for line in hashes.splitlines())
     for secret in (
         layout.ca / "ca.key",

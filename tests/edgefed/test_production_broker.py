@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from edge_agent.config import AgentConfig
 from edgefed.data.synthetic import synthetic_shards
 from edgefed.security.credentials import (
     AGGREGATOR,
+    SPLIT_SERVER,
     CredentialsDir,
     add_device,
     init_credentials,
@@ -44,6 +46,7 @@ from schemas import topics
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Ack, GlobalModel, ModelRef, Status, Task, Update
 from tests.edgefed.transport_helpers import assert_silent, receive_message
+from tests.system.conftest import Proc
 
 pytestmark = pytest.mark.broker
 
@@ -451,3 +454,49 @@ async def test_revoked_password_and_client_certificate_are_refused(
             async with MqttTransport(revoked):
                 pass
         gc.collect()  # while the warning filter above still applies
+
+
+# --------------------------------------------------------------------------- split learning
+
+
+@pytest.mark.slow
+async def test_split_federation_runs_as_processes_under_production_conf(
+    federation: str, tmp_path: Path
+) -> None:
+    """The split server logs in as its own identity: the broker never closes the
+    aggregator's connection for a second ``aggregator`` login, and split steps flow."""
+    with _secure_broker() as broker:
+        aggregator_file = broker.layout.identity(AGGREGATOR) / "connection.toml"
+        split_login = load_settings(AggregatorConfig, aggregator_file, federation=federation)
+        assert split_login.split_mqtt is not None
+        assert split_login.split_mqtt.username == SPLIT_SERVER
+        config = tmp_path / "aggregator.toml"
+        config.write_text(
+            aggregator_file.read_text(encoding="utf-8").replace(
+                "[mqtt]",
+                f'federation = "{federation}"\nmethod = "split"\nmax_versions = 2\n'
+                f'json_out = "{tmp_path / "results.json"}"\n'
+                'eval_data = "synthetic:n=16,seed=9"\n[strategy]\nbuffer_size = 2\n\n[mqtt]',
+                1,
+            )
+        )
+        procs = [Proc("aggregator", ["aggregator", "--config", str(config)], tmp_path / "a.log")]
+        for index, device in enumerate(DEVICES):
+            args = ["agent", "--config", str(broker.layout.identity(device) / "connection.toml")]
+            args += ["--federation", federation, "--client-id", device, "--max-updates", "2"]
+            args += ["--data", f"synthetic:n=32,seed={index + 1}"]
+            procs.append(Proc(device, args, tmp_path / f"{device}.log"))
+        try:
+            for proc in procs:
+                proc.start()
+            codes = {proc.name: await proc.exited(150) for proc in procs}
+        finally:
+            for proc in procs:
+                proc.cleanup()
+        logs = "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
+        assert codes == {"aggregator": 0, "dev-1": 0, "dev-2": 0}, logs
+        broker_log = broker.process.log_text
+    assert "already connected" not in broker_log, broker_log[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["history"][-1]["version"] == 2
+    assert {record["client_id"] for record in results["split"]} == set(DEVICES)

@@ -15,7 +15,7 @@ LOCK_VENV := .venv-lock
 # `pip freeze` and pip-compile spell names differently (PyYAML, typing_extensions).
 NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[-_.]+/, "-", n); print n "==" $$2}'
 
-.PHONY: test test-latest demo assets lint typecheck pytest bench bench-seed lock lock-upgrade clean
+.PHONY: test test-latest demo assets lint typecheck pytest bench bench-seed lock lock-upgrade clean arm64-check
 
 # The locked install. torch first, from its one pin and without dependencies (an open range
 # would pull a multi-GB CUDA build); then every other package from the lock with its hash;
@@ -77,6 +77,11 @@ test: lint typecheck pytest
 
 demo: assets
 	$(BIN)/edgefed demo
+
+# The Raspberry Pi notes on an emulated Debian arm64 root: one arm64 agent's update accepted.
+# Needs root and Debian's debootstrap and qemu-user-static; slow (not in CI).
+arm64-check: $(STAMP)
+	examples/raspberry-pi/arm64-check.sh
 
 bench: $(STAMP)
 	nice -n 10 $(BIN)/edgefed bench all

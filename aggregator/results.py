@@ -27,15 +27,18 @@ class UpdateRecord:
     """One received update and what the aggregator did with it."""
 
     client_id: str
+    """The sender: for an unreadable update, the one its topic names."""
     update_id: str
-    base_version: int
-    staleness: int
+    """``unreadable`` when the payload did not decode to an update."""
+    base_version: int | None
+    staleness: int | None
+    """None for an update refused before its version was examined (unreadable)."""
     bytes: int
     accepted: bool
     reason: str | None
     version_after: int
     time_s: float
-    method: str = "lora"
+    method: str | None = "lora"
     """How the update was trained, so bytes per update compare across methods."""
 
     @classmethod
@@ -54,6 +57,22 @@ class UpdateRecord:
             version_after=ack.version,
             time_s=time_s,
             method=update.method,
+        )
+
+    @classmethod
+    def unreadable(cls, ack: Ack, *, size: int, time_s: float) -> UpdateRecord:
+        """The record of a payload that never became an update, refused with ``ack``."""
+        return cls(
+            client_id=ack.client_id,
+            update_id=ack.update_id,
+            base_version=None,
+            staleness=None,
+            bytes=size,
+            accepted=False,
+            reason=ack.reason,
+            version_after=ack.version,
+            time_s=time_s,
+            method=None,
         )
 
 

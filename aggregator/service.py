@@ -480,6 +480,8 @@ class AggregatorService:
         entry = UpdateEntry.from_ack(ack, decision="rejected", base_version=base_version, size=size)
         if update is None:  # the nack's placeholder id is no update's
             entry = entry.model_copy(update={"update_id": None})
+            record = UpdateRecord.unreadable(ack, size=size, time_s=self.elapsed_s())
+            self.results.updates.append(record)
         await self._send_now(ack, entry)
 
     async def _send_now(self, ack: Ack, entry: UpdateEntry) -> None:

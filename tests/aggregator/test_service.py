@@ -64,6 +64,11 @@ async def test_service_rejects_bad_updates_and_keeps_state(
                 await raw.publish(topics.update(federation, "dev1"), b"\x93not msgpack", qos=1)
             nack = await _next_ack(device)
             assert not nack.accepted and nack.reason == "malformed"
+            # The results name it too: the sender its topic names, and why.
+            unreadable = service.results.updates[-1]
+            assert (unreadable.client_id, unreadable.update_id) == ("dev1", "unreadable")
+            assert unreadable.reason == "malformed" and unreadable.bytes == 12
+            assert unreadable.base_version is None and not unreadable.accepted
 
             def update(**changes: object) -> Update:
                 delta = {name: torch.full_like(t, 0.01) for name, t in initial.items()}

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"edgefed simulate: {exc}")
         return 2
+    if getattr(args, "max_payload", None) is not None:  # callers may build args without it
+        config = replace(config, max_payload=args.max_payload)
     name = Path(args.fleet).stem if args.fleet else "fleet"
     modes: tuple[Mode, ...] = ("async", "sync") if args.mode == "both" else (args.mode,)
     console = Console()
@@ -145,6 +147,7 @@ def _flag_config(args: argparse.Namespace) -> FleetConfig:
         alpha=args.alpha,
         max_seconds=args.max_seconds,
         **({} if args.train_samples is None else {"train_samples": args.train_samples}),
+        **({} if getattr(args, "max_payload", None) is None else {"max_payload": args.max_payload}),
     )
 
 

@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     config = DEMO_FLEET
     if args.seconds:
         config = replace(config, max_seconds=float(args.seconds))
+    if getattr(args, "max_payload", None) is not None:  # callers may build args without it
+        config = replace(config, max_payload=args.max_payload)
     run_dir = RUNS_DIR / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     console = Console()

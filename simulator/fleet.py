@@ -96,6 +96,8 @@ class FleetConfig:
     """Agents re-send an unanswered update after this long (real models evaluate slowly)."""
     slowdowns: tuple[float, ...] = (1.0, 1.6, 2.5, 4.0)
     """Per-agent slowdown factors, cycled over the fleet."""
+    max_payload: int = 256 * 1024
+    """Largest MQTT payload the aggregator and every agent publish (larger ones: chunks)."""
     late_joiners: int = 0
     """How many agents (the last ones) join only after version 2 is published."""
     federation: str = field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:8]}")
@@ -198,6 +200,7 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
             # The aggregator's clock is real time; its cosine schedule decays over the run.
             "max_seconds": config.max_seconds * config.time_scale,
             "dataset": config.dataset,
+            "max_payload": config.max_payload,
         }
         | ({"kd": kd} if kd else {})
         | _text_eval(config)
@@ -406,6 +409,7 @@ async def _agent(
         data=shard_spec(shard_plan(config, aggregator_config(config)), index),
         seed=config.seed * 7919 + index,
         ack_timeout_s=config.ack_timeout_s,
+        max_payload=config.max_payload,
         slowdown=slowdown,
         once_per_version=config.mode == "sync",
         profile=DeviceProfile(name=name, relative_speed=speed, memory_budget_mb=budget),

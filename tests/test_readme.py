@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -37,6 +38,6 @@ def test_readme_shows_commands() -> None:
 @pytest.mark.parametrize("argv", _commands(), ids=" ".join)
 def test_a_readme_command_parses_and_names_files_that_exist(argv: list[str]) -> None:
     build_parser().parse_args(argv)  # exits (SystemExit) on an unknown flag or a bad value
-    for option, value in zip(argv, argv[1:], strict=False):
+    for option, value in itertools.pairwise(argv):
         if option in FILE_OPTIONS and not value.startswith(GENERATED):
             assert (ROOT / value).is_file(), f"{option} {value}: not in the repository"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgefed.cli.options import broker_option
+from edgefed.cli.options import broker_option, max_payload_option
 
 HELP = "the main job: SmolLM2 fine-tuned with LoRA across a simulated fleet"
 
@@ -12,6 +12,7 @@ HELP = "the main job: SmolLM2 fine-tuned with LoRA across a simulated fleet"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``edgefed demo``."""
     broker_option(parser)
+    max_payload_option(parser)
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny Llama on a synthetic task (mechanics only)"
     )

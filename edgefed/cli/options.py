@@ -43,3 +43,15 @@ def _broker_url(text: str) -> BrokerURL:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return url
+
+
+def max_payload_option(parser: argparse.ArgumentParser) -> None:
+    """``--max-payload BYTES``: the largest MQTT payload every participant publishes."""
+    parser.add_argument(
+        "--max-payload",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest MQTT payload the aggregator and every device publish; a larger message "
+        "travels in chunks (default 262144; give a broker's own limit, e.g. rumqttd's 20480)",
+    )

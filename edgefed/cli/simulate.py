@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgefed.cli.options import broker_option
+from edgefed.cli.options import broker_option, max_payload_option
 
 HELP = "run a fleet of agents and an aggregator"
 
@@ -12,6 +12,7 @@ HELP = "run a fleet of agents and an aggregator"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``edgefed simulate``, in groups for ``--help``."""
     broker_option(parser)
+    max_payload_option(parser)
     _fleet_options(parser)
     _method_options(parser)
     _merge_options(parser)

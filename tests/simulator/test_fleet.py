@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgefed.cli.main import COMMANDS, build_parser
+from edgefed.transport.broker import DEV_CONFIG, MosquittoProcess, mosquitto_binary
 from simulator.fleet import FleetConfig, run_fleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -151,3 +156,26 @@ async def test_fleet_mixed_lora_and_fwdgrad_lower_loss(mosquitto_url: str, feder
     ]
     assert fwd_merged, "no forward-gradient update was merged"
     assert all(by_client[c].rejected.get("wrong_method", 0) == 0 for c in by_client)
+
+
+async def test_a_broker_with_a_small_packet_limit_federates_with_max_payload(
+    tmp_path: Path, federation: str
+) -> None:
+    """A broker that closes any connection sending a packet over 20 KiB (rumqttd's default):
+    ``--max-payload`` makes every participant chunk under it, and the run completes."""
+    if mosquitto_binary() is None:
+        pytest.skip("the mosquitto binary is not installed")
+    conf = tmp_path / "small.conf"
+    conf.write_text(
+        DEV_CONFIG.read_text().replace("max_packet_size 268435455", "max_packet_size 20480")
+    )
+    with MosquittoProcess(config=conf) as broker:
+        args = build_parser().parse_args(
+            ["simulate", "--broker", broker.url, "--model", "tiny-4l", "--agents", "2",
+             "--max-versions", "3", "--max-payload", "16384", "--json-out",
+             str(tmp_path / "r.json")]
+        )  # fmt: skip
+        assert await asyncio.to_thread(COMMANDS["simulate"].run, args) == 0
+    # Without the flag the 34 kB global never gets through: the broker drops every connection.
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["history"][-1]["version"] == 3

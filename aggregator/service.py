@@ -88,6 +88,7 @@ class AggregatorService:
         """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
         self.version = 0
         self.run_id = ""  # Task.run_id: new at a fresh start, kept when resuming
+        self.session = new_run_id()  # Task.session: this process's start
         self.results = Results(
             config=config.model_dump(mode="json"),
             series=series_path(config.json_out) if config.json_out else None,
@@ -249,6 +250,7 @@ class AggregatorService:
             federation=cfg.federation,
             version=self.version,
             run_id=self.run_id,
+            session=self.session,
             method=cfg.method,
             methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,

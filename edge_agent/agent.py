@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.answers import answer_or_due
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
@@ -58,6 +59,11 @@ _LEAVE_TIMEOUT_S = 5.0
 def _order(message: GlobalModel | Task) -> tuple[str, int]:
     """The newer message sorts higher: a later run (by start time), then a higher version."""
     return message.run_id, message.version
+
+
+def _back(current: Task, arrived: Task) -> bool:
+    """The aggregator started again (a new session), or this agent reconnected (same task)."""
+    return arrived.session != current.session or _order(arrived) == _order(current)
 
 
 class _CpuTimed:
@@ -127,6 +133,7 @@ class EdgeAgent:
         self._task: Task | None = None
         self._global: GlobalModel | None = None
         self._news = asyncio.Event()
+        self._due_again = asyncio.Event()  # the task came again: send unanswered updates now
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._outbox: Outbox | None = None
         self._rounds_before = 0
@@ -214,17 +221,15 @@ class EdgeAgent:
     async def _receive(self) -> None:
         async for delivery in self._transport.deliveries():
             if isinstance(delivery, BadDelivery):
-                log.warning(
-                    "%s: unreadable message on %s: %s",
-                    self.config.client_id,
-                    delivery.topic,
-                    delivery.error,
-                )
+                me, topic = self.config.client_id, delivery.topic
+                log.warning("%s: unreadable message on %s: %s", me, topic, delivery.error)
                 continue
             message = delivery.message
             if isinstance(message, Task):
                 if not self._trusted(message) or self._stale(message):
                     continue  # keep following the last genuine, current task
+                if self._task is not None and _back(self._task, message):
+                    self._due_again.set()
                 self._task = message
                 self._news.set()
             elif isinstance(message, GlobalModel):
@@ -277,14 +282,9 @@ class EdgeAgent:
             return False
         self.report.stale_tasks += 1
         log.warning(
-            "%s: ignoring version %d of task %s (run %s), older than version %d (run %s)",
-            self.config.client_id,
-            task.version,
-            task.task_id,
-            task.run_id or "-",
-            current.version,
-            current.run_id or "-",
-        )
+            "%s: ignoring task %s at (run, version) %s, older than %s",
+            self.config.client_id, task.task_id, _order(task), _order(current),
+        )  # fmt: skip
         return True
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
@@ -434,9 +434,7 @@ class EdgeAgent:
             self.report.privacy = self._privacy.accountant.report()
         if fit.diverged:
             self.report.diverged += 1
-            log.warning(
-                "%s: local training diverged; sending what came before", self.config.client_id
-            )
+            log.warning("%s: training diverged; sending what came before", self.config.client_id)
         if self.config.slowdown > 1:
             await asyncio.sleep((self.config.slowdown - 1) * fit.compute_s)
         return fit
@@ -558,11 +556,10 @@ class EdgeAgent:
                     log.warning(
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
+                self._due_again.clear()
                 await self._transport.publish(topic, update, before_send=uplink)
-                try:
-                    async with asyncio.timeout(self.config.ack_timeout_s):
-                        ack = await asyncio.shield(waiter)
-                except TimeoutError:
+                ack = await answer_or_due(waiter, self.config.ack_timeout_s, self._due_again)
+                if ack is None:
                     continue
                 if self._outbox is not None:
                     await asyncio.to_thread(self._outbox.answer, ack)

@@ -122,6 +122,10 @@ class Task(Message):
     """This run of the federation (:func:`new_run_id`): a fresh aggregator starts a new one,
     one resumed from its checkpoint keeps it. Devices follow the latest run only. Empty: a
     peer from before runs existed."""
+    session: str = ""
+    """This start of the aggregator process, new at every start (a resumed run's too). A
+    device with unanswered updates sends them again when it changes: a broker may have lost
+    what it queued for the aggregator while it was away. Empty: not known."""
     method: Method = "lora"
     methods: tuple[Method, ...] = ()
     """Methods a device may choose from to fit its memory budget, preferred first;

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,13 @@ import torch
 
 from aggregator.audit import MergeEntry, UpdateEntry
 from edgefed.ml.models import adapter_shapes, attach_lora, build_model
-from edgefed.transport.broker import MosquittoProcess
+from edgefed.transport.broker import MosquittoProcess, embedded_broker
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.frames import Delivery
 from edgefed.transport.mqtt import MqttTransport
 from schemas import codec, topics
 from schemas.messages import LoraSpec, Metrics, ModelRef, Status, Update
+from tests.system.conftest import Federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -285,3 +287,40 @@ async def test_garbage_from_mosquitto_pub_is_refused_while_good_updates_merge(
     assert len(result.merged) == 5
     assert merges_after, "no good update merged after the garbage"
     print(f"garbage: {len(refused)} refused, {len(result.merged)} merged")
+
+
+async def test_an_update_the_embedded_broker_lost_is_sent_again_when_the_aggregator_returns(
+    tmp_path: Path, federation: str
+) -> None:
+    """amqtt drops what it queued for the aggregator's session while the aggregator was down;
+    the agent sends its unanswered update again as soon as the task comes back, not after
+    its ack timeout (here two minutes)."""
+    async with embedded_broker() as url:
+        fed = Federation(
+            tmp_path,
+            url,
+            federation,
+            AGGREGATOR | {"strategy": {"name": "fedbuff", "buffer_size": 1}},
+            AGENT | {"ack_timeout_s": 120.0, "slowdown": 1.0},
+        )
+        try:
+            aggregator = fed.aggregator(max_versions=0).start()
+            fed.agent("dev0", max_updates=0).start()
+            await fed.until("2 updates accepted", lambda: fed.accepted_in_audit() >= 2, 120)
+            aggregator.kill()
+            await fed.until("an update sent into the outage", lambda: bool(fed.pending("dev0")))
+            waiting = fed.pending("dev0")
+            aggregator.start()
+            await fed.until(
+                "the aggregator back", lambda: aggregator.text().count(" ready at ") >= 2
+            )
+            back = time.monotonic()
+            answered = lambda: {a.update_id for a in fed.answers("dev0")} >= set(waiting)  # noqa: E731
+            await fed.until("the waiting update answered", answered, 30)
+            took = time.monotonic() - back
+        finally:
+            for proc in fed.procs:
+                proc.cleanup()
+    assert took < 10, f"answered {took:.1f} s after the aggregator was back"
+    assert all(a.accepted for a in fed.answers("dev0") if a.update_id in waiting)
+    print(f"embedded broker: an update sent during the outage answered {took:.1f} s after")

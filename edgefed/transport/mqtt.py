@@ -33,7 +33,12 @@ from aiomqtt.exceptions import MqttConnectError
 
 from edgefed.library_internals import close_mqtt_socket, mqtt_socket
 from edgefed.transport.backoff import Backoff
-from edgefed.transport.config import BrokerURL, TransportConfig, resolve_credentials
+from edgefed.transport.config import (
+    MIN_MAX_PAYLOAD,
+    BrokerURL,
+    TransportConfig,
+    resolve_credentials,
+)
 from edgefed.transport.frames import (
     BadDelivery,
     Delivery,
@@ -44,6 +49,7 @@ from edgefed.transport.frames import (
     encode_frames,
     send_windowed,
 )
+from edgefed.transport.packet_limit import LOSSES_TO_REFUSE, PacketRefused, smaller_payload
 from edgefed.transport.topic_match import check_filter, check_qos, check_topic
 from schemas import codec
 from schemas.codec import Compression
@@ -135,6 +141,8 @@ class MqttTransport:
                     f"the last will encodes to {len(self._will_payload)} bytes, "
                     f"more than max_payload {config.max_payload}: wills cannot be chunked"
                 )
+        self.max_payload = config.max_payload
+        """Largest payload sent; halved when the broker turns out to refuse bigger packets."""
         self._subscriptions: dict[str, int] = {}
         self._subscribe_lock = asyncio.Lock()
         self._conn: _Connection | None = None
@@ -249,23 +257,35 @@ class MqttTransport:
         compression: Compression = "none",
         before_send: Callable[[int], Awaitable[None]] | None = None,
     ) -> int:
-        """See :meth:`Transport.publish`; chunks go out ``publish_window`` at a time."""
+        """See :meth:`Transport.publish`; chunks go out ``publish_window`` at a time.
+
+        A broker whose packet limit is below ``max_payload`` closes the connection whenever
+        a larger packet arrives (MQTT 3.1.1 has no way to say why). When that happens twice
+        to one packet, the message is sent again in chunks of half that size, and so on down
+        to the smallest chunk; one warning names the sizes and the setting.
+        """
         check_qos(qos)
-        frames = encode_frames(
-            topic,
-            message,
-            retain=retain,
-            chunk_topic=chunk_topic,
-            compression=compression,
-            max_payload=self.config.max_payload,
-            max_message_bytes=self.config.max_message_bytes,
-        )
-        return await send_windowed(
-            await announce_size(frames, before_send),
-            functools.partial(self._publish_frame, qos=qos, retain=retain),
-            window=self.config.publish_window,
-            name=f"edgefed-mqtt-publish:{self.config.client_id}",
-        )
+        while True:
+            frames = encode_frames(
+                topic,
+                message,
+                retain=retain,
+                chunk_topic=chunk_topic,
+                compression=compression,
+                max_payload=self.max_payload,
+                max_message_bytes=self.config.max_message_bytes,
+            )
+            try:
+                return await send_windowed(
+                    await announce_size(frames, before_send),
+                    functools.partial(self._publish_frame, qos=qos, retain=retain),
+                    window=self.config.publish_window,
+                    name=f"edgefed-mqtt-publish:{self.config.client_id}",
+                )
+            except PacketRefused as refused:
+                self.max_payload = smaller_payload(
+                    self.config.client_id, self._url, self.max_payload, refused.size
+                )
 
     async def clear_retained(self, topic: str) -> None:
         """See :meth:`Transport.clear_retained`."""
@@ -511,6 +531,7 @@ class MqttTransport:
         """
         timeout = self.config.publish_timeout_s
         last_error: BaseException | None = None
+        losses = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -523,7 +544,9 @@ class MqttTransport:
                             ),
                         )
                     except _ConnectionLost as exc:
-                        last_error = exc
+                        last_error, losses = exc, losses + 1
+                        if losses >= LOSSES_TO_REFUSE and len(payload) > MIN_MAX_PAYLOAD:
+                            raise PacketRefused(len(payload)) from exc
                         continue
                     except aiomqtt.MqttError as exc:
                         # Usually the link died before the supervisor noticed; wait for that.

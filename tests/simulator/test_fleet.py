@@ -158,11 +158,13 @@ async def test_fleet_mixed_lora_and_fwdgrad_lower_loss(mosquitto_url: str, feder
     assert all(by_client[c].rejected.get("wrong_method", 0) == 0 for c in by_client)
 
 
-async def test_a_broker_with_a_small_packet_limit_federates_with_max_payload(
-    tmp_path: Path, federation: str
+@pytest.mark.parametrize("flags", [["--max-payload", "16384"], []], ids=["flag", "no-flag"])
+async def test_a_broker_with_a_small_packet_limit_federates(
+    tmp_path: Path, federation: str, flags: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A broker that closes any connection sending a packet over 20 KiB (rumqttd's default):
-    ``--max-payload`` makes every participant chunk under it, and the run completes."""
+    """A broker that closes any connection sending a packet over 20 KiB (rumqttd's default)
+    while the tiny-4l global is 34 kB: ``--max-payload`` makes every participant chunk under
+    it; without it, each finds the limit (two lost connections) and chunks smaller."""
     if mosquitto_binary() is None:
         pytest.skip("the mosquitto binary is not installed")
     conf = tmp_path / "small.conf"
@@ -172,10 +174,10 @@ async def test_a_broker_with_a_small_packet_limit_federates_with_max_payload(
     with MosquittoProcess(config=conf) as broker:
         args = build_parser().parse_args(
             ["simulate", "--broker", broker.url, "--model", "tiny-4l", "--agents", "2",
-             "--max-versions", "3", "--max-payload", "16384", "--json-out",
-             str(tmp_path / "r.json")]
+             "--max-versions", "3", "--json-out", str(tmp_path / "r.json"), *flags]
         )  # fmt: skip
         assert await asyncio.to_thread(COMMANDS["simulate"].run, args) == 0
-    # Without the flag the 34 kB global never gets through: the broker drops every connection.
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["history"][-1]["version"] == 3
+    shrunk = [r.getMessage() for r in caplog.records if "its packet limit is lower" in r.message]
+    assert bool(shrunk) == (not flags), shrunk

@@ -53,6 +53,8 @@ if [ ! -x "$ROOT/opt/edgefed/venv/bin/edgefed" ]; then
   chroot "$ROOT" /opt/edgefed/venv/bin/pip install --quiet "$(grep '^torch==' "$REPO/requirements/torch.txt")"
   chroot "$ROOT" /opt/edgefed/venv/bin/pip install --quiet -c /opt/edgefed/constraints.txt /opt/edgefed/src
 fi
+# This checkout's edgefed every time (the host's aggregator runs it too); its dependencies stay.
+chroot "$ROOT" /opt/edgefed/venv/bin/pip install --quiet --no-deps --force-reinstall /opt/edgefed/src
 chroot "$ROOT" /opt/edgefed/venv/bin/python -c \
   'import platform, torch; print("torch", torch.__version__, "on", platform.machine())'
 

@@ -46,7 +46,7 @@ from schemas import topics
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Ack, GlobalModel, ModelRef, Status, Task, Update
 from tests.edgefed.transport_helpers import assert_silent, receive_message
-from tests.system.conftest import Proc
+from tests.system.conftest import Proc, run_to_exit
 
 pytestmark = pytest.mark.broker
 
@@ -486,13 +486,7 @@ async def test_split_federation_runs_as_processes_under_production_conf(
             args += ["--federation", federation, "--client-id", device, "--max-updates", "2"]
             args += ["--data", f"synthetic:n=32,seed={index + 1}"]
             procs.append(Proc(device, args, tmp_path / f"{device}.log"))
-        try:
-            for proc in procs:
-                proc.start()
-            codes = {proc.name: await proc.exited(150) for proc in procs}
-        finally:
-            for proc in procs:
-                proc.cleanup()
+        codes = await run_to_exit(procs, 150)
         logs = "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
         assert codes == {"aggregator": 0, "dev-1": 0, "dev-2": 0}, logs
         broker_log = broker.process.log_text

@@ -119,6 +119,17 @@ class Proc:
             self.popen.wait()
 
 
+async def run_to_exit(procs: list[Proc], timeout_s: float) -> dict[str, int]:
+    """Start every process, wait for each to exit; their exit codes by name."""
+    try:
+        for proc in procs:
+            proc.start()
+        return {proc.name: await proc.exited(timeout_s) for proc in procs}
+    finally:
+        for proc in procs:
+            proc.cleanup()
+
+
 @dataclass(frozen=True)
 class ExactlyOnce:
     """The comparison of what agents saw acked with what the aggregator merged."""

@@ -24,7 +24,7 @@ from edgefed.ml.models import build_model
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
 from edgefed.transport.config import BrokerURL
 from tests.peft_helpers import reload_with_peft
-from tests.system.conftest import Proc, _toml
+from tests.system.conftest import Proc, _toml, run_to_exit
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -91,13 +91,7 @@ async def test_aggregator_and_agents_run_from_their_files_alone(
     durable_broker: MosquittoProcess, tmp_path: Path, federation: str
 ) -> None:
     procs = _federation(tmp_path, durable_broker.url, federation, max_versions=3, max_updates=3)
-    try:
-        for proc in procs:
-            proc.start()
-        codes = {proc.name: await proc.exited(120) for proc in procs}
-    finally:
-        for proc in procs:
-            proc.cleanup()
+    codes = await run_to_exit(procs, 120)
     assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
     history = json.loads((tmp_path / "results.json").read_text())["history"]
     assert history[-1]["version"] == 3, _logs(procs)
@@ -126,13 +120,7 @@ async def test_a_sync_table_runs_fedavg_rounds_with_agents_that_know_nothing_of_
     procs = _federation(
         tmp_path, durable_broker.url, federation, max_versions=3, max_updates=3, sync=True
     )
-    try:
-        for proc in procs:
-            proc.start()
-        codes = {proc.name: await proc.exited(120) for proc in procs}
-    finally:
-        for proc in procs:
-            proc.cleanup()
+    codes = await run_to_exit(procs, 120)
     assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["history"][-1]["version"] == 3, _logs(procs)
@@ -252,13 +240,7 @@ async def test_operators_read_the_latest_metrics_as_json_with_mosquitto_sub(
     if tool is None:
         pytest.skip("mosquitto_sub is not installed")
     procs = _federation(tmp_path, durable_broker.url, federation, max_versions=2, max_updates=2)
-    try:
-        for proc in procs:
-            proc.start()
-        codes = {proc.name: await proc.exited(120) for proc in procs}
-    finally:
-        for proc in procs:
-            proc.cleanup()
+    codes = await run_to_exit(procs, 120)
     assert codes == {"aggregator": 0, "dev0": 0, "dev1": 0}, _logs(procs)
     broker = BrokerURL.parse(durable_broker.url)
     args = ["-h", broker.host, "-p", str(broker.port), "-t", "edgefed/+/metrics/json"]

@@ -84,8 +84,7 @@ class AggregatorService:
             allowed_methods=frozenset({config.method, *config.accept_methods}),
             max_samples=samples_cap(config.train, config.max_samples_per_update),
         )
-        self._perturbations = perturbation_controller(config)
-        """Chooses forward-gradient perturbation counts; None keeps the task's K fixed."""
+        self._perturbations = perturbation_controller(config)  # None: the task's K stays
         self.version = 0
         self.run_id = ""  # Task.run_id: new at a fresh start, kept when resuming
         self.session = new_run_id()  # Task.session: this process's start
@@ -251,6 +250,7 @@ class AggregatorService:
             version=self.version,
             run_id=self.run_id,
             session=self.session,
+            global_chunks=self._chunks_published.get(self.version, 1),
             method=cfg.method,
             methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,

@@ -21,6 +21,7 @@ from edge_agent.answers import answer_or_due
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
+from edge_agent.global_topics import GlobalTopics
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
@@ -133,6 +134,7 @@ class EdgeAgent:
         self._task: Task | None = None
         self._global: GlobalModel | None = None
         self._news = asyncio.Event()
+        self._global_topics = GlobalTopics(transport, config.federation)
         self._due_again = asyncio.Event()  # the task came again: send unanswered updates now
         self._pending: dict[str, asyncio.Future[Ack]] = {}
         self._outbox: Outbox | None = None
@@ -180,7 +182,7 @@ class EdgeAgent:
 
     async def _run(self) -> AgentReport:
         fed, me = self.config.federation, self.config.client_id
-        for topic_filter in (topics.task(fed), topics.global_filter(fed), topics.ack(fed, me)):
+        for topic_filter in (topics.task(fed), topics.ack(fed, me)):  # globals: by the task
             await self._transport.subscribe(topic_filter)
         await self._transport.subscribe(topics.split_bwd(fed, me))
         self._loop = asyncio.get_running_loop()
@@ -230,6 +232,8 @@ class EdgeAgent:
                     continue  # keep following the last genuine, current task
                 if self._task is not None and _back(self._task, message):
                     self._due_again.set()
+                if self._global is None or _order(self._global) < _order(message):
+                    await self._global_topics.follow(message)
                 self._task = message
                 self._news.set()
             elif isinstance(message, GlobalModel):

@@ -126,6 +126,10 @@ class Task(Message):
     """This start of the aggregator process, new at every start (a resumed run's too). A
     device with unanswered updates sends them again when it changes: a broker may have lost
     what it queued for the aggregator while it was away. Empty: not known."""
+    global_chunks: Positive = 1
+    """The topics this version's global is published on, ``global/<version>/0`` to
+    ``global/<version>/<n-1>``: devices subscribe to exactly these, since some brokers
+    (RabbitMQ) hand retained messages only to subscriptions without wildcards."""
     method: Method = "lora"
     methods: tuple[Method, ...] = ()
     """Methods a device may choose from to fit its memory budget, preferred first;

@@ -58,6 +58,10 @@ class Transport(Protocol):
         """Subscribe now and again after every reconnect."""
         ...
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving what ``topic_filter`` matches (and stop re-subscribing to it)."""
+        ...
+
     def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
         """Every message received, in arrival order; ends when the transport closes."""
         ...

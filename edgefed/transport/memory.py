@@ -262,6 +262,10 @@ class MemoryTransport:
         self.subscriptions[topic_filter] = qos
         self._send_retained(topic_filter)
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """See :meth:`~edgefed.transport.base.Transport.unsubscribe`."""
+        self.subscriptions.pop(topic_filter, None)
+
     def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
         """See :meth:`~edgefed.transport.mqtt.Transport.deliveries`."""
         return self._stream.iterate()

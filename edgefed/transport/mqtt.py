@@ -328,6 +328,17 @@ class MqttTransport:
         if any(_reason_value(code) >= _SUBACK_FAILURE for code in granted):
             raise TransportError(f"the broker refused the subscription {topic_filter!r}")
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """See :meth:`Transport.unsubscribe`; a lost connection takes the subscription along."""
+        async with self._subscribe_lock:
+            self._subscriptions.pop(topic_filter, None)
+            conn = self._conn
+            if conn is None:
+                return
+            with contextlib.suppress(_ConnectionLost, TimeoutError, aiomqtt.MqttError):
+                async with asyncio.timeout(self.config.publish_timeout_s):
+                    await self._on(conn, conn.client.unsubscribe(topic_filter, timeout=math.inf))
+
     def deliveries(self) -> AsyncIterator[Delivery | BadDelivery]:
         """See :meth:`Transport.deliveries`."""
         return self._stream.iterate()

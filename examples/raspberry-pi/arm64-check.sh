@@ -30,12 +30,13 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
     http://deb.debian.org/debian
 fi
 cleanup() {
-  for m in proc dev/pts dev; do umount "$ROOT/$m" 2>/dev/null || true; done
+  for m in proc sys dev; do umount "$ROOT/$m" 2>/dev/null || true; done
   [ -n "${AGG_PID:-}" ] && kill "$AGG_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
 mount -t proc proc "$ROOT/proc"
 mount --bind /dev "$ROOT/dev"
+mount --bind /sys "$ROOT/sys"  # torch reads the CPU list there
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # The host's trusted CAs (a TLS proxy's included) for pip, and none of its pip settings.
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"

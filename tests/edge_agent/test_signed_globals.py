@@ -60,41 +60,40 @@ async def test_agent_refuses_forged_globals_and_trains_on_the_next_valid_one(
                 task_id=config.task_id, version=version, run_id=service.run_id, tensors=tensors
             )
 
-        # Three forged "next versions" of the current run, retained before the agent starts,
-        # as an intruder on an open broker would leave them: the genuine key's signature over other tensors
-        # (tampered), a signature by another key, and no signature at all.
+        # Three forged "next versions" of the current run, as an intruder on an open broker
+        # would send them on the topic the agent follows: the genuine key's signature over
+        # other tensors (tampered), a signature by another key, and no signature at all.
         genuine = GlobalSigner.from_file(tmp_path / "agg.key")
         signed_other = genuine.sign(
             GlobalModel(
-                task_id=config.task_id, version=1, run_id=service.run_id, tensors=service.current
+                task_id=config.task_id, version=11, run_id=service.run_id, tensors=service.current
             ),
             federation=federation,
         )
-        tampered = poisoned(1).model_copy(update={"signature": signed_other.signature})
+        tampered = poisoned(11).model_copy(update={"signature": signed_other.signature})
         rogue = GlobalSigner.from_file(tmp_path / "rogue.key").sign(
-            poisoned(2), federation=federation
+            poisoned(12), federation=federation
         )
-        forged = [tampered, rogue, poisoned(3)]
-        async with MqttTransport(TransportConfig(url=mosquitto_url, client_id="intruder")) as bad:
-            for model in forged:
-                await bad.publish(
-                    topics.global_model(federation, model.version), model, retain=True
-                )
-
+        forged = [tampered, rogue, poisoned(13)]
         agent = asyncio.create_task(
             run_agent(agent_config, url=mosquitto_url, data=shard, report=report)
         )
         try:
+            await until(lambda: report.accepted >= 1)
+            async with service._lock:  # no new version while the intruder sends
+                await asyncio.sleep(0.5)  # the agent follows the current version's topic
+                topic = topics.global_model(federation, service.version)
+                async with MqttTransport(
+                    TransportConfig(url=mosquitto_url, client_id="intruder")
+                ) as bad:
+                    for model in forged:
+                        await bad.publish(topic, model)
+                await until(lambda: report.refused_globals >= len(forged))
             await asyncio.wait_for(serving, 60)
             await until(lambda: report.accepted >= 5)  # the last ack is on its way
         finally:
             agent.cancel()
             await asyncio.gather(agent, return_exceptions=True)
-            async with MqttTransport(
-                TransportConfig(url=mosquitto_url, client_id="sweep")
-            ) as sweep:
-                for model in forged:
-                    await sweep.clear_retained(topics.global_model(federation, model.version))
 
     assert report.refused_globals == len(forged)
     # Training went on: every version was built from this agent's updates, each based on

@@ -97,7 +97,9 @@ async def test_sync_round_closes_at_its_deadline_without_the_straggler(
     # Each round waited for its deadline, not for the straggler (nor closed early).
     spans = [r["closed_s"] - r["opened_s"] for r in results["rounds"][:4]]
     assert all(1.0 <= span < 2.0 for span in spans), spans
+    # It hears of each round (the task) 1.5 s late and fetches its global only then, so it
+    # may never catch a round at all; whatever it sends is refused as stale.
     late = [u for u in results["updates"] if u["client_id"] == "dev002"]
-    assert late and all(not u["accepted"] and u["reason"] == "stale" for u in late)
+    assert all(not u["accepted"] and u["reason"] == "stale" for u in late), late
     losses = [h["eval_loss"] for h in history]
     assert losses[-1] < losses[0]

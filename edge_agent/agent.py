@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.answers import answer_or_due
+from edge_agent.answers import answer_or_due, wait_for_news
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
@@ -292,10 +292,14 @@ class EdgeAgent:
         return True
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
-        """Wait until the receive task brings news and ``ready()`` holds."""
-        while not ready():
-            self._news.clear()
-            await self._news.wait()
+        """Wait until the receive task brings news and ``ready()`` holds (logged when long)."""
+        await wait_for_news(self._news, ready, self._waiting_on)
+
+    def _waiting_on(self) -> tuple[int, str]:
+        return self._global_topics.waiting_on(self.config.client_id, self._task, self._global)
+
+    def _aligned(self) -> bool:
+        return bool(self._task and self._global and self._task.version == self._global.version)
 
     async def _wait_for_version(self, version: int) -> None:
         await self._wait_for(lambda: self._global is not None and self._global.version >= version)
@@ -304,13 +308,7 @@ class EdgeAgent:
         """Synchronous rounds: wait for a round whose task names this device (or nobody)."""
         me = self.config.client_id
         while True:
-            await self._wait_for(
-                lambda: (
-                    self._task is not None
-                    and self._global is not None
-                    and self._task.version == self._global.version
-                )
-            )
+            await self._wait_for(self._aligned)
             assert self._task is not None and self._global is not None
             if not self._task.round_clients or me in self._task.round_clients:
                 return

@@ -1,11 +1,36 @@
-"""Waiting for the aggregator's answer to an update, or for the moment to send it again."""
+"""Waiting on the aggregator: for news (a task, a global), for an answer, or to send again."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Final
 
 from schemas.messages import Ack
+
+log = logging.getLogger(__name__)
+
+WAIT_REPORT_S: Final = 30.0
+"""How long an agent waits without news before it logs what it is waiting for."""
+
+
+async def wait_for_news(
+    news: asyncio.Event, ready: Callable[[], bool], waiting_on: Callable[[], tuple[int, str]]
+) -> None:
+    """Wait until ``news`` brings ``ready()``, saying what is missing when it takes long.
+
+    Every :data:`WAIT_REPORT_S` without it, ``waiting_on()`` gives a log level and a
+    sentence to log, so a device whose aggregator is gone says so instead of waiting in
+    silence.
+    """
+    while not ready():
+        news.clear()
+        try:
+            async with asyncio.timeout(WAIT_REPORT_S):
+                await news.wait()
+        except TimeoutError:
+            log.log(*waiting_on())
 
 
 async def answer_or_due(

@@ -4,14 +4,17 @@ Wildcard subscriptions would be simpler, but some brokers (RabbitMQ's MQTT plugi
 retained message only to a subscription that names its topic, so an agent that joins after
 the global was published would wait forever. The task names the version and how many chunk
 topics its global uses; the agent subscribes to exactly those, and lets go of the previous
-version's (docs/architecture.md §3).
+version's (docs/architecture.md §3). It also tells, when an agent has waited long, which of
+them (or the task itself) has not come.
 """
 
 from __future__ import annotations
 
+import logging
+
 from edgefed.transport.base import Transport
 from schemas import topics
-from schemas.messages import Task
+from schemas.messages import GlobalModel, Task
 
 
 class GlobalTopics:
@@ -36,3 +39,16 @@ class GlobalTopics:
             if topic not in wanted:
                 await self._transport.unsubscribe(topic)
         self.subscribed = wanted
+
+    def waiting_on(
+        self, client_id: str, task: Task | None, global_: GlobalModel | None
+    ) -> tuple[int, str]:
+        """What an agent holding ``task`` and ``global_`` still waits for, and how loudly."""
+        if task is None:
+            where = topics.task(self._federation)
+            return logging.WARNING, f"{client_id}: no task on {where} yet: is the aggregator up?"
+        if global_ is None or global_.version < task.version:
+            level = logging.WARNING if global_ is None else logging.INFO
+            where = ", ".join(self.subscribed)
+            return level, f"{client_id}: the global of version {task.version} ({where}) is late"
+        return logging.INFO, f"{client_id}: at version {global_.version}, waiting for the next"

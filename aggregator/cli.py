@@ -8,7 +8,7 @@ import contextlib
 
 from aggregator.config import AggregatorConfig
 from aggregator.connections import aggregator_transport, split_transport
-from aggregator.rounds import RoundPlan, SyncRoundService
+from aggregator.rounds import service_for
 from aggregator.service import AggregatorService
 from edgefed.process import run_until_stopped
 from edgefed.settings import load_settings
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             # down (restarting after a crash) wait at the broker (docs/architecture.md §8b).
             transport_config = aggregator_transport(config, url=url)
             async with MqttTransport(transport_config) as transport:
-                service = _service(config, transport)
+                service = service_for(config, transport)
                 try:
                     if "split" in {config.method, *config.accept_methods}:
                         await _run_with_split(service, transport_config)
@@ -49,13 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
     run_until_stopped(main())
     return 0
-
-
-def _service(config: AggregatorConfig, transport: MqttTransport) -> AggregatorService:
-    """The aggregator: FedAvg rounds with a ``[sync]`` table, else asynchronous merging."""
-    if config.sync is None:
-        return AggregatorService(config, transport)
-    return SyncRoundService(config, transport, plan=RoundPlan.of(config))
 
 
 async def _run_with_split(service: AggregatorService, transport_config: TransportConfig) -> None:

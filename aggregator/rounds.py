@@ -245,3 +245,10 @@ class SyncRoundService(AggregatorService):
         self._apply_merge(result)
         self._ledger.merged(MergeEntry(version=self.version, update_ids=result.merged_update_ids))
         await self._commit()
+
+
+def service_for(config: AggregatorConfig, transport: Transport) -> AggregatorService:
+    """The aggregator ``config`` asks for: FedAvg rounds with ``[sync]``, else asynchronous."""
+    if config.sync is None:
+        return AggregatorService(config, transport)
+    return SyncRoundService(config, transport, plan=RoundPlan.of(config))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from aggregator.config import AggregatorConfig, StalenessName, StrategyName, StrategySettings
 from aggregator.connections import aggregator_transport, split_transport
 from aggregator.results import VersionRecord
-from aggregator.rounds import RoundPlan, SyncRoundService
+from aggregator.rounds import service_for
 from aggregator.service import AggregatorService
 from aggregator.split_service import SplitService
 from edge_agent.agent import AgentReport, run_agent
@@ -184,7 +184,16 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
             buffer_size=config.clients_per_round or config.agents,
             server_lr=1.0,
         )
-        extra["max_staleness"] = 0
+        extra["max_staleness"] = 0  # over what a fleet file sets for its async runs
+        extra["sync"] = {  # the roster, and the deadline on the aggregator's (real) clock
+            "clients": [_client_id(i) for i in range(config.agents)],
+            "clients_per_round": config.clients_per_round,
+            "round_deadline_s": (
+                None
+                if config.round_deadline_s is None
+                else config.round_deadline_s * config.time_scale
+            ),
+        }
     lora = LoraSpec.model_validate({"mode": config.lora_mode} | extra.pop("lora", {}))
     kd = _text_proxy(config) | extra.pop("kd", {})
     return AggregatorConfig.model_validate(
@@ -259,7 +268,7 @@ async def run_fleet(
     try:
         async with contextlib.AsyncExitStack() as stack:
             transport = await stack.enter_async_context(MqttTransport(transport_config))
-            service = _service(config, agg_config, transport)
+            service = service_for(agg_config, transport)
             split = await _split_service(config, service, transport_config, stack)
             reports = [AgentReport(client_id=_client_id(i)) for i in range(config.agents)]
             snapshots: dict[int, TensorMap] = {}
@@ -328,23 +337,6 @@ def _fleet_result(
         snapshots=snapshots,
         devices=devices,
     )
-
-
-def _service(
-    config: FleetConfig, agg_config: AggregatorConfig, transport: MqttTransport
-) -> AggregatorService:
-    """The aggregator: FedAvg rounds (selection, deadline) in ``sync`` mode, else as set."""
-    if config.mode != "sync":
-        return AggregatorService(agg_config, transport)
-    plan = RoundPlan(
-        clients=tuple(_client_id(i) for i in range(config.agents)),
-        per_round=config.clients_per_round,
-        deadline_s=(
-            None if config.round_deadline_s is None else config.round_deadline_s * config.time_scale
-        ),
-        seed=config.seed,
-    )
-    return SyncRoundService(agg_config, transport, plan=plan)
 
 
 async def _split_service(

@@ -26,9 +26,11 @@ from aggregator.audit import AUDIT_FILE, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
+from aggregator.fleet import Fleet, Missing
 from aggregator.fwdgrad import perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
+from aggregator.publisher import Publisher
 from aggregator.results import Results, UpdateRecord, VersionRecord, series_path
 from aggregator.schedule import lr_factor, run_progress
 from aggregator.strategies import MergeResult, Strategy
@@ -38,7 +40,7 @@ from edgefed.data.loading import load_data
 from edgefed.ml.evaluation import evaluate
 from edgefed.ml.models import adapter_shapes, set_adapter
 from edgefed.ml.tokens import TokenDataset
-from edgefed.security.signing import GlobalSigner, signed_by
+from edgefed.security.signing import GlobalSigner
 from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery
 from schemas import topics
@@ -47,7 +49,6 @@ from schemas.messages import (
     Ack,
     GlobalModel,
     Metrics,
-    Status,
     Task,
     TensorMap,
     Update,
@@ -73,9 +74,10 @@ class AggregatorService:
             max_update_norm = min(
                 max_update_norm or config.privacy.clip_norm, config.privacy.clip_norm
             )
-        self._signer = (
+        signer = (
             GlobalSigner.from_file(config.signing_key) if config.signing_key is not None else None
         )
+        self._publisher = Publisher(transport, config.federation, signer)
         self._policy = ValidationPolicy(
             max_staleness=config.max_staleness,
             max_update_norm=max_update_norm,
@@ -94,7 +96,6 @@ class AggregatorService:
         )
         self._globals: OrderedDict[int, TensorMap] = OrderedDict()
         self._answered: OrderedDict[str, Ack] = OrderedDict()
-        self._chunks_published: dict[int, int] = {}
         self._merged_count = 0
         self._rejected_count = 0
         self._started = time.monotonic()
@@ -108,6 +109,9 @@ class AggregatorService:
             self._stateful["perturbations"] = self._perturbations
         self._lock = asyncio.Lock()
         self._acks = AckSender(transport, config.federation)
+        speeds = self._perturbations  # device speeds set forward-gradient perturbation counts
+        on_speed = None if speeds is None else speeds.set_speed
+        self._fleet = Fleet(transport, config.federation, self._publish_again, on_speed)
         self._kd: KdHandler | None = None
         """Distils KD updates' logits; set in ``start`` when the federation accepts ``kd``."""
         audit = config.audit_log
@@ -196,8 +200,7 @@ class AggregatorService:
             self.results.start_series(resumed=self.version > 0)
             self._started = time.monotonic()
             await self._transport.subscribe(topics.update_filter(fed))
-            if self._perturbations is not None:  # device speeds come with their status
-                await self._transport.subscribe(topics.status_filter(fed))
+            await self._fleet.subscribe()
             await self._publish_version()
         except BaseException:
             self._ledger.close()
@@ -250,7 +253,7 @@ class AggregatorService:
             version=self.version,
             run_id=self.run_id,
             session=self.session,
-            global_chunks=self._chunks_published.get(self.version, 1),
+            global_chunks=self._publisher.chunks.get(self.version, 1),
             method=cfg.method,
             methods=(cfg.method, *cfg.accept_methods),
             model=cfg.model,
@@ -264,33 +267,28 @@ class AggregatorService:
 
     async def _publish_version(self) -> None:
         """Publish the global at the current version (retained), the task, and metrics."""
-        fed, version = self.config.federation, self.version
-        message = GlobalModel(
-            task_id=self.config.task_id, version=version, run_id=self.run_id, tensors=self.current
-        )
-        message = signed_by(self._signer, message, federation=fed)
-        used: set[int] = set()
-
-        def chunk_topic(index: int) -> str:
-            used.add(index)
-            return topics.global_model(fed, version, index)
-
-        await self._transport.publish(
-            topics.global_model(fed, version), message, retain=True, chunk_topic=chunk_topic
-        )
-        self._chunks_published[version] = max(used, default=0) + 1
-        task = signed_by(self._signer, self._task(), federation=fed)
-        await self._transport.publish(topics.task(fed), task, retain=True)
-        for old in [v for v in self._chunks_published if v < version]:
-            for index in range(self._chunks_published.pop(old)):
-                await self._transport.clear_retained(topics.global_model(fed, old, index))
+        await self._publish_again("global")
+        await self._publish_again("task")
+        await self._publisher.clear_before(self.version)
         await asyncio.to_thread(  # <checkpoint_dir>/adapter/: the latest global, as PEFT
-            keep_latest, self._model, self.current, self.config, version=version, run_id=self.run_id
-        )
-        self.published_version = version
+            keep_latest, self._model, self.current, self.config, version=self.version,
+            run_id=self.run_id,
+        )  # fmt: skip
+        self.published_version = self.version
         self._published.set()
         self._published = asyncio.Event()
         await self._evaluate_and_report()
+
+    async def _publish_again(self, what: Missing) -> None:
+        """Publish the task or the current global (retained), as at a new version."""
+        if what == "task":
+            await self._publisher.publish_task(self._task())
+            return
+        message = GlobalModel(
+            task_id=self.config.task_id, version=self.version, run_id=self.run_id,
+            tensors=self.current,
+        )  # fmt: skip
+        await self._publisher.publish_global(message)
 
     async def _evaluate_and_report(self) -> None:
         loss, accuracy = None, None
@@ -328,10 +326,7 @@ class AggregatorService:
         except TopicError:
             log.warning("ignoring message on unexpected topic %s", delivery.topic)
             return
-        if parsed.kind == "status" and parsed.client_id is not None:
-            message = delivery.message if isinstance(delivery, Delivery) else None
-            if self._perturbations is not None and isinstance(message, Status):
-                self._perturbations.set_speed(parsed.client_id, message.profile.relative_speed)
+        if await self._fleet.handle(parsed, delivery):
             return
         if parsed.kind != "update" or parsed.client_id is None:
             return
@@ -520,7 +515,7 @@ class AggregatorService:
             answered=self._ledger.window(self.version - self.config.max_staleness),
             audit=audit,
             counters=counters,
-            published_chunks=dict(self._chunks_published),
+            published_chunks=dict(self._publisher.chunks),
             run_id=self.run_id,
         )
 
@@ -548,7 +543,7 @@ class AggregatorService:
             self._stateful[key].load_state_dict(state)
         self.version = checkpoint.version
         self._globals = OrderedDict(sorted(checkpoint.globals.items()))
-        self._chunks_published = dict(checkpoint.published_chunks)
+        self._publisher.chunks = dict(checkpoint.published_chunks)
         counters = checkpoint.counters
         self._merged_count = counters.get("merged", 0)
         self._rejected_count = counters.get("rejected", 0)

@@ -21,7 +21,7 @@ from edge_agent.answers import answer_or_due, wait_for_news
 from edge_agent.config import AgentConfig
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
-from edge_agent.global_topics import GlobalTopics
+from edge_agent.global_topics import GlobalTopics, Wait
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
@@ -293,9 +293,9 @@ class EdgeAgent:
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Wait until the receive task brings news and ``ready()`` holds (logged when long)."""
-        await wait_for_news(self._news, ready, self._waiting_on)
+        await wait_for_news(self._news, ready, self._waiting_on, self._global_topics.ask)
 
-    def _waiting_on(self) -> tuple[int, str]:
+    def _waiting_on(self) -> Wait:
         return self._global_topics.waiting_on(self.config.client_id, self._task, self._global)
 
     def _aligned(self) -> bool:

@@ -4,33 +4,51 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from schemas.messages import Ack
+from edge_agent.global_topics import Wait
+from schemas.messages import Ack, Ask
 
 log = logging.getLogger(__name__)
 
 WAIT_REPORT_S: Final = 30.0
 """How long an agent waits without news before it logs what it is waiting for."""
+ASK_AFTER_S: Final = 5.0
+"""How long an agent waits without its task or global before it asks the aggregator for it;
+the pause doubles after each ask, up to :data:`WAIT_REPORT_S`."""
 
 
 async def wait_for_news(
-    news: asyncio.Event, ready: Callable[[], bool], waiting_on: Callable[[], tuple[int, str]]
+    news: asyncio.Event,
+    ready: Callable[[], bool],
+    waiting_on: Callable[[], Wait],
+    ask: Callable[[Ask], Awaitable[None]],
 ) -> None:
-    """Wait until ``news`` brings ``ready()``, saying what is missing when it takes long.
+    """Wait until ``news`` brings ``ready()``, asking for what is missing and saying so.
 
-    Every :data:`WAIT_REPORT_S` without it, ``waiting_on()`` gives a log level and a
-    sentence to log, so a device whose aggregator is gone says so instead of waiting in
-    silence.
+    After :data:`ASK_AFTER_S` without news, and again with doubling pauses, the ask that
+    ``waiting_on()`` names (a task or a global the broker did not hand over) goes to the
+    aggregator. Every :data:`WAIT_REPORT_S` without news, its line is logged, so a device
+    whose aggregator is gone says so instead of waiting in silence.
     """
+    pause, silent_s = ASK_AFTER_S, 0.0
     while not ready():
         news.clear()
         try:
-            async with asyncio.timeout(WAIT_REPORT_S):
+            async with asyncio.timeout(pause):
                 await news.wait()
+            pause, silent_s = ASK_AFTER_S, 0.0
+            continue
         except TimeoutError:
-            log.log(*waiting_on())
+            silent_s += pause
+        wait = waiting_on()
+        if wait.ask is not None:
+            await ask(wait.ask)
+        if silent_s >= WAIT_REPORT_S:
+            log.log(wait.level, wait.line)
+            silent_s = 0.0
+        pause = min(2 * pause, WAIT_REPORT_S)
 
 
 async def answer_or_due(

@@ -4,17 +4,26 @@ Wildcard subscriptions would be simpler, but some brokers (RabbitMQ's MQTT plugi
 retained message only to a subscription that names its topic, so an agent that joins after
 the global was published would wait forever. The task names the version and how many chunk
 topics its global uses; the agent subscribes to exactly those, and lets go of the previous
-version's (docs/architecture.md §3). It also tells, when an agent has waited long, which of
-them (or the task itself) has not come.
+version's (docs/architecture.md §3). It also tells, when an agent has waited, which of them
+(or the task itself) has not come, and what to ask the aggregator for.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from edgefed.transport.base import Transport
 from schemas import topics
-from schemas.messages import GlobalModel, Task
+from schemas.messages import Ask, GlobalModel, Task
+
+
+class Wait(NamedTuple):
+    """What an agent waits for: a line to log at ``level``, and what to ask for (if anything)."""
+
+    level: int
+    line: str
+    ask: Ask | None
 
 
 class GlobalTopics:
@@ -40,15 +49,21 @@ class GlobalTopics:
                 await self._transport.unsubscribe(topic)
         self.subscribed = wanted
 
-    def waiting_on(
-        self, client_id: str, task: Task | None, global_: GlobalModel | None
-    ) -> tuple[int, str]:
+    async def ask(self, ask: Ask) -> None:
+        """Ask the aggregator for a task or global the broker has not handed over."""
+        await self._transport.publish(topics.ask(self._federation, ask.client_id), ask)
+
+    def waiting_on(self, client_id: str, task: Task | None, global_: GlobalModel | None) -> Wait:
         """What an agent holding ``task`` and ``global_`` still waits for, and how loudly."""
         if task is None:
             where = topics.task(self._federation)
-            return logging.WARNING, f"{client_id}: no task on {where} yet: is the aggregator up?"
+            line = f"{client_id}: no task on {where} yet: is the aggregator up?"
+            return Wait(logging.WARNING, line, Ask(client_id=client_id, missing="task"))
         if global_ is None or global_.version < task.version:
             level = logging.WARNING if global_ is None else logging.INFO
             where = ", ".join(self.subscribed)
-            return level, f"{client_id}: the global of version {task.version} ({where}) is late"
-        return logging.INFO, f"{client_id}: at version {global_.version}, waiting for the next"
+            line = f"{client_id}: the global of version {task.version} ({where}) is late"
+            ask = Ask(client_id=client_id, missing="global", version=task.version)
+            return Wait(level, line, ask)
+        line = f"{client_id}: at version {global_.version}, waiting for the next"
+        return Wait(logging.INFO, line, None)

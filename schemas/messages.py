@@ -289,6 +289,20 @@ class Status(Message):
     heartbeat_at: float = Field(default_factory=time.time)
 
 
+class Ask(Message):
+    """A device that has waited without its task or global asks the aggregator to send it.
+
+    The answer is the same retained publication again (which also restores it on a broker
+    that lost it), so brokers that never hand over retained messages still federate.
+    """
+
+    kind: Literal["ask"] = "ask"
+    client_id: str = Field(min_length=1)
+    missing: Literal["task", "global"]
+    version: NonNegative | None = None
+    """``global``: the version of the task the device holds."""
+
+
 class Metrics(Message):
     """Progress of the global model, for observers and results files."""
 
@@ -400,7 +414,7 @@ class SplitReply(Message):
 
 
 AnyMessage = Annotated[
-    Task | GlobalModel | Update | Ack | Status | Metrics | Chunk | SplitRequest | SplitReply,
+    Task | GlobalModel | Update | Ack | Status | Ask | Metrics | Chunk | SplitRequest | SplitReply,
     Field(discriminator="kind"),
 ]
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -409,6 +423,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Update,
     Ack,
     Status,
+    Ask,
     Metrics,
     Chunk,
     SplitRequest,

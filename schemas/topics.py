@@ -15,7 +15,7 @@ from schemas.errors import TopicError
 
 ROOT = "edgefed"
 TopicKind = Literal[
-    "task", "global", "update", "ack", "status", "split_fwd", "split_bwd", "metrics"
+    "task", "global", "update", "ack", "status", "ask", "split_fwd", "split_bwd", "metrics"
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -75,6 +75,21 @@ def status_filter(federation: str) -> str:
     return f"{_base(federation)}/status/+"
 
 
+def status_json(federation: str, client_id: str) -> str:
+    """The aggregator's JSON copy of one client's status (its last will included)."""
+    return f"{status(federation, client_id)}/json"
+
+
+def ask(federation: str, client_id: str) -> str:
+    """Where one client asks for the task or global it has waited for."""
+    return f"{_base(federation)}/ask/{check_name(client_id, 'client id')}"
+
+
+def ask_filter(federation: str) -> str:
+    """Every client's asks, for the aggregator."""
+    return f"{_base(federation)}/ask/+"
+
+
 def split_fwd(federation: str, client_id: str) -> str:
     """Split learning: activations from the client."""
     return f"{_base(federation)}/split/{check_name(client_id, 'client id')}/fwd"
@@ -123,7 +138,7 @@ def parse(topic: str) -> ParsedTopic:
             return ParsedTopic(federation, rest[0])  # type: ignore[arg-type]
         case ["global", version, chunk] if version.isdigit() and chunk.isdigit():
             return ParsedTopic(federation, "global", version=int(version), chunk=int(chunk))
-        case ["update" | "ack" | "status" as per_client, client_id]:
+        case ["update" | "ack" | "status" | "ask" as per_client, client_id]:
             return ParsedTopic(federation, per_client, client_id=check_name(client_id, "client id"))
         case ["split", client_id, "fwd" | "bwd" as direction]:
             split_kind: TopicKind = "split_fwd" if direction == "fwd" else "split_bwd"

@@ -24,6 +24,7 @@ from schemas.errors import CodecError, PayloadTooLarge, SchemaVersionError
 from schemas.messages import (
     MESSAGE_TYPES,
     Ack,
+    Ask,
     Chunk,
     DeviceProfile,
     GlobalModel,
@@ -114,6 +115,7 @@ SAMPLES: list[Message] = [
     Metrics(version=5, time_s=12.5, eval_loss=0.5, eval_accuracy=0.875, merged_updates=3),
     Chunk(transfer_id="x1", index=1, total=3, size=10, sha256="ab" * 32, data=b"\x00\xffabc"),
     *SPLIT_SAMPLES,
+    Ask(client_id="dev-1", missing="global", version=4),
 ]
 
 

@@ -1,0 +1,82 @@
+"""A broker that lost its retained messages: devices ask, and the aggregator answers.
+
+The aggregator publishes its task and global retained once per version. A broker restarted
+without persistence (or one that keeps no retained messages) hands a device that joins
+later nothing; before asks existed such a device waited forever at version 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from edgefed.transport.broker import MosquittoProcess
+from edgefed.transport.mqtt import raw_client
+from tests.system.conftest import Proc, _toml
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def _statuses(url: str, federation: str, wanted: set[str]) -> dict[str, dict[str, object]]:
+    """The aggregator's JSON copies of device statuses, read as an operator's tool would."""
+    seen: dict[str, dict[str, object]] = {}
+    async with raw_client(url, f"{federation}-reader") as reader:
+        await reader.subscribe(f"edgefed/{federation}/status/+/json")
+        async with asyncio.timeout(30):
+            async for message in reader.messages:
+                assert isinstance(message.payload, bytes)
+                status = json.loads(message.payload)
+                seen[str(status["client_id"])] = status
+                if set(seen) >= wanted:
+                    return seen
+    raise AssertionError(seen)
+
+
+async def test_devices_ask_for_what_a_restarted_broker_lost(
+    mosquitto_process: MosquittoProcess, tmp_path: Path, federation: str
+) -> None:
+    broker = mosquitto_process  # dev.conf: no persistence, so a restart forgets everything
+    common = {"federation": federation, "mqtt": {"url": broker.url}}
+    aggregator_file = tmp_path / "aggregator.toml"
+    aggregator_file.write_text(_toml(common | {
+        "max_versions": 2, "json_out": str(tmp_path / "results.json"),
+        "eval_data": "synthetic:n=16,seed=9", "strategy": {"buffer_size": 2},
+        "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
+    }))  # fmt: skip
+    aggregator = Proc(
+        "aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log"
+    )
+    agents = []
+    for i in range(2):
+        agent_file = tmp_path / f"dev{i}.toml"
+        agent_file.write_text(_toml(common | {
+            "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "max_updates": 2,
+            "seed": i, "torch_threads": 1,
+        }))  # fmt: skip
+        agents.append(
+            Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log")
+        )
+    procs = [aggregator, *agents]
+    try:
+        aggregator.start()
+        while " ready at " not in aggregator.text():
+            assert aggregator.running, aggregator.text()
+            await asyncio.sleep(0.1)
+        broker.kill()  # the retained task and global of version 0 go with it
+        broker.start()
+        for agent in agents:
+            agent.start()
+        assert await aggregator.exited(120) == 0, aggregator.text()
+        statuses = await _statuses(broker.url, federation, {"dev0", "dev1"})
+    finally:
+        for proc in procs:
+            proc.cleanup()
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert history[-1]["version"] == 2
+    log = aggregator.text()
+    assert "asked for the task: publishing it again" in log, log
+    assert "asked for the global: publishing it again" in log, log
+    assert {status["state"] for status in statuses.values()} <= {"waiting", "training", "offline"}

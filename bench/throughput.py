@@ -34,7 +34,8 @@ from aggregator.service import AggregatorService
 from edgefed.transport.broker import MosquittoProcess
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.frames import encode_frames
-from edgefed.transport.mqtt import MqttTransport, raw_client
+from edgefed.transport.mqtt import MqttTransport
+from edgefed.transport.raw import raw_client
 from schemas import topics
 from schemas.messages import LoraSpec, ModelRef, TensorMap, Update
 

@@ -32,6 +32,11 @@ def _base(federation: str) -> str:
     return f"{ROOT}/{check_name(federation, 'federation')}"
 
 
+def federation_filter(federation: str) -> str:
+    """Every topic of one federation (operators' tools: ``edgefed clear``)."""
+    return f"{_base(federation)}/#"
+
+
 def task(federation: str) -> str:
     """Retained current task."""
     return f"{_base(federation)}/task"

@@ -18,6 +18,7 @@ from edgefed.cli import (
     assets,
     bench,
     broker,
+    clear,
     credentials,
     demo,
     export,
@@ -63,6 +64,7 @@ COMMANDS: dict[str, Command] = {
     "credentials": credentials,
     "plan": plan,
     "export": export,
+    "clear": clear,
 }
 
 

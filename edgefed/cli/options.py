@@ -11,18 +11,21 @@ if TYPE_CHECKING:
     from edgefed.transport.config import BrokerURL
 
 
-def broker_option(parser: argparse.ArgumentParser, *, service: bool = False) -> None:
-    """``--broker URL``: where the command connects.
+def broker_option(
+    parser: argparse.ArgumentParser, *, service: bool = False, default: str | None = None
+) -> None:
+    """``--broker URL``: where the command connects (``default`` says where when not given).
 
     A ``service`` (agent, aggregator) waits for its broker and never starts a private one;
     a one-off run (simulate, demo, bench) starts an embedded broker when none answers.
     """
-    default = (
-        "the [mqtt] url of --config, else 127.0.0.1:1883, waited for until it answers"
-        if service
-        else "127.0.0.1:1883 when something answers there, else an embedded broker started "
-        "for this run"
-    )
+    if default is None:
+        default = (
+            "the [mqtt] url of --config, else 127.0.0.1:1883, waited for until it answers"
+            if service
+            else "127.0.0.1:1883 when something answers there, else an embedded broker "
+            "started for this run"
+        )
     parser.add_argument(
         "--broker",
         default=None,

@@ -35,7 +35,6 @@ from edgefed.library_internals import close_mqtt_socket, mqtt_socket
 from edgefed.transport.backoff import Backoff
 from edgefed.transport.config import (
     MIN_MAX_PAYLOAD,
-    BrokerURL,
     TransportConfig,
     resolve_credentials,
 )
@@ -50,13 +49,14 @@ from edgefed.transport.frames import (
     send_windowed,
 )
 from edgefed.transport.packet_limit import LOSSES_TO_REFUSE, PacketRefused, smaller_payload
+from edgefed.transport.raw import tls_parameters
 from edgefed.transport.topic_match import check_filter, check_qos, check_topic
 from schemas import codec
 from schemas.codec import Compression
 from schemas.errors import ConfigError, TransportError
 from schemas.messages import Message
 
-__all__ = ["MqttTransport", "map_transport_errors", "raw_client"]
+__all__ = ["MqttTransport", "map_transport_errors"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -405,11 +405,7 @@ class MqttTransport:
     def _new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
         """A client for one connection, with the queue aiomqtt receives its messages into."""
         config = self.config
-        tls = None
-        if self._url.tls or config.ca_file or config.cert_file:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=config.ca_file, certfile=config.cert_file, keyfile=config.key_file
-            )
+        tls = tls_parameters(config)
         will = None
         if config.will is not None:
             will = aiomqtt.Will(
@@ -574,14 +570,3 @@ class MqttTransport:
                 f"{self.config.client_id}: publish to {topic!r} not acknowledged within "
                 f"{timeout:g} s (last error: {last_error!r})"
             ) from last_error or exc
-
-
-def raw_client(url: str | BrokerURL, client_id: str) -> aiomqtt.Client:
-    """A bare client (no codec, chunking or reconnects), used as an async context manager.
-
-    It is the raw-broker baseline benchmarks measure the product's path against.
-    """
-    broker = BrokerURL.of(url)
-    return aiomqtt.Client(
-        broker.host, broker.port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V311
-    )

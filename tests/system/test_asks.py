@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edgefed.transport.broker import MosquittoProcess
-from edgefed.transport.mqtt import raw_client
-from tests.system.conftest import Proc, _toml
+from edgefed.transport.raw import raw_client
+from tests.system.conftest import Proc, _toml, run_to_exit
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -80,3 +80,24 @@ async def test_devices_ask_for_what_a_restarted_broker_lost(
     assert "asked for the task: publishing it again" in log, log
     assert "asked for the global: publishing it again" in log, log
     assert {status["state"] for status in statuses.values()} <= {"waiting", "training", "offline"}
+    # The operator clears the finished federation: nothing of it stays retained.
+    clear = ["clear", "--config", str(aggregator_file)]
+    code, said = await _edgefed(tmp_path, clear)
+    assert code == 0, said
+    for topic in (
+        "task",
+        "global/2/0",
+        "metrics",
+        "metrics/json",
+        "status/dev0",
+        "status/dev1/json",
+    ):
+        assert f"deleted: edgefed/{federation}/{topic}\n" in said, said
+    code, said = await _edgefed(tmp_path, [*clear, "--dry-run"])
+    assert (code, said.strip()) == (0, f"{federation} on {broker.url}: 0 retained, 0 retained")
+
+
+async def _edgefed(tmp_path: Path, args: list[str]) -> tuple[int, str]:
+    proc = Proc(args[0], args, tmp_path / f"{args[0]}.log")
+    code = (await run_to_exit([proc], 60))[proc.name]
+    return code, proc.text().split("=====\n", 2)[-1]

@@ -8,6 +8,7 @@ import contextlib
 
 from aggregator.config import AggregatorConfig
 from aggregator.connections import aggregator_transport, split_transport
+from aggregator.prometheus import metrics_endpoint
 from aggregator.rounds import service_for
 from aggregator.service import AggregatorService
 from edgefed.process import run_until_stopped
@@ -37,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
             async with MqttTransport(transport_config) as transport:
                 service = service_for(config, transport)
                 try:
-                    if "split" in {config.method, *config.accept_methods}:
-                        await _run_with_split(service, transport_config)
-                    else:
-                        await service.run()
+                    with _metrics_endpoint(service, transport):
+                        if "split" in {config.method, *config.accept_methods}:
+                            await _run_with_split(service, transport_config)
+                        else:
+                            await service.run()
                 finally:
                     if config.json_out:
                         service.results.save(config.json_out)
@@ -49,6 +51,19 @@ def run(args: argparse.Namespace) -> int:
 
     run_until_stopped(main())
     return 0
+
+
+def _metrics_endpoint(
+    service: AggregatorService, transport: MqttTransport
+) -> contextlib.AbstractContextManager[object]:
+    """The Prometheus endpoint when ``metrics_port`` is set; else nothing."""
+    config = service.config
+    if config.metrics_port is None:
+        return contextlib.nullcontext()
+
+    return metrics_endpoint(
+        service, transport.stats, host=config.metrics_host, port=config.metrics_port
+    )
 
 
 async def _run_with_split(service: AggregatorService, transport_config: TransportConfig) -> None:

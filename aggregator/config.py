@@ -232,6 +232,11 @@ class AggregatorConfig(CommandSettings):
     json_out: str | None = None
     """``edgefed aggregator`` writes the run's results (versions, evaluations, every update's
     answer) to this JSON file when it stops."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on ``http://<metrics_host>:<port>/metrics`` (0: a free port,
+    logged). None: no endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on; ``0.0.0.0`` lets another host scrape it."""
     mqtt: MqttSettings = MqttSettings()
     """Broker URL, TLS files and identity (the ``[mqtt]`` table); secrets only from files/env."""
     split_mqtt: MqttSettings | None = None

@@ -30,6 +30,7 @@ from aggregator.fleet import Fleet, Missing
 from aggregator.fwdgrad import perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
 from aggregator.privacy import PrivateFedBuff
+from aggregator.prometheus import merge_histogram
 from aggregator.publisher import Publisher
 from aggregator.results import Results, UpdateRecord, VersionRecord, series_path
 from aggregator.schedule import lr_factor, run_progress
@@ -111,7 +112,8 @@ class AggregatorService:
         self._acks = AckSender(transport, config.federation)
         speeds = self._perturbations  # device speeds set forward-gradient perturbation counts
         on_speed = None if speeds is None else speeds.set_speed
-        self._fleet = Fleet(transport, config.federation, self._publish_again, on_speed)
+        self.fleet = Fleet(transport, config.federation, self._publish_again, on_speed)
+        self.merge_seconds = merge_histogram()  # read by aggregator.prometheus
         self._kd: KdHandler | None = None
         """Distils KD updates' logits; set in ``start`` when the federation accepts ``kd``."""
         audit = config.audit_log
@@ -200,7 +202,7 @@ class AggregatorService:
             self.results.start_series(resumed=self.version > 0)
             self._started = time.monotonic()
             await self._transport.subscribe(topics.update_filter(fed))
-            await self._fleet.subscribe()
+            await self.fleet.subscribe()
             await self._publish_version()
         except BaseException:
             self._ledger.close()
@@ -326,7 +328,7 @@ class AggregatorService:
         except TopicError:
             log.warning("ignoring message on unexpected topic %s", delivery.topic)
             return
-        if await self._fleet.handle(parsed, delivery):
+        if await self.fleet.handle(parsed, delivery):
             return
         if parsed.kind != "update" or parsed.client_id is None:
             return
@@ -364,7 +366,8 @@ class AggregatorService:
                 exc, client_id=update.client_id, size=size, update=update, staleness=staleness
             )
             return
-        result = await self._merge(update, checked)
+        with self.merge_seconds.labels(self.config.federation).time():
+            result = await self._merge(update, checked)
         self._apply_merge(result)
         perturbations = self._next_perturbations(update, perturbations_per_step(update))
         await self._accept(

@@ -465,6 +465,7 @@ class EdgeAgent:
         if ack.perturbations is not None and ack.perturbations != training.spec.perturbations:
             training.spec = training.spec.model_copy(update={"perturbations": ack.perturbations})
         self._count_answer(ack)
+        self.report.methods[update.method] = self.report.methods.get(update.method, 0) + 1
         if self.report.first_base_version is None:
             self.report.first_base_version = update.base_version
         if ack.accepted:

@@ -32,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with broker_for(config.mqtt.broker_url(args.broker), embedded=False) as url:
             report = await run_agent(config, url=url)
+        methods = ", ".join(sorted(report.methods)) or "none this run"
         print(
-            f"{report.client_id}: {report.updates_sent} updates, {report.accepted} accepted, "
-            f"rejected {dict(report.rejected)}, last version {report.last_version}"
+            f"{report.client_id} ({methods}): {report.updates_sent} updates, {report.accepted} "
+            f"accepted, rejected {dict(report.rejected)}, last version {report.last_version}"
         )
 
     run_until_stopped(main())

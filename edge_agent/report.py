@@ -16,6 +16,8 @@ class AgentReport:
     updates_sent: int = 0
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    methods: dict[str, int] = field(default_factory=dict)
+    """Updates answered this run, by the method that trained them."""
     resends: int = 0
     last_version: int | None = None
     first_base_version: int | None = None

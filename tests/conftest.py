@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from edgefed.transport.broker import MosquittoProcess, embedded_broker, mosquitto_binary, port_open
+from tests.brokers import BrokerKind, BrokerPool, missing
 
 SYSTEM_BROKER = ("127.0.0.1", 1883)
 REQUIRE_MOSQUITTO = "EDGEFED_REQUIRE_MOSQUITTO"
@@ -43,6 +44,22 @@ async def embedded_broker_url() -> AsyncIterator[str]:
     """An embedded amqtt broker on a free port, for the duration of one test."""
     async with embedded_broker() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def broker_pool() -> Iterator[BrokerPool]:
+    """Private brokers of every kind the tests use, each started once when first asked for."""
+    pool = BrokerPool()
+    yield pool
+    pool.close()
+
+
+def broker_url(pool: BrokerPool, kind: BrokerKind) -> str:
+    """A running broker of ``kind`` (skipped, or failed in CI, when it is not installed)."""
+    reason = missing(kind)
+    if reason is not None:
+        _missing(reason)
+    return pool.url(kind)
 
 
 @pytest.fixture

@@ -9,27 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgefed.cli.main import COMMANDS, build_parser
-from tests.conftest import REQUIRE_MOSQUITTO, _missing
-from tests.rabbitmq_broker import rabbitmq_installed, rabbitmq_node
+from tests.brokers import BrokerPool
+from tests.conftest import broker_url
 from tests.system.conftest import Proc, _toml
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def rabbitmq_url() -> Iterator[str]:
-    if not rabbitmq_installed():
-        _missing(
-            f"Debian's rabbitmq-server is not installed ({REQUIRE_MOSQUITTO} asks for brokers)"
-        )
-    with rabbitmq_node() as url:
-        yield url
+@pytest.fixture
+def rabbitmq_url(broker_pool: BrokerPool) -> str:
+    return broker_url(broker_pool, "rabbitmq")
 
 
 async def test_simulate_reaches_its_versions_through_rabbitmq(

@@ -8,14 +8,17 @@ later nothing; before asks existed such a device waited forever at version 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import pytest
 
+from edgefed.cli.main import COMMANDS, build_parser
 from edgefed.transport.broker import MosquittoProcess
 from edgefed.transport.raw import raw_client
-from tests.system.conftest import Proc, _toml, run_to_exit
+from tests.system.conftest import Proc, _toml
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -98,6 +101,9 @@ async def test_devices_ask_for_what_a_restarted_broker_lost(
 
 
 async def _edgefed(tmp_path: Path, args: list[str]) -> tuple[int, str]:
-    proc = Proc(args[0], args, tmp_path / f"{args[0]}.log")
-    code = (await run_to_exit([proc], 60))[proc.name]
-    return code, proc.text().split("=====\n", 2)[-1]
+    """Run an ``edgefed`` command in this process; its exit code and what it printed."""
+    output = io.StringIO()
+    parsed = build_parser().parse_args(args)
+    with contextlib.redirect_stdout(output):
+        code = await asyncio.to_thread(COMMANDS[args[0]].run, parsed)
+    return code, output.getvalue()

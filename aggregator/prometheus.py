@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Final, get_args
+from typing import TYPE_CHECKING, Final, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -24,13 +24,25 @@ from schemas.messages import AgentState
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from aggregator.service import AggregatorService
+    from aggregator.config import AggregatorConfig
+    from aggregator.fleet import Fleet
+    from aggregator.results import Results
     from edgefed.transport.frames import TransportStats
 
 log = logging.getLogger(__name__)
 
 STALENESS_BUCKETS: Final = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0)
 MERGE_SECONDS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Observed(Protocol):
+    """What the collector reads of an aggregator service."""
+
+    config: AggregatorConfig
+    version: int
+    results: Results
+    fleet: Fleet
+    merge_seconds: Histogram
 
 
 def merge_histogram() -> Histogram:
@@ -47,7 +59,7 @@ def merge_histogram() -> Histogram:
 class FederationCollector(Collector):
     """Every ``edgefed_*`` metric of one aggregator service, read at scrape time."""
 
-    def __init__(self, service: AggregatorService, stats: TransportStats) -> None:
+    def __init__(self, service: Observed, stats: TransportStats) -> None:
         """Read ``service`` and the counters of its transport, ``stats``."""
         self._service = service
         self._stats = stats
@@ -133,7 +145,7 @@ def _le(bound: float) -> str:
 
 @contextlib.contextmanager
 def metrics_endpoint(
-    service: AggregatorService, stats: TransportStats, *, host: str, port: int
+    service: Observed, stats: TransportStats, *, host: str, port: int
 ) -> Iterator[int]:
     """Serve ``/metrics`` of ``service`` on ``host:port`` for the block; yields the port."""
     registry = CollectorRegistry(auto_describe=False)

@@ -1,4 +1,4 @@
-"""Publishing a federation's retained state: the global, one topic per chunk, and the task.
+"""Publishing a federation's retained state: the global (one topic per chunk), task, metrics.
 
 Both are signed when the aggregator has a key (docs/architecture.md §8). Each chunk of a
 global has a retained topic of its own, so the chunk counts per version are kept (and
@@ -10,7 +10,7 @@ from __future__ import annotations
 from edgefed.security.signing import GlobalSigner, signed_by
 from edgefed.transport.base import Transport
 from schemas import topics
-from schemas.messages import GlobalModel, Task
+from schemas.messages import GlobalModel, Metrics, Task
 
 
 class Publisher:
@@ -43,6 +43,14 @@ class Publisher:
         """Publish ``task`` on the task topic."""
         signed = signed_by(self._signer, task, federation=self._federation)
         await self._transport.publish(topics.task(self._federation), signed, retain=True)
+
+    async def publish_metrics(self, metrics: Metrics) -> None:
+        """Publish ``metrics``, and a JSON copy on ``metrics/json``; retained, for late joiners."""
+        fed = self._federation
+        await self._transport.publish(topics.metrics(fed), metrics, retain=True)
+        await self._transport.publish_text(
+            topics.metrics_json(fed), metrics.model_dump_json(), retain=True
+        )
 
     async def clear_before(self, version: int) -> None:
         """Delete the retained chunks of every global older than ``version``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,13 @@ class Results:
         """A new run starts its ``series`` afresh; a resumed one goes on appending to it."""
         if self.series is not None and not resumed:
             self.series.unlink(missing_ok=True)
+
+    def staleness_counts(self) -> dict[int, int]:
+        """Accepted updates by staleness, lowest first."""
+        counts = Counter(
+            u.staleness for u in self.updates if u.accepted and u.staleness is not None
+        )
+        return dict(sorted(counts.items()))
 
     def add_version(self, record: VersionRecord) -> None:
         """Keep ``record`` and, with a ``series`` file, append it there at once."""

@@ -306,16 +306,16 @@ class AggregatorService:
         )
         self.results.add_version(record)
         log.info("version %d eval_loss=%s accuracy=%s", self.version, loss, accuracy)
+        stats = self._transport.stats
         metrics = Metrics(
             **asdict(record),
             rejected_updates=self._rejected_count,
             rejected_by_reason=dict(self._rejections),
+            staleness=self.results.staleness_counts(),
+            bytes_received=stats.received_bytes,
+            bytes_sent=stats.published_bytes,
         )
-        fed = self.config.federation  # retained: an observer that joins sees the latest
-        await self._transport.publish(topics.metrics(fed), metrics, retain=True)
-        await self._transport.publish_text(
-            topics.metrics_json(fed), metrics.model_dump_json(), retain=True
-        )
+        await self._publisher.publish_metrics(metrics)
 
     def _evaluate(self, adapter: TensorMap) -> tuple[float, float]:
         set_adapter(self._model, adapter)

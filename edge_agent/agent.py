@@ -209,14 +209,8 @@ class EdgeAgent:
 
     async def _announce(self, state: AgentState) -> None:
         self._state = state
-        status = Status(
-            client_id=self.config.client_id,
-            state=state,
-            profile=self.config.profile,
-            plan=self.report.plan,
-            base_version=self._global.version if self._global else None,
-            updates_sent=self.report.updates_sent,
-        )
+        base_version = self._global.version if self._global else None
+        status = self.report.status(state, self.config.profile, base_version)
         topic = topics.status(self.config.federation, self.config.client_id)
         await self._transport.publish(topic, status, retain=True)
 
@@ -465,7 +459,7 @@ class EdgeAgent:
         if ack.perturbations is not None and ack.perturbations != training.spec.perturbations:
             training.spec = training.spec.model_copy(update={"perturbations": ack.perturbations})
         self._count_answer(ack)
-        self.report.methods[update.method] = self.report.methods.get(update.method, 0) + 1
+        self.report.answered(update.method)
         if self.report.first_base_version is None:
             self.report.first_base_version = update.base_version
         if ack.accepted:

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from edge_agent.trainers.split import SplitHistory
+from schemas.messages import AgentState, DeviceProfile, Method, Status
 
 
 @dataclass(slots=True)
@@ -18,6 +19,7 @@ class AgentReport:
     rejected: Counter[str] = field(default_factory=Counter)
     methods: dict[str, int] = field(default_factory=dict)
     """Updates answered this run, by the method that trained them."""
+    last_method: Method | None = None
     resends: int = 0
     last_version: int | None = None
     first_base_version: int | None = None
@@ -40,3 +42,22 @@ class AgentReport:
     """
     split: list[SplitHistory] = field(default_factory=list)
     """Split learning: per fit, every step's bytes up/down and device compute, and the peak."""
+
+    def answered(self, method: Method) -> None:
+        """Count an answered update trained with ``method``."""
+        self.methods[method] = self.methods.get(method, 0) + 1
+        self.last_method = method
+
+    def status(self, state: AgentState, profile: DeviceProfile, base_version: int | None) -> Status:
+        """The status that tells observers what this device is doing and has done."""
+        return Status(
+            client_id=self.client_id,
+            state=state,
+            profile=profile,
+            plan=self.plan,
+            base_version=base_version,
+            updates_sent=self.updates_sent,
+            accepted=self.accepted,
+            rejected=sum(self.rejected.values()),
+            method=self.last_method,
+        )

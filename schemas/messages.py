@@ -286,6 +286,10 @@ class Status(Message):
     plan: dict[str, str | int | float | bool] | None = None
     base_version: int | None = None
     updates_sent: NonNegative = 0
+    accepted: NonNegative = 0
+    rejected: NonNegative = 0
+    method: Method | None = None
+    """The method of the device's last update (``plan`` has the planned one, when planned)."""
     heartbeat_at: float = Field(default_factory=time.time)
 
 
@@ -315,6 +319,11 @@ class Metrics(Message):
     rejected_updates: NonNegative = 0
     rejected_by_reason: dict[RejectReason, NonNegative] = Field(default_factory=dict)
     """Rejections so far per machine-readable reason, so operators see what is refused."""
+    staleness: dict[NonNegative, NonNegative] = Field(default_factory=dict)
+    """Accepted updates so far by staleness (versions behind when they arrived)."""
+    bytes_received: NonNegative = 0
+    """MQTT payload bytes the aggregator has received, chunks included."""
+    bytes_sent: NonNegative = 0
 
 
 class Chunk(Message):

@@ -12,6 +12,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument(
+        "--ws-port",
+        type=int,
+        default=9001,
+        help="MQTT over WebSockets on the same host, for `edgefed dashboard` (default 9001)",
+    )
+    parser.add_argument(
         "--embedded", action="store_true", help="use the embedded broker even if mosquitto exists"
     )
 

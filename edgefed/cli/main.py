@@ -20,10 +20,12 @@ from edgefed.cli import (
     broker,
     clear,
     credentials,
+    dashboard,
     demo,
     export,
     plan,
     simulate,
+    status,
 )
 from edgefed.heap import reuse_freed_memory
 from edgefed.process import exit_cleanly_on_stop_signals
@@ -65,6 +67,8 @@ COMMANDS: dict[str, Command] = {
     "plan": plan,
     "export": export,
     "clear": clear,
+    "status": status,
+    "dashboard": dashboard,
 }
 
 

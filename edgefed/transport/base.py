@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from edgefed.transport.frames import BadDelivery, Delivery
+from edgefed.transport.frames import BadDelivery, Delivery, TransportStats
 from schemas.codec import Compression
 from schemas.messages import Message
 
 
 class Transport(Protocol):
     """Publish and receive whole messages; what every component is written against."""
+
+    stats: TransportStats
+    """Bytes and messages so far, both ways (metrics and benchmarks read them)."""
 
     async def publish(
         self,

@@ -69,12 +69,16 @@ def _url(host: str, port: int) -> str:
     return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
 
 
-def derive_config(base: str | os.PathLike[str], *, host: str, port: int) -> str:
+def derive_config(
+    base: str | os.PathLike[str], *, host: str, port: int, websockets_port: int | None = None
+) -> str:
     """The text of ``base`` with its (first) listener moved to ``host:port``.
 
-    Mosquitto has no option to override a listener from the command line, so tools
-    that need another port write this derived copy instead of editing the original.
-    Deprecated global ``port``/``bind_address`` lines are dropped.
+    Its WebSocket listener (a ``listener`` line followed by ``protocol websockets``) moves
+    to ``host:websockets_port``, or is left out when that is None. Mosquitto has no option
+    to override a listener from the command line, so tools that need other ports write this
+    derived copy instead of editing the original. Deprecated global ``port``/``bind_address``
+    lines are dropped.
 
     Raises:
         ConfigError: ``base`` cannot be read.
@@ -83,21 +87,29 @@ def derive_config(base: str | os.PathLike[str], *, host: str, port: int) -> str:
         lines = Path(base).read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read broker config {base}: {exc}") from exc
-    listener = f"listener {port} {host}"
     out: list[str] = []
     replaced = False
-    for line in lines:
+    for index, line in enumerate(lines):
         words = line.split()
         keyword = words[0] if words else ""
+        following = lines[index + 1].split() if index + 1 < len(lines) else []
         if keyword in ("port", "bind_address"):
             continue
+        if keyword == "listener" and following == ["protocol", "websockets"]:
+            if websockets_port is not None:
+                out.append(f"listener {websockets_port} {host}")
+            continue
+        if words == ["protocol", "websockets"]:
+            if websockets_port is not None:
+                out.append(line)
+            continue
         if keyword == "listener" and not replaced:
-            out.append(listener)
+            out.append(f"listener {port} {host}")
             replaced = True
             continue
         out.append(line)
     if not replaced:
-        out.append(listener)
+        out.append(f"listener {port} {host}")
     return "\n".join(out) + "\n"
 
 
@@ -144,10 +156,13 @@ class MosquittoProcess:
         port: int = 0,
         binary: str | None = None,
         start_timeout_s: float = 10.0,
+        websockets: bool = False,
     ) -> None:
         self.config = Path(config) if config is not None else DEV_CONFIG
         self.host = host
         self.port = port or free_port(host)
+        self.websockets_port = free_port(host) if websockets else None
+        """The config's WebSocket listener on a free port (``websockets``); else left out."""
         self.binary = binary or mosquitto_binary()
         self.start_timeout_s = start_timeout_s
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -190,7 +205,9 @@ class MosquittoProcess:
             self._dir = tempfile.TemporaryDirectory(prefix="edgefed-mosquitto-")
         folder = Path(self._dir.name)
         conf = folder / "mosquitto.conf"
-        text = derive_config(self.config, host=self.host, port=self.port)
+        text = derive_config(
+            self.config, host=self.host, port=self.port, websockets_port=self.websockets_port
+        )
         conf.write_text(with_persistence_dir(text, folder / "data"))
         conf.chmod(0o644)  # readable after mosquitto drops root privileges
         with (folder / "mosquitto.log").open("ab") as log_file:
@@ -258,17 +275,24 @@ class MosquittoProcess:
         self.close()
 
 
-def _amqtt_config(host: str, port: int) -> dict[str, object]:
+def _amqtt_config(host: str, port: int, ws_port: int | None) -> dict[str, object]:
+    listeners: dict[str, object] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if ws_port is not None:
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": listeners,
         # Anonymous access only: no $SYS publisher, no packet logging.
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
 
 
 @contextlib.asynccontextmanager
-async def embedded_broker(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def embedded_broker(
+    host: str = "127.0.0.1", port: int = 0, *, ws_port: int | None = None
+) -> AsyncIterator[str]:
     """Run an amqtt broker in this event loop for the block; yields its ``mqtt://`` URL.
+
+    With ``ws_port`` it also speaks MQTT over WebSockets there (``edgefed dashboard``).
 
     With ``port=0`` a free port is chosen (retrying if another process takes it first).
     MQTT 3.1.1 only, no shared subscriptions, nothing persisted.
@@ -293,7 +317,7 @@ async def embedded_broker(host: str = "127.0.0.1", port: int = 0) -> AsyncIterat
     attempts = 3 if port == 0 else 1
     for attempt in range(attempts):
         chosen = port or free_port(host)
-        broker = ClosingBroker(_amqtt_config(host, chosen))
+        broker = ClosingBroker(_amqtt_config(host, chosen, ws_port))
         try:
             await broker.start()
         except BrokerError as exc:
@@ -323,9 +347,12 @@ async def _let_clients_leave(broker: object, timeout_s: float = 1.0) -> None:
         await asyncio.sleep(step)
 
 
-async def _serve_embedded(host: str, port: int) -> None:
-    async with embedded_broker(host, port) as url:
-        log.warning("embedded amqtt broker on %s: %s", url, EMBEDDED_LIMITS)
+async def _serve_embedded(host: str, port: int, ws_port: int) -> None:
+    async with embedded_broker(host, port, ws_port=ws_port) as url:
+        log.warning(
+            "embedded amqtt broker on %s, WebSockets on ws://%s:%d: %s",
+            url, host, ws_port, EMBEDDED_LIMITS,
+        )  # fmt: skip
         await asyncio.Event().wait()
 
 
@@ -339,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     binary = None if args.embedded else mosquitto_binary()
     if binary is None:
         try:
-            asyncio.run(_serve_embedded(host, port))
+            asyncio.run(_serve_embedded(host, port, args.ws_port))
         except KeyboardInterrupt:
             return 0
         except ConfigError as exc:
@@ -349,12 +376,17 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="edgefed-broker-") as folder:
         conf = Path(folder) / "mosquitto.conf"
         try:
-            conf.write_text(derive_config(DEV_CONFIG, host=host, port=port))
+            conf.write_text(
+                derive_config(DEV_CONFIG, host=host, port=port, websockets_port=args.ws_port)
+            )
         except ConfigError as exc:
             log.error("%s", exc)  # noqa: TRY400
             return 1
         conf.chmod(0o644)
-        log.warning("mosquitto on %s (config derived from %s)", _url(host, port), DEV_CONFIG)
+        log.warning(
+            "mosquitto on %s, WebSockets on ws://%s:%d (config derived from %s)",
+            _url(host, port), host, args.ws_port, DEV_CONFIG,
+        )  # fmt: skip
         proc = subprocess.Popen([binary, "-c", str(conf)])
         try:
             return proc.wait()

@@ -86,6 +86,8 @@ class FederationWatch:
             parsed = topics.parse(delivery.topic)
         except TopicError:
             return False
+        if parsed.federation != self.federation:
+            return False
         message = delivery.message
         if isinstance(message, Task) and parsed.kind == "task":
             self.task = message

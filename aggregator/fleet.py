@@ -48,8 +48,6 @@ class Fleet:
         self._answered_at: dict[Missing, float] = {}
         self.statuses: dict[str, Status] = {}
         """The latest status of every device heard from, by client id."""
-        self.asks = 0
-        """Asks received (answered or served by an answer just sent)."""
 
     async def subscribe(self) -> None:
         """Subscribe to every device's status and asks."""
@@ -79,7 +77,6 @@ class Fleet:
         )
 
     async def _answer(self, ask: Ask) -> None:
-        self.asks += 1
         now = time.monotonic()
         if now - self._answered_at.get(ask.missing, -ANSWER_EVERY_S) < ANSWER_EVERY_S:
             return

@@ -55,8 +55,12 @@ async def broker_for(
     if not embedded or await port_answers(LOCAL_BROKER.host, LOCAL_BROKER.port):
         yield LOCAL_BROKER
         return
-    from edgefed.transport.broker import embedded_broker  # noqa: PLC0415 (amqtt only when needed)
+    from edgefed.transport.broker import embedded_broker, free_port  # noqa: PLC0415 (amqtt)
 
-    log.warning("no broker at %s; starting an embedded one", LOCAL_BROKER)
-    async with embedded_broker() as embedded_url:
+    ws_port = free_port(LOCAL_BROKER.host)  # for `edgefed dashboard --ws-url`
+    async with embedded_broker(ws_port=ws_port) as embedded_url:
+        log.warning(
+            "no broker at %s; started an embedded one on %s (WebSockets: ws://%s:%d)",
+            LOCAL_BROKER, embedded_url, LOCAL_BROKER.host, ws_port,
+        )  # fmt: skip
         yield BrokerURL.parse(embedded_url)

@@ -287,7 +287,8 @@ class EdgeAgent:
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Wait until the receive task brings news and ``ready()`` holds (logged when long)."""
-        await wait_for_news(self._news, ready, self._waiting_on, self._global_topics.ask)
+        ask = self._global_topics.ask
+        await wait_for_news(self._news, ready, self._waiting_on, ask, self.config.ask_after_s)
 
     def _waiting_on(self) -> Wait:
         return self._global_topics.waiting_on(self.config.client_id, self._task, self._global)

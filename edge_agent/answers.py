@@ -14,31 +14,28 @@ log = logging.getLogger(__name__)
 
 WAIT_REPORT_S: Final = 30.0
 """How long an agent waits without news before it logs what it is waiting for."""
-ASK_AFTER_S: Final = 5.0
-"""How long an agent waits without its task or global before it asks the aggregator for it;
-the pause doubles after each ask, up to :data:`WAIT_REPORT_S`."""
-
-
 async def wait_for_news(
     news: asyncio.Event,
     ready: Callable[[], bool],
     waiting_on: Callable[[], Wait],
     ask: Callable[[Ask], Awaitable[None]],
+    ask_after_s: float,
 ) -> None:
     """Wait until ``news`` brings ``ready()``, asking for what is missing and saying so.
 
-    After :data:`ASK_AFTER_S` without news, and again with doubling pauses, the ask that
+    After ``ask_after_s`` without news, and again with pauses that double up to
+    :data:`WAIT_REPORT_S`, the ask that
     ``waiting_on()`` names (a task or a global the broker did not hand over) goes to the
     aggregator. Every :data:`WAIT_REPORT_S` without news, its line is logged, so a device
     whose aggregator is gone says so instead of waiting in silence.
     """
-    pause, silent_s = ASK_AFTER_S, 0.0
+    pause, silent_s = ask_after_s, 0.0
     while not ready():
         news.clear()
         try:
             async with asyncio.timeout(pause):
                 await news.wait()
-            pause, silent_s = ASK_AFTER_S, 0.0
+            pause, silent_s = ask_after_s, 0.0
             continue
         except TimeoutError:
             silent_s += pause

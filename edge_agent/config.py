@@ -31,6 +31,9 @@ class AgentConfig(CommandSettings):
     """Stop after this many answered updates (0 = run until stopped)."""
     ack_timeout_s: float = Field(default=30.0, gt=0)
     """Re-send an unanswered update (same update_id, so never merged twice) after this long."""
+    ask_after_s: float = Field(default=5.0, gt=0)
+    """Seconds without the task, or without the global it names, before asking the aggregator
+    for it (a broker that lost or never keeps retained messages); the pause then doubles."""
     max_resends: int = Field(default=5, ge=0)
     state_dir: str | None = None
     """Folder of the durable outbox: updates wait there, across restarts, until acked.

@@ -16,7 +16,7 @@ from edgefed.transport.memory import MemoryBroker
 from schemas import topics
 from schemas.messages import Ask, ModelRef, Task
 
-CONFIG = AgentConfig(federation="fed", client_id="dev0", data="synthetic:n=8")
+CONFIG = AgentConfig(federation="fed", client_id="dev0", data="synthetic:n=8", ask_after_s=0.05)
 
 
 async def _waiting(
@@ -43,7 +43,6 @@ async def test_an_agent_says_what_it_waits_for(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(answers, "WAIT_REPORT_S", 0.1)
-    monkeypatch.setattr(answers, "ASK_AFTER_S", 0.05)
     caplog.set_level(logging.INFO, logger="edge_agent.answers")
     broker = MemoryBroker()
     lines, asks = await _waiting(broker, caplog)

@@ -34,7 +34,7 @@ def test_the_view_joins_task_metrics_and_statuses() -> None:
                 profile=DeviceProfile(memory_budget_mb=512.0),
                 heartbeat_at=990.0,
             ),
-        ),  # fmt: skip
+        ),
         (topics.metrics("other"), Metrics(version=99, time_s=1.0)),
     ]
     taken = [watch.take(Delivery(topic, message, 10)) for topic, message in news]

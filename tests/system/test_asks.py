@@ -57,7 +57,7 @@ async def test_devices_ask_for_what_a_restarted_broker_lost(
         agent_file = tmp_path / f"dev{i}.toml"
         agent_file.write_text(_toml(common | {
             "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "max_updates": 2,
-            "seed": i, "torch_threads": 1,
+            "seed": i, "torch_threads": 1, "ask_after_s": 1.0,
         }))  # fmt: skip
         agents.append(
             Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log")

@@ -62,6 +62,9 @@ async def test_processes_outlive_a_killed_aggregator(
     agent_settings = {"ack_timeout_s": 5.0, "max_resends": 100, "torch_threads": 1}
     fed: Federation = federation_of(_At(url), aggregator_settings, agent_settings)
     aggregator = fed.aggregator(max_versions=4).start()
+    # Agents join after the retained task and global are out (RabbitMQ hands retained
+    # messages only to exact subscriptions).
+    await fed.until("the aggregator ready", lambda: " ready at " in aggregator.text())
     fed.agent_settings = agent_settings | {"method": "fwdgrad"}
     fwdgrad = fed.agent("dev1", max_updates=4, seed=1).start()
     fed.agent_settings = agent_settings

@@ -38,7 +38,9 @@ async def test_simulate_reaches_its_versions_through_rabbitmq(
     assert results["history"][-1]["version"] == 20
 
 
-@pytest.mark.parametrize("first", ["aggregator", "agents"])
+# The aggregator first, agents joining after its retained task and global are out:
+# test_broker_matrix.py::test_processes_outlive_a_killed_aggregator[rabbitmq].
+@pytest.mark.parametrize("first", ["agents"])
 async def test_processes_federate_through_rabbitmq_whichever_starts_first(
     rabbitmq_url: str, tmp_path: Path, federation: str, first: str
 ) -> None:

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 WAIT_REPORT_S: Final = 30.0
 """How long an agent waits without news before it logs what it is waiting for."""
+
+
 async def wait_for_news(
     news: asyncio.Event,
     ready: Callable[[], bool],

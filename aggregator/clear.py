@@ -59,7 +59,7 @@ async def _retained(client: RawClient, federation: str, quiet_s: float) -> set[s
     """
     exact = [topics.task(federation), topics.metrics(federation), topics.metrics_json(federation)]
     found = await retained_messages(client, [topics.federation_filter(federation), *exact], quiet_s)
-    task = found.pop(topics.task(federation), None)
+    task = found.get(topics.task(federation))
     chunks: list[str] = []
     if task is not None:
         with contextlib.suppress(CodecError):
@@ -69,6 +69,5 @@ async def _retained(client: RawClient, federation: str, quiet_s: float) -> set[s
                     topics.global_model(federation, message.version, chunk)
                     for chunk in range(message.global_chunks)
                 ]
-        found[topics.task(federation)] = task
     found |= await retained_messages(client, [c for c in chunks if c not in found], quiet_s)
     return set(found)

@@ -2,8 +2,8 @@
 
 Values are read from the service when Prometheus scrapes (a custom collector), so the merge
 path carries no bookkeeping of its own: the version and evaluations come from the results'
-history, update counts and staleness from its records, device states from the statuses the
-service hears, bytes from the transport's counters. Only the merge time is observed as it
+history, update counts and staleness from the tallies it keeps of its records, device states
+from the statuses the service hears, bytes from the transport's counters. Only the merge time is observed as it
 happens (:data:`MERGE_SECONDS` buckets), since nothing else keeps it.
 """
 
@@ -98,27 +98,25 @@ class FederationCollector(Collector):
         yield from service.merge_seconds.collect()
 
     def _updates(self, fed: str) -> Iterator[Metric]:
-        records = self._service.results.updates
-        counts = Counter(
-            ("accepted" if r.accepted else "rejected", r.reason or "", r.method or "unknown")
-            for r in records
-        )
+        results = self._service.results
+        answers, staleness = dict(results.answers), dict(results.staleness)  # copies: the loop adds
         updates = CounterMetricFamily(
             "edgefed_updates", "Updates answered, by decision, reason and method.",
             labels=["federation", "decision", "reason", "method"],
         )  # fmt: skip
-        for (decision, reason, method), n in sorted(counts.items()):
+        for (decision, reason, method), n in sorted(answers.items()):
             updates.add_metric([fed, decision, reason, method], n)
         yield updates
-        staleness = [r.staleness for r in records if r.accepted and r.staleness is not None]
         buckets = [
-            (_le(bound), sum(1 for s in staleness if s <= bound)) for bound in STALENESS_BUCKETS
+            (_le(bound), sum(n for s, n in staleness.items() if s <= bound))
+            for bound in STALENESS_BUCKETS
         ]
         histogram = HistogramMetricFamily(
             "edgefed_update_staleness", "Staleness of accepted updates, in versions.",
             labels=["federation"],
         )  # fmt: skip
-        histogram.add_metric([fed], [*buckets, ("+Inf", len(staleness))], sum(staleness))
+        total = sum(s * n for s, n in staleness.items())
+        histogram.add_metric([fed], [*buckets, ("+Inf", sum(staleness.values()))], total)
         yield histogram
 
     def _agents(self, fed: str) -> Metric:

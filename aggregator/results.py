@@ -114,18 +114,27 @@ class Results:
     series: Path | None = None
     """Where each version's record is appended as one JSON line when it is made, so a run
     that dies keeps its history (:func:`series_path` of the results file)."""
+    answers: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    """Updates answered by (decision, reason, method), kept as they come (not saved)."""
+    staleness: Counter[int] = field(default_factory=Counter)
+    """Accepted updates by staleness, kept as they come (not saved)."""
 
     def start_series(self, *, resumed: bool) -> None:
         """A new run starts its ``series`` afresh; a resumed one goes on appending to it."""
         if self.series is not None and not resumed:
             self.series.unlink(missing_ok=True)
 
+    def add_update(self, record: UpdateRecord) -> None:
+        """Keep ``record`` and count it, so reports never walk every record again."""
+        self.updates.append(record)
+        decision = "accepted" if record.accepted else "rejected"
+        self.answers[decision, record.reason or "", record.method or "unknown"] += 1
+        if record.accepted and record.staleness is not None:
+            self.staleness[record.staleness] += 1
+
     def staleness_counts(self) -> dict[int, int]:
         """Accepted updates by staleness, lowest first."""
-        counts = Counter(
-            u.staleness for u in self.updates if u.accepted and u.staleness is not None
-        )
-        return dict(sorted(counts.items()))
+        return dict(sorted(self.staleness.items()))
 
     def add_version(self, record: VersionRecord) -> None:
         """Keep ``record`` and, with a ``series`` file, append it there at once."""

@@ -481,7 +481,7 @@ class AggregatorService:
         if update is None:  # the nack's placeholder id is no update's
             entry = entry.model_copy(update={"update_id": None})
             record = UpdateRecord.unreadable(ack, size=size, time_s=self.elapsed_s())
-            self.results.updates.append(record)
+            self.results.add_update(record)
         await self._send_now(ack, entry)
 
     async def _send_now(self, ack: Ack, entry: UpdateEntry) -> None:
@@ -586,7 +586,7 @@ class AggregatorService:
         record = UpdateRecord.answered(
             update, ack, size=size, staleness=staleness, time_s=self.elapsed_s()
         )
-        self.results.updates.append(record)
+        self.results.add_update(record)
         self._answered[update.update_id] = ack
         while len(self._answered) > _ANSWERED_IDS_KEPT:
             self._answered.popitem(last=False)

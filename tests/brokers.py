@@ -9,13 +9,14 @@ session, so the matrix costs one start per broker.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
-from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary, port_open
+from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
+from tests.listening import listening
 from tests.nats_broker import nats_binary, nats_node
 from tests.rabbitmq_broker import rabbitmq_installed, rabbitmq_node
 
@@ -37,25 +38,13 @@ def missing(kind: BrokerKind) -> str | None:
 @contextlib.contextmanager
 def embedded_node(start_timeout_s: float = 30.0) -> Iterator[str]:
     """``edgefed broker --embedded`` in a process of its own; yields its URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "edgefed.cli", "broker", "--embedded", "--port", str(port)]
-    server = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + start_timeout_s
-        while not port_open("127.0.0.1", port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the embedded broker did not listen on {port}")
-            time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    port, ws_port = free_port(), free_port()
+    command = [sys.executable, "-m", "edgefed.cli", "broker", "--embedded", "--port", str(port),
+               "--ws-port", str(ws_port)]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="edgefed-amqtt-") as folder:
+        log = Path(folder) / "broker.log"
+        with listening(command, port, log=log, start_timeout_s=start_timeout_s):
+            yield f"mqtt://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgefed.transport.broker import free_port, port_open
+from edgefed.transport.broker import free_port
+from tests.listening import listening
 
 
 def nats_binary() -> str | None:
@@ -37,24 +36,8 @@ def nats_node(start_timeout_s: float = 30.0) -> Iterator[str]:
             f'jetstream {{ store_dir: "{root / "js"}" }}\n'
             f"mqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n"
         )
-        log = (root / "server.log").open("wb")
-        server = subprocess.Popen(
-            [binary, "-c", str(root / "nats.conf")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + start_timeout_s
-            while not port_open("127.0.0.1", mqtt_port):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    text = (root / "server.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"nats-server did not listen on {mqtt_port}:\n{text}")
-                time.sleep(0.05)
+        with listening(
+            [binary, "-c", str(root / "nats.conf")], mqtt_port, log=root / "server.log",
+            start_timeout_s=start_timeout_s,
+        ):  # fmt: skip
             yield f"mqtt://127.0.0.1:{mqtt_port}"
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            log.close()

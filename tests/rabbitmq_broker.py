@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgefed.transport.broker import free_port, port_open
+from edgefed.transport.broker import free_port
+from tests.listening import listening
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 
@@ -52,26 +50,11 @@ def rabbitmq_node(start_timeout_s: float = 60.0) -> Iterator[str]:
             "RABBITMQ_LOG_BASE": str(root / "log"),
             "RABBITMQ_PID_FILE": str(root / "pid"),
         }
-        log = (root / "server.log").open("wb")
-        server = subprocess.Popen(
-            [str(SERVER)], env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
         try:
-            deadline = time.monotonic() + start_timeout_s
-            while not port_open("127.0.0.1", mqtt_port):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    text = (root / "server.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"RabbitMQ did not listen on {mqtt_port}:\n{text}")
-                time.sleep(0.2)
-            yield f"mqtt://127.0.0.1:{mqtt_port}"
+            with listening(
+                [str(SERVER)], mqtt_port, log=root / "server.log", env=env, cwd=root,
+                group=True, start_timeout_s=start_timeout_s,
+            ):  # fmt: skip
+                yield f"mqtt://127.0.0.1:{mqtt_port}"
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-            log.close()
             shutil.rmtree(root / "mnesia", ignore_errors=True)

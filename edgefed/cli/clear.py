@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="an aggregator TOML file: its federation, and its [mqtt] url, TLS and login "
+        help="an aggregator's TOML file: its federation, and its [mqtt] url, TLS and login "
         "(the aggregator's identity may delete what it published)",
     )
     parser.add_argument(
@@ -31,18 +31,15 @@ def run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
     from aggregator.clear import clear_federation  # noqa: PLC0415
-    from aggregator.config import AggregatorConfig  # noqa: PLC0415
-    from edgefed.settings import load_settings  # noqa: PLC0415
+    from edgefed.operator_login import operator_login  # noqa: PLC0415
 
-    config = load_settings(AggregatorConfig, args.config, federation=args.federation)
-    url = config.mqtt.broker_url(args.broker) or "mqtt://127.0.0.1:1883"
-    login = config.mqtt.transport_config(url=url, client_id=f"edgefed-{config.federation}-clear")
-    cleared = asyncio.run(clear_federation(login, config.federation, dry_run=args.dry_run))
+    login = operator_login(args, role="clear")
+    cleared = asyncio.run(clear_federation(login.transport, login.federation, dry_run=args.dry_run))
     verb = "retained" if args.dry_run else "deleted"
     for topic in cleared.found:
         print(f"{verb}: {topic}" if args.dry_run or topic not in cleared.left else f"kept: {topic}")
     gone = len(cleared.found) - (0 if args.dry_run else len(cleared.left))
-    print(f"{config.federation} on {url}: {len(cleared.found)} retained, {gone} {verb}")
+    print(f"{login.federation} on {login.url}: {len(cleared.found)} retained, {gone} {verb}")
     if cleared.left and not args.dry_run:
         print("the broker kept the topics marked 'kept': its ACL refuses this login to delete them")
         return 1

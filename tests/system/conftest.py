@@ -119,6 +119,43 @@ class Proc:
             self.popen.wait()
 
 
+@dataclass(frozen=True)
+class TinyFederation:
+    """An aggregator and two agents of the tiny model, each run from its config file alone."""
+
+    aggregator_file: Path
+    aggregator: Proc
+    agents: list[Proc]
+
+
+def tiny_federation(
+    tmp_path: Path,
+    url: str,
+    federation: str,
+    *,
+    aggregator: dict[str, object],
+    agent: dict[str, object],
+) -> TinyFederation:
+    """Write the config files (results to ``tmp_path/results.json``); start nothing."""
+    common = {"federation": federation, "mqtt": {"url": url}}
+    aggregator_file = tmp_path / "aggregator.toml"
+    aggregator_file.write_text(_toml(common | {
+        "json_out": str(tmp_path / "results.json"), "eval_data": "synthetic:n=16,seed=9",
+        "strategy": {"buffer_size": 2}, "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
+    } | aggregator))  # fmt: skip
+    agents = []
+    for i in range(2):
+        agent_file = tmp_path / f"dev{i}.toml"
+        agent_file.write_text(_toml(common | {
+            "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "seed": i,
+            "torch_threads": 1,
+        } | agent))  # fmt: skip
+        args = ["agent", "--config", str(agent_file)]
+        agents.append(Proc(f"dev{i}", args, tmp_path / f"{i}.log"))
+    args = ["aggregator", "--config", str(aggregator_file)]
+    return TinyFederation(aggregator_file, Proc("aggregator", args, tmp_path / "a.log"), agents)
+
+
 async def run_to_exit(procs: list[Proc], timeout_s: float) -> dict[str, int]:
     """Start every process, wait for each to exit; their exit codes by name."""
     try:

@@ -18,7 +18,7 @@ import pytest
 from edgefed.cli.main import COMMANDS, build_parser
 from edgefed.transport.broker import MosquittoProcess
 from edgefed.transport.raw import raw_client
-from tests.system.conftest import Proc, _toml
+from tests.system.conftest import tiny_federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -42,26 +42,11 @@ async def test_devices_ask_for_what_a_restarted_broker_lost(
     mosquitto_process: MosquittoProcess, tmp_path: Path, federation: str
 ) -> None:
     broker = mosquitto_process  # dev.conf: no persistence, so a restart forgets everything
-    common = {"federation": federation, "mqtt": {"url": broker.url}}
-    aggregator_file = tmp_path / "aggregator.toml"
-    aggregator_file.write_text(_toml(common | {
-        "max_versions": 2, "json_out": str(tmp_path / "results.json"),
-        "eval_data": "synthetic:n=16,seed=9", "strategy": {"buffer_size": 2},
-        "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
-    }))  # fmt: skip
-    aggregator = Proc(
-        "aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log"
-    )
-    agents = []
-    for i in range(2):
-        agent_file = tmp_path / f"dev{i}.toml"
-        agent_file.write_text(_toml(common | {
-            "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "max_updates": 2,
-            "seed": i, "torch_threads": 1, "ask_after_s": 1.0,
-        }))  # fmt: skip
-        agents.append(
-            Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log")
-        )
+    fed = tiny_federation(
+        tmp_path, broker.url, federation,
+        aggregator={"max_versions": 2}, agent={"max_updates": 2, "ask_after_s": 1.0},
+    )  # fmt: skip
+    aggregator, agents, aggregator_file = fed.aggregator, fed.agents, fed.aggregator_file
     procs = [aggregator, *agents]
     try:
         aggregator.start()

@@ -16,7 +16,7 @@ import pytest
 from edgefed.cli.main import COMMANDS, build_parser
 from tests.brokers import BrokerPool
 from tests.conftest import broker_url
-from tests.system.conftest import Proc, _toml
+from tests.system.conftest import tiny_federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -38,45 +38,24 @@ async def test_simulate_reaches_its_versions_through_rabbitmq(
     assert results["history"][-1]["version"] == 20
 
 
-# The aggregator first, agents joining after its retained task and global are out:
-# test_broker_matrix.py::test_processes_outlive_a_killed_aggregator[rabbitmq].
-@pytest.mark.parametrize("first", ["agents"])
-async def test_processes_federate_through_rabbitmq_whichever_starts_first(
-    rabbitmq_url: str, tmp_path: Path, federation: str, first: str
+async def test_processes_federate_through_rabbitmq_when_agents_start_first(
+    rabbitmq_url: str, tmp_path: Path, federation: str
 ) -> None:
-    common = {"federation": federation, "mqtt": {"url": rabbitmq_url}}
-    aggregator_file = tmp_path / "aggregator.toml"
-    aggregator_file.write_text(_toml(common | {
-        "max_versions": 3, "json_out": str(tmp_path / "results.json"),
-        "eval_data": "synthetic:n=16,seed=9", "strategy": {"buffer_size": 2},
-        "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
-    }))  # fmt: skip
-    aggregator = Proc(
-        "aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log"
+    """The aggregator starting first, agents joining after its retained task and global are
+    out: test_broker_matrix.py::test_processes_outlive_a_killed_aggregator[rabbitmq]."""
+    fed = tiny_federation(
+        tmp_path, rabbitmq_url, federation, aggregator={"max_versions": 3}, agent={"max_updates": 3}
     )
-    agents = []
-    for i in range(2):
-        agent_file = tmp_path / f"dev{i}.toml"
-        agent_file.write_text(_toml(common | {
-            "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "max_updates": 3,
-            "seed": i, "torch_threads": 1,
-        }))  # fmt: skip
-        agents.append(
-            Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log")
-        )
-    early, late = ([aggregator], agents) if first == "aggregator" else (agents, [aggregator])
-    procs = [*early, *late]
+    aggregator, agents = fed.aggregator, fed.agents
+    procs = [*agents, aggregator]
     try:
-        for proc in early:
-            proc.start()
-        # The late ones start once the early ones are up: an aggregator has published its
-        # retained task and global, agents are connected and waiting.
-        sign = " ready at " if first == "aggregator" else "connected to"
-        while not all(sign in proc.text() for proc in early):
-            assert all(proc.running for proc in early), early[0].text()
+        for agent in agents:
+            agent.start()
+        # The aggregator starts once the agents are connected and waiting.
+        while not all("connected to" in agent.text() for agent in agents):
+            assert all(agent.running for agent in agents), agents[0].text()
             await asyncio.sleep(0.2)
-        for proc in late:
-            proc.start()
+        aggregator.start()
         codes = {proc.name: await proc.exited(150) for proc in procs}
     finally:
         for proc in procs:

@@ -28,7 +28,7 @@ from edgefed.cli.main import COMMANDS, build_parser
 from edgefed.dashboard.server import DashboardServer
 from edgefed.transport.broker import MosquittoProcess, free_port, mosquitto_binary
 from tests.conftest import _missing
-from tests.system.conftest import Proc, _toml
+from tests.system.conftest import tiny_federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -96,26 +96,10 @@ async def test_a_running_federation_seen_three_ways(
     broker: MosquittoProcess, browser: webdriver.Chrome, tmp_path: Path, federation: str
 ) -> None:
     port = free_port()
-    common = {"federation": federation, "mqtt": {"url": broker.url}}
-    aggregator_file = tmp_path / "aggregator.toml"
-    aggregator_file.write_text(_toml(common | {
-        "metrics_port": port, "json_out": str(tmp_path / "results.json"),
-        "eval_data": "synthetic:n=16,seed=9", "strategy": {"buffer_size": 2},
-        "train": {"local_steps": 2, "batch_size": 4, "seq_len": 16},
-    }))  # fmt: skip
-    aggregator = Proc(
-        "aggregator", ["aggregator", "--config", str(aggregator_file)], tmp_path / "a.log"
+    fed = tiny_federation(
+        tmp_path, broker.url, federation, aggregator={"metrics_port": port}, agent={}
     )
-    agents = []
-    for i in range(2):
-        agent_file = tmp_path / f"dev{i}.toml"
-        agent_file.write_text(_toml(common | {
-            "client_id": f"dev{i}", "data": f"synthetic:n=32,seed={i + 1}", "seed": i,
-            "torch_threads": 1,
-        }))  # fmt: skip
-        agents.append(
-            Proc(f"dev{i}", ["agent", "--config", str(agent_file)], tmp_path / f"{i}.log")
-        )
+    aggregator, agents = fed.aggregator, fed.agents
     try:
         aggregator.start()
         while "Prometheus metrics on" not in aggregator.text():

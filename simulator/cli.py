@@ -147,6 +147,8 @@ def _flag_config(args: argparse.Namespace) -> FleetConfig:
         alpha=args.alpha,
         max_seconds=args.max_seconds,
         **({} if args.train_samples is None else {"train_samples": args.train_samples}),
+        **({} if args.eval_samples is None else {"eval_samples": args.eval_samples}),
+        aggregator={} if args.eval_every is None else {"eval_every": args.eval_every},
         **({} if getattr(args, "max_payload", None) is None else {"max_payload": args.max_payload}),
     )
 

@@ -203,7 +203,8 @@ def aggregator_config(config: FleetConfig) -> AggregatorConfig:
             "accept_methods": tuple(sorted(set(config.methods) - {config.method})),
             "model": ModelRef(name=config.model),
             "lora": lora,
-            "strategy": strategy,
+            # Only what was set, so the aggregator's model-family defaults fill the rest.
+            "strategy": strategy.model_dump(exclude_unset=True),
             "seed": config.seed,
             "max_versions": config.max_versions,
             # The aggregator's clock is real time; its cosine schedule decays over the run.

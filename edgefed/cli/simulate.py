@@ -39,6 +39,20 @@ def _fleet_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="text: rows of the train split the devices share (default 1,600; 0 = all)",
     )
+    group.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="text: held-out rows of the test split the aggregator scores (default 500; "
+        "AG News has 7,600)",
+    )
+    group.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="score every Nth version (default 1; 0 = never): a large held-out set costs "
+        "the devices' CPU",
+    )
     group.add_argument("--seed", type=int, default=0)
 
 

@@ -6,6 +6,7 @@ from aggregator.config import (
     PRETRAINED_ENCODER_KD_TRAIN,
     PRETRAINED_ENCODER_TRAIN,
     PRETRAINED_LM_TRAIN,
+    PRETRAINED_LORA_SERVER_LR,
     AggregatorConfig,
     default_train,
 )
@@ -74,3 +75,21 @@ def test_a_federation_that_takes_forward_gradients_gives_a_pretrained_lm_its_ans
     assert own.lora == LoraSpec(rank=4, head_tokens=(7,))
     tokens = AggregatorConfig(federation="f", model=model, method="fwdgrad")  # synthetic rows
     assert tokens.lora.head_tokens == ()
+
+
+def test_a_pretrained_model_federating_lora_alone_merges_at_twice_the_step() -> None:
+    require_minilm()
+    model = ModelRef(name="minilm-l6")
+    assert AggregatorConfig(federation="f", model=model).strategy.server_lr == (
+        PRETRAINED_LORA_SERVER_LR
+    )
+    assert AggregatorConfig(federation="f").strategy.server_lr == 1.0  # a random tiny model
+    for other, server_lr in (
+        ({"method": "fwdgrad"}, 1.0),
+        ({"accept_methods": ("fwdgrad",)}, 1.0),
+        ({"strategy": {"server_lr": 0.5}}, 0.5),
+        ({"strategy": {"name": "fedasync"}}, 1.0),
+        ({"sync": {"clients": ("a", "b")}}, 1.0),
+    ):
+        config = AggregatorConfig.model_validate({"federation": "f", "model": model} | other)
+        assert config.strategy.server_lr == server_lr, other

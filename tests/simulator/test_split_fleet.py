@@ -183,6 +183,15 @@ def test_simulate_flags_set_the_rows_a_text_fleet_trains_on() -> None:
     assert some.train_samples == 8000
 
 
+def test_simulate_flags_set_the_held_out_rows_and_how_often_they_are_scored() -> None:
+    args = build_parser().parse_args(["simulate", "--eval-samples=7600", "--eval-every=20"])
+    config = flag_config(args)
+    assert config.eval_samples == 7600
+    assert aggregator_config(config).eval_every == 20
+    default = flag_config(build_parser().parse_args(["simulate"]))
+    assert (default.eval_samples, default.aggregator) == (FleetConfig().eval_samples, {})
+
+
 @pytest.mark.broker
 async def test_fleet_holds_split_steps_for_the_device_links(
     mosquitto_url: str, federation: str

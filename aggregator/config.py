@@ -21,8 +21,8 @@ from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
 __all__ = [
     "PRETRAINED_ENCODER_KD_TRAIN",
     "PRETRAINED_ENCODER_TRAIN",
-    "PRETRAINED_LORA_SERVER_LR",
     "PRETRAINED_LM_TRAIN",
+    "PRETRAINED_LORA_SERVER_LR",
     "AggregatorConfig",
     "FwdGradSettings",
     "KdSettings",
@@ -330,8 +330,11 @@ class AggregatorConfig(CommandSettings):
 
 
 def _lora_merge_step(data: dict[str, Any], *, pretrained: bool) -> dict[str, Any]:
-    """:data:`PRETRAINED_LORA_SERVER_LR` for a pretrained model's asynchronous LoRA-only
-    FedBuff federation whose ``[strategy]`` leaves ``server_lr`` out; ``data`` otherwise."""
+    """The merge step of a pretrained model's asynchronous LoRA-only FedBuff, filled in.
+
+    :data:`PRETRAINED_LORA_SERVER_LR` where ``[strategy]`` leaves ``server_lr`` out; any
+    other federation's ``data`` is returned as it is.
+    """
     strategy = data.get("strategy", {})
     lora_only = data.get("method", "lora") == "lora" and not data.get("accept_methods")
     if (

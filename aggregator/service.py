@@ -2,8 +2,9 @@
 
 It publishes the task and the initial global adapter (both retained), then for each
 update: validate, weight by staleness, merge through the configured strategy, advance the
-version when the strategy produces a new global, publish it, evaluate, and answer the
-sender with an Ack or a Nack carrying the reason. Bad input is answered and dropped, state intact.
+version when the strategy produces a new global, publish it, and answer the sender with an
+Ack or a Nack carrying the reason. Bad input is answered and dropped, state intact. Versions
+are scored on the held-out rows beside the intake (:mod:`aggregator.scoring`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ from aggregator.prometheus import merge_histogram
 from aggregator.publisher import Publisher
 from aggregator.results import Results, UpdateRecord, VersionRecord, series_path
 from aggregator.schedule import lr_factor, run_progress
+from aggregator.scoring import Scoring
 from aggregator.strategies import MergeResult, Strategy
 from aggregator.update_checks import CheckedDelta, UpdateChecks
 from aggregator.validation import ValidationPolicy, samples_cap
 from edgefed.data.loading import load_data
-from edgefed.ml.evaluation import evaluate
-from edgefed.ml.models import adapter_shapes, set_adapter
-from edgefed.ml.tokens import TokenDataset
+from edgefed.ml.models import adapter_shapes
 from edgefed.security.signing import GlobalSigner
 from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery
@@ -171,7 +171,9 @@ class AggregatorService:
             async with self._lock:
                 if self._ledger.held:
                     await self._commit()
+            await self._scoring.drain()
         finally:
+            await self._scoring.close()
             await self._acks.close()
             if flusher is not None:
                 flusher.cancel()
@@ -191,9 +193,11 @@ class AggregatorService:
         if "kd" in {self.config.method, *self.config.accept_methods}:
             self._kd = await asyncio.to_thread(make_kd_handler, self.config, model, self._policy)
             self._stateful["kd"] = self._kd
-        self._eval_data: TokenDataset = load_data(
+        eval_data = load_data(
             self.config.eval_data, seq_len=self.config.train.seq_len, model=self.config.model
         )
+        self._scoring = Scoring(self._build_model, eval_data, self._report_version)
+        self._scoring.start()
         try:
             self._resume(lambda: initial_adapter(self.config, model))
             self._checks = UpdateChecks.of(
@@ -205,7 +209,7 @@ class AggregatorService:
             await self.fleet.subscribe()
             await self._publish_version()
         except BaseException:
-            self._ledger.close()
+            self.close()
             raise
         self.ready.set()
         log.info("aggregator %s ready at version %d (%s)", fed, self.version, self._strategy.name)
@@ -213,6 +217,8 @@ class AggregatorService:
     def close(self) -> None:
         """Sync and close the audit log; ``run`` does it on return, callers of ``start`` must."""
         self._ledger.close()
+        if hasattr(self, "_scoring"):  # set in ``start``
+            self._scoring.cancel()
 
     async def handle(self, delivery: Delivery | BadDelivery) -> None:
         """Answer one received message as the run loop does (after ``start``)."""
@@ -279,7 +285,7 @@ class AggregatorService:
         self.published_version = self.version
         self._published.set()
         self._published = asyncio.Event()
-        await self._evaluate_and_report()
+        self._queue_version()
 
     async def _publish_again(self, what: Missing) -> None:
         """Publish the task or the current global (retained), as at a new version."""
@@ -292,20 +298,19 @@ class AggregatorService:
         )  # fmt: skip
         await self._publisher.publish_global(message)
 
-    async def _evaluate_and_report(self) -> None:
-        loss, accuracy = None, None
+    def _queue_version(self) -> None:
+        """Hand the new version's record to scoring, with its adapter where it is scored."""
         every = self.config.eval_every
-        if (every and self.version % every == 0) or self._finished():
-            loss, accuracy = await asyncio.to_thread(self._evaluate, self.current)
+        scored = (every and self.version % every == 0) or self._finished()
         record = VersionRecord(
-            version=self.version,
-            time_s=self.elapsed_s(),
-            eval_loss=loss,
-            eval_accuracy=accuracy,
+            version=self.version, time_s=self.elapsed_s(), eval_loss=None, eval_accuracy=None,
             merged_updates=self._merged_count,
-        )
+        )  # fmt: skip
+        self._scoring.submit(record, self.current if scored else None)
+
+    async def _report_version(self, record: VersionRecord) -> None:
+        """Keep a version's record, scored or not, and publish it with the run's counters."""
         self.results.add_version(record)
-        log.info("version %d eval_loss=%s accuracy=%s", self.version, loss, accuracy)
         stats = self._transport.stats
         metrics = Metrics(
             **asdict(record),
@@ -316,11 +321,6 @@ class AggregatorService:
             bytes_sent=stats.published_bytes,
         )
         await self._publisher.publish_metrics(metrics)
-
-    def _evaluate(self, adapter: TensorMap) -> tuple[float, float]:
-        set_adapter(self._model, adapter)
-        result = evaluate(self._model, self._eval_data)
-        return result.loss, result.accuracy
 
     async def _handle(self, delivery: Delivery | BadDelivery) -> None:
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_agent.answers import answer_or_due, wait_for_news
 from edge_agent.config import AgentConfig
+from edge_agent.device import fit_device, resolve_device
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
 from edge_agent.global_topics import GlobalTopics, Wait
@@ -118,7 +119,7 @@ class EdgeAgent:
         drop a fit.
 
         Raises:
-            ConfigError: a trusted signing key cannot be loaded.
+            ConfigError: a trusted signing key cannot be loaded, or a GPU asked for is missing.
         """
         self.config = config
         self._transport = transport
@@ -140,7 +141,8 @@ class EdgeAgent:
         self._outbox: Outbox | None = None
         self._rounds_before = 0
         """Updates created by earlier runs (from the outbox), so seeds do not repeat."""
-        self._sizer = DeviceSizer.from_config(config)
+        self._device = resolve_device(config.device)  # a missing GPU stops the agent here
+        self._sizer = DeviceSizer.from_config(config, device=self._device)
         self._state: AgentState = "offline"
         self._split: MqttSplitChannel | None = None
         self.report = report or AgentReport(client_id=config.client_id)
@@ -505,7 +507,8 @@ class EdgeAgent:
         """Run ``fit``; measure it when it is the first under ``plan``; return the next plan."""
         if plan is None or self._sizer is None or not self._sizer.needs_measuring(plan):
             return await asyncio.to_thread(fit), plan
-        result, meter = await asyncio.to_thread(self._sizer.measure, fit)
+        device = fit_device(self._device, plan.method)
+        result, meter = await asyncio.to_thread(self._sizer.measure, fit, device=device)
         measured, replan = await asyncio.to_thread(self._sizer.observe, plan, task, meter)
         self.report.plan = measured.to_status()
         return result, measured if replan is measured else replan
@@ -517,7 +520,8 @@ class EdgeAgent:
         options = dict(self.config.trainer)
         if method == "split" and plan is not None and plan.cut is not None:
             options.setdefault("cut", plan.cut)
-        trainer = make_trainer(method, task_model(task, model=self.config.model), **options)
+        model = task_model(task, model=self.config.model, device=fit_device(self._device, method))
+        trainer = make_trainer(method, model, **options)
         if isinstance(trainer, SplitTrainer):
             self._split = MqttSplitChannel(
                 self._transport,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from edgefed.ml.privacy import PrivacySettings
 from edgefed.settings import CommandSettings
 from edgefed.transport.connection import MqttSettings
 from schemas.messages import DeviceProfile, Method, ModelRef
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+"""Where an agent's fits run (``edge_agent.device``)."""
 
 
 class AgentConfig(CommandSettings):
@@ -61,6 +66,11 @@ class AgentConfig(CommandSettings):
 
     See docs/architecture.md §7.
     """
+    device: DeviceChoice = "auto"
+    """Where fits run: ``auto`` (the first CUDA device when torch sees one, else the CPU),
+    ``cpu``, or ``cuda`` (an error at start without one). LoRA and KD train on the GPU;
+    forward gradients and split learning stay on the CPU (see ``edge_agent.device``). The
+    planner then measures and budgets the GPU's memory."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Threads torch's CPU kernels may use (the agent sets it at start); None keeps torch's
     default, every core. One thread each is best when several agents share a host's cores."""

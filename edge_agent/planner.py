@@ -328,13 +328,16 @@ class DeviceSizer:
         self._measured: set[Plan] = set()
 
     @classmethod
-    def from_config(cls, config: AgentConfig) -> DeviceSizer | None:
-        """The sizer an agent's config asks for; None when it has no budget to plan in."""
+    def from_config(cls, config: AgentConfig, *, device: str = "cpu") -> DeviceSizer | None:
+        """The sizer an agent's config asks for; None when it has no budget to plan in.
+
+        On a ``cuda`` device the budget is the GPU's memory (unless the profile sets one).
+        """
         configured = config.profile.memory_budget_mb
         if configured is None and not config.budget_from_os:
             return None
         return cls(
-            device_budget(configured),
+            device_budget(configured, device=device),
             methods=(config.method,) if config.method else (),
             trainer=config.trainer,
             state_dir=config.state_dir,

@@ -106,4 +106,4 @@ def top_k(logits: torch.Tensor, k: int) -> TensorMap:
     if not 0 < k <= logits.shape[-1]:
         raise ConfigError(f"top_k must be in 1..{logits.shape[-1]}, got {k}")
     values, indices = torch.topk(logits.float(), k, dim=-1)
-    return {"indices": indices.to(torch.int32), "values": values.to(torch.float16)}
+    return {"indices": indices.to("cpu", torch.int32), "values": values.to("cpu", torch.float16)}

@@ -117,8 +117,8 @@ ModelKind = Literal["causal", "classifier"]
 _ENCODER_TARGETS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 """LoRA target names in Llama style mapped to BERT-style encoders' module names."""
 
-_LOADED: dict[tuple[str, str, int, int], PreTrainedModel] = {}
-"""Base models loaded from folders, by (folder, kind, labels, head seed); never handed out.
+_LOADED: dict[tuple[str, str, int, int, str], PreTrainedModel] = {}
+"""Base models loaded from folders, by (folder, kind, labels, head seed, device); never handed out.
 
 Every model :func:`build_model` returns for a folder is a copy whose parameters are these
 templates' tensors, so a process that simulates a fleet holds the weights once and starts
@@ -193,7 +193,7 @@ def load_tokenizer(ref: ModelRef | str) -> PreTrainedTokenizerBase:
 
 
 def build_model(
-    ref: ModelRef | str, *, seed: int = 0, num_labels: int | None = None
+    ref: ModelRef | str, *, seed: int = 0, num_labels: int | None = None, device: str = "cpu"
 ) -> PreTrainedModel:
     """Build or load the base model every participant of a task shares.
 
@@ -210,6 +210,7 @@ def build_model(
         ref: The model reference from the task, or just its name.
         seed: Seed for the weights of built (``tiny``) models and new heads.
         num_labels: Classes of an encoder's head (default 2); ignored for causal LMs.
+        device: The torch device the weights live on (drawn or loaded on the CPU first).
 
     Models from folders are loaded once per process; later builds share those frozen weight
     tensors (see :data:`_LOADED`).
@@ -226,7 +227,7 @@ def build_model(
         config = factory()
         with _GLOBAL_STATE_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return LlamaForCausalLM(config)
+            return _on(LlamaForCausalLM(config), device)
     path = model_folder(ref)
     kind = model_kind(ref)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar per agent for a local file is only noise
@@ -234,7 +235,13 @@ def build_model(
     if kind == "classifier":
         options["num_labels"] = num_labels or 2
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    key = (str(path.resolve()), kind, options.get("num_labels", 0), seed if kind != "causal" else 0)
+    key = (
+        str(path.resolve()),
+        kind,
+        options.get("num_labels", 0),
+        seed if kind != "causal" else 0,
+        str(torch.device(device)),
+    )
     with _GLOBAL_STATE_LOCK:
         template = _LOADED.get(key)
         if template is None:
@@ -246,11 +253,17 @@ def build_model(
                 raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
             if kind == "classifier" and trained_pooling(path) == "mean":
                 pool_by_mean(template)
-            _LOADED[key] = template
+            _LOADED[key] = template = _on(template, device)
         # A new module tree over the same weight tensors: no second copy of the weights.
         shared = {id(param): param for param in template.parameters()}
         model: PreTrainedModel = copy.deepcopy(template, shared)
     model.train()
+    return model
+
+
+def _on(model: PreTrainedModel, device: str) -> PreTrainedModel:
+    """``model``, moved to ``device`` in place (transformers types ``to`` without devices)."""
+    torch.nn.Module.to(model, device)
     return model
 
 

@@ -2,19 +2,20 @@
 
 Many managed brokers cap a message at 128 KiB-1 MiB, so an encoded message larger than
 ``max_payload`` travels as several encoded :class:`~schemas.messages.Chunk` messages that
-share a ``transfer_id`` and carry the whole payload's size and sha256. The receiver feeds
-every chunk to a :class:`Reassembler`, which tolerates reordering and duplicates, checks
-the digest, and forgets transfers that stall.
+share a ``transfer_id`` and carry the whole payload's size and xxh3-64 checksum. The receiver
+feeds every chunk to a :class:`Reassembler`, which tolerates reordering and duplicates,
+checks the checksum once on the whole payload, and forgets transfers that stall.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, NoReturn
+
+import xxhash
 
 from schemas.codec import DEFAULT_MAX_MESSAGE_BYTES, encode
 from schemas.errors import ChunkError, ConfigError
@@ -53,7 +54,7 @@ def split_payload(
             index=index,
             total=total,
             size=template.size,
-            sha256=template.sha256,
+            xxh3=template.xxh3,
             data=view[index * room : (index + 1) * room].tobytes(),
         )
         for index in range(total)
@@ -92,14 +93,18 @@ def _plan(
     """The payload's bytes, a validated chunk template, the data room per chunk and the count."""
     view = memoryview(payload).cast("B")
     size = view.nbytes
-    digest = hashlib.sha256(view).hexdigest()
     tid = transfer_id if transfer_id is not None else new_id()
-    template = Chunk(transfer_id=tid, index=0, total=1, size=size, sha256=digest, data=b"")
+    template = Chunk(transfer_id=tid, index=0, total=1, size=size, xxh3=checksum(view), data=b"")
     room = max_payload - len(encode(template)) - _INDEX_SLACK
     if room <= 0:
         raise ConfigError(f"max_payload {max_payload} leaves no room for chunk data")
     total = max(1, -(-size // room))
     return view, template.model_copy(update={"total": total}), room, total
+
+
+def checksum(payload: bytes | memoryview) -> str:
+    """The chunk format's checksum of a whole payload: xxh3-64, as 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(payload)
 
 
 @dataclass(slots=True)
@@ -108,7 +113,7 @@ class _Transfer:
 
     total: int
     size: int
-    sha256: str
+    xxh3: str
     last_seen: float
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
@@ -162,12 +167,12 @@ class Reassembler:
         transfer = self._transfers.get(tid)
         if transfer is None:
             transfer = self._start(chunk, now)
-        elif (chunk.total, chunk.size, chunk.sha256) != (
+        elif (chunk.total, chunk.size, chunk.xxh3) != (
             transfer.total,
             transfer.size,
-            transfer.sha256,
+            transfer.xxh3,
         ):
-            self._fail(tid, "chunks disagree on total, size or sha256")
+            self._fail(tid, "chunks disagree on total, size or checksum")
         transfer.last_seen = now
         known = transfer.parts.get(chunk.index)
         if known is not None:
@@ -209,7 +214,7 @@ class Reassembler:
             raise ChunkError(
                 chunk.transfer_id, f"{chunk.total} chunks cannot carry {chunk.size} bytes"
             )
-        transfer = _Transfer(total=chunk.total, size=chunk.size, sha256=chunk.sha256, last_seen=now)
+        transfer = _Transfer(total=chunk.total, size=chunk.size, xxh3=chunk.xxh3, last_seen=now)
         self._transfers[chunk.transfer_id] = transfer
         return transfer
 
@@ -218,8 +223,8 @@ class Reassembler:
         payload = b"".join(transfer.parts[i] for i in range(transfer.total))
         if len(payload) != transfer.size:
             raise ChunkError(tid, f"reassembled {len(payload)} bytes, expected {transfer.size}")
-        if hashlib.sha256(payload).hexdigest() != transfer.sha256:
-            raise ChunkError(tid, "sha256 of the reassembled payload does not match")
+        if checksum(payload) != transfer.xxh3:
+            raise ChunkError(tid, "the reassembled payload's xxh3 checksum does not match")
         self._completed[tid] = now
         while len(self._completed) > _REMEMBER_COMPLETED:
             self._completed.popitem(last=False)

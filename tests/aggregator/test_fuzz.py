@@ -234,7 +234,7 @@ def payload_strategy(shapes: dict[str, tuple[int, ...]]) -> st.SearchStrategy[tu
             "index": 0,
             "total": draw(st.integers(1, 2**31)),
             "size": size,
-            "sha256": "0" * 64,
+            "xxh3": "0" * 16,
             "data": b"x",
         }
         return on_known, typing.cast("bytes", msgpack.packb(chunk))
@@ -294,7 +294,7 @@ def payload_strategy(shapes: dict[str, tuple[int, ...]]) -> st.SearchStrategy[tu
         chunks = chunking.split_payload(memoryview(data), max_payload=4096)
         chunk = draw(st.sampled_from(chunks[:-1] if len(chunks) > 1 else chunks))
         if draw(st.booleans()):
-            chunk = chunk.model_copy(update={"sha256": "f" * 64})
+            chunk = chunk.model_copy(update={"xxh3": "f" * 16})
         return on_known, codec.encode(chunk)
 
     return st.one_of(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import pytest
 import torch
+import xxhash
 
-from schemas.chunking import Reassembler, encode_chunks, split_payload
+from schemas.chunking import Reassembler, checksum, encode_chunks, split_payload
 from schemas.codec import decode, encode
 from schemas.errors import ChunkError, ConfigError
 from schemas.messages import Chunk, Update
@@ -38,7 +38,7 @@ def test_split_payload_every_encoded_chunk_fits(size: int, max_payload: int) -> 
     assert {c.total for c in chunks} == {len(chunks)}
     assert {c.transfer_id for c in chunks} == {chunks[0].transfer_id}
     assert b"".join(c.data for c in chunks) == payload
-    assert chunks[0].sha256 == hashlib.sha256(payload).hexdigest()
+    assert chunks[0].xxh3 == xxhash.xxh3_64_hexdigest(payload)
     assert all(c.data for c in chunks) or size == 0
 
 
@@ -151,12 +151,12 @@ def test_reassembler_expiry_counts_idle_time() -> None:
     assert reassembler.add(chunks[-1]) is not None
 
 
-def test_reassembler_corrupted_chunk_fails_sha_check_and_is_forgotten() -> None:
+def test_reassembler_corrupted_chunk_fails_the_checksum_and_is_forgotten() -> None:
     payload = _payload(4000, 7)
     chunks = split_payload(payload, max_payload=1000)
     bad = chunks[1].model_copy(update={"data": bytes(len(chunks[1].data))})
     reassembler = Reassembler()
-    with pytest.raises(ChunkError, match="sha256") as info:
+    with pytest.raises(ChunkError, match="checksum does not match") as info:
         _reassemble([chunks[0], bad, *chunks[2:]], reassembler)
     assert info.value.transfer_id == chunks[0].transfer_id
     assert reassembler.pending == 0
@@ -192,9 +192,9 @@ def test_reassembler_refuses_transfers_over_the_limit() -> None:
 
 
 def test_reassembler_refuses_chunks_carrying_more_than_announced() -> None:
-    digest = hashlib.sha256(b"abcd").hexdigest()
-    first = Chunk(transfer_id="t", index=0, total=2, size=4, sha256=digest, data=b"abc")
-    second = Chunk(transfer_id="t", index=1, total=2, size=4, sha256=digest, data=b"de")
+    digest = checksum(b"abcd")
+    first = Chunk(transfer_id="t", index=0, total=2, size=4, xxh3=digest, data=b"abc")
+    second = Chunk(transfer_id="t", index=1, total=2, size=4, xxh3=digest, data=b"de")
     reassembler = Reassembler()
     reassembler.add(first)
     with pytest.raises(ChunkError, match="more than"):
@@ -202,8 +202,8 @@ def test_reassembler_refuses_chunks_carrying_more_than_announced() -> None:
 
 
 def test_reassembler_refuses_more_chunks_than_bytes() -> None:
-    digest = hashlib.sha256(b"ab").hexdigest()
-    chunk = Chunk(transfer_id="t", index=0, total=5, size=2, sha256=digest, data=b"a")
+    digest = checksum(b"ab")
+    chunk = Chunk(transfer_id="t", index=0, total=5, size=2, xxh3=digest, data=b"a")
     with pytest.raises(ChunkError, match="cannot carry"):
         Reassembler().add(chunk)
 

@@ -113,7 +113,7 @@ SAMPLES: list[Message] = [
         updates_sent=7,
     ),
     Metrics(version=5, time_s=12.5, eval_loss=0.5, eval_accuracy=0.875, merged_updates=3),
-    Chunk(transfer_id="x1", index=1, total=3, size=10, sha256="ab" * 32, data=b"\x00\xffabc"),
+    Chunk(transfer_id="x1", index=1, total=3, size=10, xxh3="ab" * 8, data=b"\x00\xffabc"),
     *SPLIT_SAMPLES,
     Ask(client_id="dev-1", missing="global", version=4),
 ]

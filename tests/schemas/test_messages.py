@@ -36,9 +36,9 @@ def test_messages_ack_rejection_needs_a_reason() -> None:
 
 def test_messages_chunk_index_must_be_below_total() -> None:
     with pytest.raises(pydantic.ValidationError, match="index"):
-        Chunk(transfer_id="t", index=2, total=2, size=1, sha256="0" * 64, data=b"x")
+        Chunk(transfer_id="t", index=2, total=2, size=1, xxh3="0" * 16, data=b"x")
     with pytest.raises(pydantic.ValidationError):
-        Chunk(transfer_id="t", index=0, total=1, size=1, sha256="not-hex", data=b"x")
+        Chunk(transfer_id="t", index=0, total=1, size=1, xxh3="not-hex", data=b"x")
 
 
 def test_messages_update_holds_tensors_and_gets_a_fresh_id() -> None:

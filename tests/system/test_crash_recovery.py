@@ -232,7 +232,7 @@ def garbage(federation: str) -> list[tuple[str, bytes]]:
             "index": 0,
             "total": 2,
             "size": 2**60,
-            "sha256": "0" * 64,
+            "xxh3": "0" * 16,
             "data": b"xy",
         }
     )

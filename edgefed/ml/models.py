@@ -230,34 +230,38 @@ def build_model(
             return _on(LlamaForCausalLM(config), device)
     path = model_folder(ref)
     kind = model_kind(ref)
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar per agent for a local file is only noise
-    options: dict[str, Any] = {"local_files_only": True}
-    if kind == "classifier":
-        options["num_labels"] = num_labels or 2
-    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    key = (
-        str(path.resolve()),
-        kind,
-        options.get("num_labels", 0),
-        seed if kind != "causal" else 0,
-        str(torch.device(device)),
-    )
+    labels = (num_labels or 2) if kind == "classifier" else 0
     with _GLOBAL_STATE_LOCK:
+        key = (str(path.resolve()), kind, labels, seed if kind != "causal" else 0, device)
         template = _LOADED.get(key)
         if template is None:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    template = auto.from_pretrained(path, **options)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
-            if kind == "classifier" and trained_pooling(path) == "mean":
-                pool_by_mean(template)
-            _LOADED[key] = template = _on(template, device)
+            template = _LOADED[key] = _on(_load(path, kind, labels, seed), device)
         # A new module tree over the same weight tensors: no second copy of the weights.
         shared = {id(param): param for param in template.parameters()}
         model: PreTrainedModel = copy.deepcopy(template, shared)
     model.train()
+    return model
+
+
+def _load(path: Path, kind: ModelKind, labels: int, seed: int) -> PreTrainedModel:
+    """A model from a local folder, a classifier's new head drawn from ``seed``.
+
+    Raises:
+        ConfigError: The folder does not hold a loadable model of ``kind``.
+    """
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar per agent for a local file is only noise
+    options: dict[str, Any] = {"local_files_only": True}
+    if kind == "classifier":
+        options["num_labels"] = labels
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model: PreTrainedModel = auto.from_pretrained(path, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load a {kind} model from {str(path)!r}: {exc}") from exc
+    if kind == "classifier" and trained_pooling(path) == "mean":
+        pool_by_mean(model)
     return model
 
 

@@ -8,11 +8,14 @@ both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,7 +153,14 @@ async def test_sigterm_stops_every_process_cleanly_with_its_results_written(
         lines = series.read_text().splitlines()
         assert [json.loads(line)["version"] for line in lines] == [r["version"] for r in history]
         kept = {c: _outbox(tmp_path, c)[0] for c in ("dev0", "dev1")}
-        second = await _run_then_sigterm(procs, series, versions=len(lines) + 2)
+        # A device that starts late resends its kept updates after the other one has made
+        # the versions: stop only once each has recorded an answer for them.
+        second = await _run_then_sigterm(
+            procs,
+            series,
+            versions=len(lines) + 2,
+            until=lambda: all(set(ids) <= _answered_so_far(tmp_path, c) for c, ids in kept.items()),
+        )
     finally:
         for proc in procs:
             proc.cleanup()
@@ -180,15 +190,31 @@ def _recorded(series: Path) -> int:
     return len(series.read_text().splitlines()) if series.exists() else 0
 
 
-async def _run_then_sigterm(procs: list[Proc], series: Path, *, versions: int) -> dict[str, int]:
-    """Start every process, wait until all are connected and ``versions`` are recorded,
-    then stop them all with SIGTERM; their exit codes."""
+def _answered_so_far(tmp_path: Path, client: str) -> set[str]:
+    """Update ids a running agent's outbox has answers for (read-only: the agent writes it)."""
+    path = tmp_path / client / OUTBOX_FILE
+    if not path.exists():
+        return set()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        return {str(row[0]) for row in db.execute("SELECT update_id FROM answered")}
+
+
+async def _run_then_sigterm(
+    procs: list[Proc],
+    series: Path,
+    *,
+    versions: int,
+    until: Callable[[], bool] = lambda: True,
+) -> dict[str, int]:
+    """Start every process, wait until all are connected, ``versions`` are recorded and
+    ``until`` holds, then stop them all with SIGTERM; their exit codes."""
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + 90
     while not (
         _recorded(series) >= versions
         and all(proc.text().count("connected to") >= proc.starts for proc in procs)
+        and until()
     ):
         assert time.monotonic() < deadline, _logs(procs)
         assert all(proc.running for proc in procs), _logs(procs)

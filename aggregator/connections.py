@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from aggregator.config import AggregatorConfig
-from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.config import BrokerAddress, TransportConfig
 from edgefed.transport.connection import MqttSettings
 
 
@@ -24,7 +24,7 @@ def aggregator_client_id(federation: str) -> str:
     return f"edgefed-{federation}-aggregator"
 
 
-def aggregator_transport(config: AggregatorConfig, *, url: str | BrokerURL) -> TransportConfig:
+def aggregator_transport(config: AggregatorConfig, *, url: BrokerAddress) -> TransportConfig:
     """The aggregator's connection to ``url``: TLS and identity from ``config.mqtt``.
 
     Raises:
@@ -53,7 +53,7 @@ def split_transport(
     if login is None:
         return dataclasses.replace(aggregator, client_id=client_id, clean_session=True)
     return login.transport_config(
-        url=login.broker_url(None) or aggregator.broker,
+        url=login.broker_url(None) or aggregator.brokers,
         client_id=client_id,
         clean_session=True,
         max_payload=aggregator.max_payload,

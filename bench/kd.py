@@ -19,7 +19,7 @@ from typing import Any
 
 from edgefed.data.sources import is_text_spec
 from edgefed.transport.broker_choice import broker_for
-from edgefed.transport.config import BrokerURL
+from edgefed.transport.config import BrokerAddress
 from schemas.messages import Method
 from simulator.fleet import FleetConfig, run_fleet
 
@@ -39,7 +39,7 @@ def _summary(results: dict[str, Any]) -> dict[str, float | int | None]:
 
 
 async def compare(
-    *, model: str, dataset: str, versions: int, agents: int, url: str | BrokerURL
+    *, model: str, dataset: str, versions: int, agents: int, url: BrokerAddress
 ) -> dict[str, dict[str, float | int | None]]:
     """Run a LoRA fleet and a KD fleet of the same shape; one summary per method."""
     text = is_text_spec(dataset)

@@ -35,7 +35,7 @@ from edgefed.data.loading import load_data
 from edgefed.ml.tokens import TokenDataset
 from edgefed.security.signing import GlobalVerifier
 from edgefed.transport.base import Transport
-from edgefed.transport.config import BrokerURL, Will
+from edgefed.transport.config import BrokerAddress, Will
 from edgefed.transport.frames import BadDelivery
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
@@ -559,7 +559,11 @@ class EdgeAgent:
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
                 self._due_again.clear()
-                await self._transport.publish(topic, update, before_send=uplink)
+                try:
+                    await self._transport.publish(topic, update, before_send=uplink)
+                except TransportError as exc:  # no broker for a while: it is kept, try again
+                    log.warning("%s: %s", self.config.client_id, exc)
+                    continue
                 ack = await answer_or_due(waiter, self.config.ack_timeout_s, self._due_again)
                 if ack is None:
                     continue
@@ -574,7 +578,7 @@ class EdgeAgent:
 async def run_agent(
     config: AgentConfig,
     *,
-    url: str | BrokerURL,
+    url: BrokerAddress,
     data: TokenDataset | None = None,
     report: AgentReport | None = None,
     fit_filter: Callable[[FitResult], FitResult] | None = None,
@@ -588,11 +592,6 @@ async def run_agent(
         max_payload=config.max_payload,
     )
     async with MqttTransport(transport_config) as transport:
-        return await EdgeAgent(
-            config,
-            transport,
-            data=data,
-            report=report,
-            fit_filter=fit_filter,
-            emulation=emulation,
-        ).run()
+        agent = EdgeAgent(config, transport, data=data, report=report, fit_filter=fit_filter,
+                          emulation=emulation)  # fmt: skip
+        return await agent.run()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from edgefed.settings import load_settings
-from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.config import BrokerAddress, TransportConfig
 from edgefed.transport.connection import MqttSettings
 
 
@@ -32,7 +32,7 @@ class OperatorLogin:
     """The federation to look at, the broker URL as given, and the connection to make."""
 
     federation: str
-    url: str | BrokerURL
+    url: BrokerAddress
     transport: TransportConfig
 
 

@@ -20,7 +20,7 @@ from typing import Any, cast, get_args
 from rich.console import Console
 
 from edgefed.transport.broker_choice import broker_for
-from edgefed.transport.config import BrokerURL
+from edgefed.transport.config import BrokerAddress
 from schemas.errors import ConfigError
 from schemas.messages import Method
 from simulator.fleet import FleetConfig, FleetResult, Mode, run_fleet
@@ -175,7 +175,7 @@ def _methods(text: str) -> tuple[Method, ...]:
     return cast("tuple[Method, ...]", names)
 
 
-def simulate(config: FleetConfig, *, broker: str | BrokerURL | None) -> FleetResult:
+def simulate(config: FleetConfig, *, broker: BrokerAddress | None) -> FleetResult:
     """Run ``config`` against ``broker`` (or the default broker) and return its results."""
 
     async def main() -> FleetResult:

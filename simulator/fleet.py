@@ -33,7 +33,7 @@ from edge_agent.agent import AgentReport, run_agent
 from edge_agent.config import AgentConfig
 from edgefed.data.sources import Partition, is_text_spec
 from edgefed.ml.tokens import TokenDataset
-from edgefed.transport.config import BrokerURL, TransportConfig
+from edgefed.transport.config import BrokerAddress, TransportConfig
 from edgefed.transport.mqtt import MqttTransport
 from schemas.errors import ConfigError
 from schemas.messages import DeviceProfile, LoraMode, LoraSpec, Method, ModelRef, TensorMap
@@ -256,7 +256,7 @@ def shard_plan(config: FleetConfig, agg_config: AggregatorConfig) -> ShardPlan:
 
 
 async def run_fleet(
-    config: FleetConfig, *, url: str | BrokerURL, progress: bool = True
+    config: FleetConfig, *, url: BrokerAddress, progress: bool = True
 ) -> FleetResult:
     """Run the fleet until the aggregator reaches ``max_versions``."""
     agg_config = aggregator_config(config)
@@ -386,7 +386,7 @@ async def _agent(
     shard: TokenDataset,
     report: AgentReport,
     *,
-    url: str | BrokerURL,
+    url: BrokerAddress,
     device: EmulatedDevice | None = None,
 ) -> AgentReport:
     if index >= config.agents - config.late_joiners:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from schemas.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edgefed.transport.config import BrokerURL
+    from edgefed.transport.config import BrokerList
 
 
 def broker_option(
@@ -30,18 +30,19 @@ def broker_option(
         "--broker",
         default=None,
         type=_broker_url,
-        help=f"broker URL, mqtt://host:port or mqtts://host:port; default: {default}",
+        help="broker URL, mqtt://host:port or mqtts://host:port; a clustered broker's nodes "
+        f"separated by commas, tried in turn when one is lost; default: {default}",
     )
 
 
-def _broker_url(text: str) -> BrokerURL:
+def _broker_url(text: str) -> BrokerList:
     """``--broker`` parsed where it is typed: a bad URL is a usage error that says why."""
     # Imported only now: the transport's settings import the wire schemas (torch).
-    from edgefed.transport.config import BrokerURL  # noqa: PLC0415
+    from edgefed.transport.config import BrokerList  # noqa: PLC0415
     from edgefed.transport.connection import refuse_password_in_url  # noqa: PLC0415
 
     try:
-        url = BrokerURL.parse(text)
+        url = BrokerList.parse(text)
         refuse_password_in_url(url, where="--broker")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Final
 
-from edgefed.transport.config import BrokerURL
+from edgefed.transport.config import BrokerAddress, BrokerList, BrokerURL
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
 
 @contextlib.asynccontextmanager
 async def broker_for(
-    url: str | BrokerURL | None, *, embedded: bool = True
-) -> AsyncIterator[BrokerURL]:
-    """The broker to use: ``url`` when given, else a local or an embedded broker.
+    url: BrokerAddress | None, *, embedded: bool = True
+) -> AsyncIterator[BrokerList]:
+    """The brokers to use: ``url`` when given (one or several), else a local or an embedded one.
 
     Without a URL, ``mqtt://127.0.0.1:1883`` is used when something answers there;
     otherwise, with ``embedded``, an embedded broker is started on a free port for the
@@ -50,10 +50,10 @@ async def broker_for(
         ConfigError: ``url`` is not a broker URL.
     """
     if url is not None:
-        yield BrokerURL.of(url)
+        yield BrokerList.of(url)
         return
     if not embedded or await port_answers(LOCAL_BROKER.host, LOCAL_BROKER.port):
-        yield LOCAL_BROKER
+        yield BrokerList.of(LOCAL_BROKER)
         return
     from edgefed.transport.broker import embedded_broker, free_port  # noqa: PLC0415 (amqtt)
 
@@ -63,4 +63,4 @@ async def broker_for(
             "no broker at %s; started an embedded one on %s (WebSockets: ws://%s:%d)",
             LOCAL_BROKER, embedded_url, LOCAL_BROKER.host, ws_port,
         )  # fmt: skip
-        yield BrokerURL.parse(embedded_url)
+        yield BrokerList.parse(embedded_url)

@@ -8,9 +8,9 @@ connection attempt. Nothing here opens a socket.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from schemas.codec import DEFAULT_MAX_MESSAGE_BYTES
@@ -96,6 +96,58 @@ class BrokerURL:
 
 
 @dataclass(frozen=True)
+class BrokerList:
+    """The brokers a client may use, in the order it tries them: one, or a cluster's nodes.
+
+    Written as URLs separated by commas (``mqtt://a:1883,mqtt://b:1883``) or given as a
+    sequence. A client connects to the first that answers and, when that connection is lost
+    or refused, moves on to the next; a clustered broker (NATS, EMQX, HiveMQ, VerneMQ) keeps
+    its persistent sessions and retained messages on every node, so nothing waits for the
+    lost node to return.
+    """
+
+    urls: tuple[BrokerURL, ...]
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ConfigError("no broker URL given")
+        if len(set(self.urls)) != len(self.urls):
+            raise ConfigError(f"broker list {self} names a broker twice")
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerList:
+        """Parse URLs separated by commas; each as :meth:`BrokerURL.parse` says.
+
+        Raises:
+            ConfigError: one of them is not an MQTT broker address.
+        """
+        return cls(tuple(BrokerURL.parse(part) for part in text.split(",") if part.strip()))
+
+    @classmethod
+    def of(cls, value: BrokerAddress | Sequence[str | BrokerURL]) -> BrokerList:
+        """``value`` as a :class:`BrokerList`: parsed when it is text, as it is otherwise."""
+        if isinstance(value, BrokerList):
+            return value
+        if isinstance(value, BrokerURL):
+            return cls((value,))
+        if isinstance(value, str):
+            return cls.parse(value)
+        return cls(tuple(BrokerURL.of(url) for url in value))
+
+    @property
+    def first(self) -> BrokerURL:
+        """The broker tried first."""
+        return self.urls[0]
+
+    def __str__(self) -> str:
+        return ",".join(str(url) for url in self.urls)
+
+
+BrokerAddress: TypeAlias = "str | BrokerURL | BrokerList"
+"""Where a client connects: one URL, or several separated by commas, as text or parsed."""
+
+
+@dataclass(frozen=True)
 class Will:
     """The message the broker publishes for a client whose connection dies uncleanly.
 
@@ -113,7 +165,8 @@ class TransportConfig:
     """How one client reaches the broker.
 
     Attributes:
-        url: broker URL, parsed once (see :meth:`BrokerURL.parse`) into ``broker``.
+        url: broker URL, or several to fail over between (see :class:`BrokerList`), parsed
+            once into ``brokers``.
         client_id: MQTT client identifier; unique per broker.
         max_payload: encoded messages above this are split into chunks.
         max_message_bytes: largest whole message sent or accepted, checked before decoding.
@@ -137,7 +190,7 @@ class TransportConfig:
         publish_window: chunks of one message in flight at once.
     """
 
-    url: str | BrokerURL
+    url: BrokerAddress
     client_id: str
     max_payload: int = 256 * 1024
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -155,11 +208,13 @@ class TransportConfig:
     connect_timeout_s: float = 30.0
     publish_timeout_s: float = 60.0
     publish_window: int = 8
-    broker: BrokerURL = field(init=False, repr=False)
-    """The parsed broker URL: ``url`` itself when it is a :class:`BrokerURL` already."""
+    brokers: BrokerList = field(init=False, repr=False)
+    """The parsed broker URLs, in the order they are tried."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "broker", BrokerURL.of(self.url))
+        object.__setattr__(self, "brokers", BrokerList.of(self.url))
+        if len({url.scheme for url in self.brokers.urls}) > 1:
+            raise ConfigError(f"brokers {self.brokers} mix mqtt:// and mqtts://")
         if not self.client_id or len(self.client_id.encode()) > 65535:
             raise ConfigError("client_id must be 1-65535 bytes")
         if not MIN_MAX_PAYLOAD <= self.max_payload <= MQTT_MAX_PACKET - 65536:
@@ -179,6 +234,11 @@ class TransportConfig:
             raise ConfigError("publish_window must be at least 1")
         if self.key_file is not None and self.cert_file is None:
             raise ConfigError("key_file needs cert_file")
+
+    @property
+    def broker(self) -> BrokerURL:
+        """The broker tried first; its user name and password stand for every node's."""
+        return self.brokers.first
 
 
 def resolve_credentials(

@@ -16,17 +16,17 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from edgefed.settings import Settings
-from edgefed.transport.config import PASSWORD_ENV, BrokerURL, TransportConfig
+from edgefed.transport.config import PASSWORD_ENV, BrokerAddress, BrokerList, TransportConfig
 from schemas.errors import ConfigError
 
 
-def refuse_password_in_url(url: str | BrokerURL | None, *, where: str) -> None:
+def refuse_password_in_url(url: BrokerAddress | None, *, where: str) -> None:
     """Refuse a broker URL that carries a password, where it would leak (argv, config dumps).
 
     Raises:
         ConfigError: ``url`` has a password.
     """
-    if url is not None and BrokerURL.of(url).password is not None:
+    if url is not None and any(u.password is not None for u in BrokerList.of(url).urls):
         raise ConfigError(
             f"the broker URL in {where} carries a password, which would be kept in shell "
             f"history and shown in the process list; put it in the password_file named in "
@@ -38,7 +38,8 @@ class MqttSettings(Settings):
     """The ``[mqtt]`` table: broker address, TLS files and identity.
 
     Attributes:
-        url: broker URL used when the command line gives none (``mqtts://host:8883``).
+        url: broker URL used when the command line gives none (``mqtts://host:8883``); a
+            clustered broker's nodes as a list (or separated by commas), tried in turn.
         ca_file: CA certificate that signed the broker's certificate.
         cert_file: client certificate, where the broker authenticates by certificate.
         key_file: the client certificate's key.
@@ -49,7 +50,7 @@ class MqttSettings(Settings):
             service that outlives a broker restart must.
     """
 
-    url: str | None = None
+    url: str | list[str] | None = None
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -60,19 +61,21 @@ class MqttSettings(Settings):
     @model_validator(mode="after")
     def _checked(self) -> MqttSettings:
         if self.url is not None:
-            refuse_password_in_url(self.url, where="the [mqtt] config table")
+            refuse_password_in_url(BrokerList.of(self.url), where="the [mqtt] config table")
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file needs cert_file")
         return self
 
-    def broker_url(self, command_line: str | BrokerURL | None) -> str | BrokerURL | None:
+    def broker_url(self, command_line: BrokerAddress | None) -> BrokerAddress | None:
         """The URL to dial: the command line's (never with a password), else the config's.
 
         Raises:
             ConfigError: the command-line URL carries a password.
         """
         refuse_password_in_url(command_line, where="--broker")
-        return command_line if command_line is not None else self.url
+        if command_line is not None:
+            return command_line
+        return BrokerList.of(self.url) if self.url is not None else None
 
     def read_password(self) -> str | None:
         """The password from ``password_file`` (first line), or None to fall back on the env.
@@ -92,7 +95,7 @@ class MqttSettings(Settings):
         return password
 
     def transport_config(
-        self, *, url: str | BrokerURL, client_id: str, **options: Any
+        self, *, url: BrokerAddress, client_id: str, **options: Any
     ) -> TransportConfig:
         """A :class:`TransportConfig` for ``url`` with these TLS files and this identity.
 

@@ -10,7 +10,9 @@ is :mod:`edgefed.transport.memory`.
 quietly past about 340 clients per process (docs/architecture.md §8b), and the simulator runs
 many agents in one process. It keeps its connection in a background task,
 reconnects with jittered exponential backoff, re-subscribes after every
-reconnect, and makes publishes wait (bounded) while the broker is away.
+reconnect, and makes publishes wait (bounded) while the broker is away. Given several
+brokers (a cluster's nodes), it moves on to the next whenever a connection is lost or
+refused.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from edgefed.library_internals import close_mqtt_socket, mqtt_socket
 from edgefed.transport.backoff import Backoff
 from edgefed.transport.config import (
     MIN_MAX_PAYLOAD,
+    BrokerURL,
     TransportConfig,
     resolve_credentials,
 )
@@ -130,7 +133,9 @@ class MqttTransport:
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
         self.stats = TransportStats()
-        self._url = config.broker
+        self._brokers = config.brokers.urls
+        self._at = 0
+        """Index in ``_brokers`` of the broker connected to, or tried next."""
         self._username, self._password = resolve_credentials(config)
         self._will_payload: bytes | None = None
         if config.will is not None:
@@ -159,6 +164,16 @@ class MqttTransport:
         # aiomqtt's own limit on waiting for CONNACK and for the DISCONNECT to go out.
         self._op_timeout_s = min(10.0, config.connect_timeout_s)
 
+    @property
+    def _url(self) -> BrokerURL:
+        """The broker connected to, or tried next."""
+        return self._brokers[self._at]
+
+    def _move_on(self) -> bool:
+        """Make the next broker of the list the one to try; whether a round of them ended."""
+        self._at = (self._at + 1) % len(self._brokers)
+        return self._at == 0
+
     def __repr__(self) -> str:
         return f"<MqttTransport {self.config.client_id} {self._url} connected={self.connected}>"
 
@@ -179,7 +194,8 @@ class MqttTransport:
         except TimeoutError as exc:
             await self.aclose()
             raise TransportError(
-                f"could not connect to {self._url} within {self.config.connect_timeout_s:g} s"
+                f"could not connect to {self.config.brokers} within "
+                f"{self.config.connect_timeout_s:g} s"
                 f" (last error: {self._last_error or 'none'})"
             ) from self._last_error or exc
         except BaseException:
@@ -312,10 +328,11 @@ class MqttTransport:
             conn = self._conn
             if conn is None:
                 return  # sent by the supervisor as soon as it connects
+            patience_s = self.config.publish_timeout_s / 2
             try:
                 async with asyncio.timeout(self.config.publish_timeout_s):
-                    granted = await self._on(
-                        conn, conn.client.subscribe(topic_filter, qos, timeout=math.inf)
+                    refused = await self._on(
+                        conn, self._granted(conn.client, [(topic_filter, qos)], patience_s)
                     )
             except _ConnectionLost:
                 return  # the supervisor re-subscribes on the next connection
@@ -325,8 +342,10 @@ class MqttTransport:
                 if conn.lost.is_set():
                     return
                 raise TransportError(f"subscribe to {topic_filter!r} failed: {exc}") from exc
-        if any(_reason_value(code) >= _SUBACK_FAILURE for code in granted):
-            raise TransportError(f"the broker refused the subscription {topic_filter!r}")
+        if refused:
+            raise TransportError(
+                f"the broker refused the subscription {topic_filter!r} for {patience_s:g} s"
+            )
 
     async def unsubscribe(self, topic_filter: str) -> None:
         """See :meth:`Transport.unsubscribe`; a lost connection takes the subscription along."""
@@ -377,10 +396,12 @@ class MqttTransport:
                 self._last_error = exc.__cause__ or exc
                 if not ever_connected and not _retryable(exc.__cause__):
                     raise
-                delay = backoff.next()
+                # Every broker of the list is tried once before the pauses grow.
+                round_ended = self._move_on()
+                delay = backoff.next() if round_ended else self.config.reconnect_min_s
                 # Before the first connection nothing else says what the process waits for.
                 level = logging.INFO if ever_connected else logging.WARNING
-                log.log(level, "%s; retrying in %.2f s", exc, delay)
+                log.log(level, "%s; trying %s in %.2f s", exc, self._url, delay)
                 await asyncio.sleep(delay)
                 continue
             ever_connected = True
@@ -399,7 +420,8 @@ class MqttTransport:
                 await self._disconnect(client)
             backoff.connection_ended(time.monotonic() - connected_at)
             delay = backoff.next()
-            log.info("%s: reconnecting in %.2f s", self.config.client_id, delay)
+            self._move_on()  # a node that dropped us is the last one to try again
+            log.info("%s: reconnecting to %s in %.2f s", self.config.client_id, self._url, delay)
             await asyncio.sleep(delay)
 
     def _new_client(self) -> tuple[aiomqtt.Client, asyncio.Queue[aiomqtt.Message]]:
@@ -467,15 +489,43 @@ class MqttTransport:
         """Restore every subscription (one SUBSCRIBE), then open the connection for use."""
         async with self._subscribe_lock:
             wanted = list(self._subscriptions.items())
-            if wanted:
-                granted = await conn.client.subscribe(wanted, timeout=self.config.publish_timeout_s)
-                for (topic_filter, _), code in zip(wanted, granted, strict=False):
-                    if _reason_value(code) >= _SUBACK_FAILURE:
-                        log.error("the broker refused the subscription %r", topic_filter)
+            patience_s = self.config.publish_timeout_s
+            for topic_filter in await self._granted(conn.client, wanted, patience_s):
+                log.error(
+                    "the broker refused the subscription %r for %g s", topic_filter, patience_s
+                )
             self._conn = conn
             self.stats.connections += 1
             self._connected.set()
         log.info("%s: connected to %s", self.config.client_id, self._url)
+
+    async def _granted(
+        self, client: aiomqtt.Client, wanted: list[tuple[str, int]], patience_s: float
+    ) -> list[str]:
+        """Subscribe to ``wanted``, asking again for refused filters; those still refused.
+
+        A clustered broker refuses subscriptions for a while after losing a node (NATS,
+        until JetStream has elected new leaders), so a refusal is asked again with growing
+        pauses for up to ``patience_s`` before it is believed.
+        """
+        pause = self.config.reconnect_min_s
+        deadline = time.monotonic() + patience_s
+        while wanted:
+            granted = await client.subscribe(wanted, timeout=self.config.publish_timeout_s)
+            wanted = [
+                want
+                for want, code in zip(wanted, granted, strict=False)
+                if _reason_value(code) >= _SUBACK_FAILURE
+            ]
+            if not wanted or time.monotonic() + pause > deadline:
+                break
+            log.warning(
+                "%s: %s refused %d subscription(s) (%s); asking again in %.1f s",
+                self.config.client_id, self._url, len(wanted), wanted[0][0], pause,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 5.0)
+        return [topic_filter for topic_filter, _ in wanted]
 
     async def _receive(self, conn: _Connection) -> None:
         """Hand every received message to the inbound path until the connection drops."""

@@ -12,7 +12,7 @@ from typing import Final
 
 import aiomqtt
 
-from edgefed.transport.config import BrokerURL, TransportConfig, resolve_credentials
+from edgefed.transport.config import BrokerAddress, TransportConfig, resolve_credentials
 
 RawClient = aiomqtt.Client
 """An MQTT client without edgefed's codec; enter it with ``async with``."""
@@ -31,7 +31,7 @@ def tls_parameters(config: TransportConfig) -> aiomqtt.TLSParameters | None:
     )
 
 
-def raw_client(url: str | BrokerURL, client_id: str) -> RawClient:
+def raw_client(url: BrokerAddress, client_id: str) -> RawClient:
     """A bare client (no codec, chunking or reconnects), used as an async context manager.
 
     It is the raw-broker baseline benchmarks measure the product's path against.

@@ -15,7 +15,9 @@ from tests.edgefed.transport_helpers import config, make_status, receive_message
 
 async def test_broker_for_prefers_the_given_url() -> None:
     async with broker_for("mqtt://example.invalid:1999") as url:
-        assert url == BrokerURL(scheme="mqtt", host="example.invalid", port=1999)
+        assert url.urls == (BrokerURL(scheme="mqtt", host="example.invalid", port=1999),)
+    async with broker_for("mqtt://a.invalid:1,b.invalid") as urls:
+        assert [str(url) for url in urls.urls] == ["mqtt://a.invalid:1", "mqtt://b.invalid:1883"]
     with pytest.raises(ConfigError):
         async with broker_for("http://nope"):
             pass
@@ -26,7 +28,7 @@ async def test_broker_for_falls_back_to_embedded(monkeypatch: pytest.MonkeyPatch
     nobody = BrokerURL.parse(f"mqtt://127.0.0.1:{free_port()}")
     monkeypatch.setattr(broker_choice, "LOCAL_BROKER", nobody)
     async with broker_for(None) as url:
-        assert url.port != nobody.port
+        assert url.first.port != nobody.port
         async with MqttTransport(config(url, "probe")) as probe:
             await probe.subscribe("probe/#")
             await probe.publish("probe/1", make_status("probe"))

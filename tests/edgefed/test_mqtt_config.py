@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefed.transport.config import BrokerURL, TransportConfig, resolve_credentials
+from edgefed.transport.config import BrokerList, BrokerURL, TransportConfig, resolve_credentials
 from schemas.errors import ConfigError
 
 
@@ -82,6 +82,9 @@ def test_resolve_credentials_config_then_url_then_env() -> None:
         {"reconnect_min_s": 5.0, "reconnect_max_s": 1.0},
         {"publish_window": 0},
         {"key_file": "client.key"},
+        {"url": "mqtt://a,mqtts://b"},
+        {"url": "mqtt://a,mqtt://a:1883"},
+        {"url": " , "},
     ],
 )
 def test_transport_config_rejects_settings_that_cannot_work(overrides: dict[str, object]) -> None:
@@ -92,3 +95,15 @@ def test_transport_config_rejects_settings_that_cannot_work(overrides: dict[str,
 
 def test_transport_config_password_not_in_repr() -> None:
     assert "hunter2" not in repr(TransportConfig(url="h", client_id="c", password="hunter2"))
+
+
+def test_broker_list_keeps_the_order_the_nodes_are_tried_in() -> None:
+    nodes = BrokerList.parse("mqtt://n1:1884, n2:1885 ,mqtt://n3")
+    assert [str(url) for url in nodes.urls] == [
+        "mqtt://n1:1884",
+        "mqtt://n2:1885",
+        "mqtt://n3:1883",
+    ]
+    assert BrokerList.of(str(nodes)) == nodes == BrokerList.of([str(u) for u in nodes.urls])
+    assert TransportConfig(url=nodes, client_id="c").broker == nodes.first
+    assert BrokerList.of(nodes.first).urls == (nodes.first,)

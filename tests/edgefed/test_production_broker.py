@@ -195,7 +195,7 @@ async def test_devices_federate_over_tls_with_signed_globals(
             )
             assert agent_config.trusted_global_keys
             url = agent_config.mqtt.broker_url(None)
-            assert url is not None and url.startswith("mqtts://")
+            assert url is not None and str(url).startswith("mqtts://")
             agents.append(
                 asyncio.create_task(
                     run_agent(agent_config, url=url, data=shards[index], report=reports[index])
@@ -376,7 +376,11 @@ def test_acl_secrets_stay_out_of_urls_and_the_command_line() -> None:
         MqttSettings(url="mqtts://dev-1:s3cret@broker:8883")
     with pytest.raises(ConfigError, match="--broker"):
         MqttSettings().broker_url("mqtts://dev-1:s3cret@broker:8883")
-    assert MqttSettings(url="mqtts://broker:8883").broker_url(None) == "mqtts://broker:8883"
+    assert str(MqttSettings(url="mqtts://broker:8883").broker_url(None)) == "mqtts://broker:8883"
+    with pytest.raises(ValueError, match="password_file"):
+        MqttSettings(url=["mqtts://broker-1:8883", "mqtts://dev-1:s3cret@broker-2:8883"])
+    nodes = MqttSettings(url=["mqtts://broker-1:8883", "mqtts://broker-2:8884"]).broker_url(None)
+    assert str(nodes) == "mqtts://broker-1:8883,mqtts://broker-2:8884"
 
 
 # --------------------------------------------------------------------------- revocation

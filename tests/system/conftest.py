@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -193,18 +194,20 @@ class Federation:
     def checkpoint_dir(self) -> Path:
         return self.root / "aggregator"
 
-    def aggregator(self, *, max_versions: int) -> Proc:
+    def aggregator(self, *, max_versions: int, url: str | None = None) -> Proc:
         config = self.root / "aggregator.toml"
         config.write_text(_toml(self.aggregator_settings))
-        args = ["aggregator", "--broker", self.url, "--federation", self.name]
+        args = ["aggregator", "--broker", url or self.url, "--federation", self.name]
         args += ["--config", str(config), "--max-versions", str(max_versions)]
         args += ["--checkpoint-dir", str(self.checkpoint_dir)]
         return self._proc("aggregator", args)
 
-    def agent(self, client_id: str, *, max_updates: int, seed: int = 0) -> Proc:
+    def agent(
+        self, client_id: str, *, max_updates: int, seed: int = 0, url: str | None = None
+    ) -> Proc:
         config = self.root / f"{client_id}.toml"
         config.write_text(_toml(self.agent_settings | {"seed": seed}))
-        args = ["agent", "--broker", self.url, "--federation", self.name]
+        args = ["agent", "--broker", url or self.url, "--federation", self.name]
         args += ["--client-id", client_id, "--data", f"synthetic:n=48,seed={seed + 1}"]
         args += ["--config", str(config), "--max-updates", str(max_updates)]
         args += ["--state-dir", str(self.state_dir(client_id))]
@@ -284,15 +287,20 @@ class Federation:
             await asyncio.sleep(0.05)
 
 
+class Broker(Protocol):
+    """What a federation needs of a broker: where to connect (URLs separated by commas)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @pytest.fixture
 def federation_of(
     tmp_path: Path, federation: str
-) -> Iterator[Callable[[MosquittoProcess, dict[str, object], dict[str, object]], Federation]]:
+) -> Iterator[Callable[[Broker, dict[str, object], dict[str, object]], Federation]]:
     made: list[Federation] = []
 
-    def make(
-        broker: MosquittoProcess, aggregator: dict[str, object], agent: dict[str, object]
-    ) -> Federation:
+    def make(broker: Broker, aggregator: dict[str, object], agent: dict[str, object]) -> Federation:
         fed = Federation(tmp_path, broker.url, federation, aggregator, agent)
         made.append(fed)
         return fed

@@ -37,6 +37,7 @@ from tests.edgefed.transport_helpers import (
     receive,
     receive_message,
     tensor_bytes,
+    until,
 )
 
 
@@ -213,6 +214,29 @@ async def test_reconnect_and_resubscribe_after_broker_restart(
         delivered = await receive_message(aggregator)
         assert delivered.topic == topics.update(federation, "dev-1")
         assert aggregator.stats.connections == 2
+
+
+@pytest.mark.broker
+async def test_a_client_given_several_brokers_moves_to_the_next_when_its_own_dies(
+    mosquitto_process: MosquittoProcess, federation: str, fast_reconnect: dict[str, float]
+) -> None:
+    nobody = f"mqtt://127.0.0.1:{free_port()}"
+    with MosquittoProcess() as spare:
+        urls = ",".join([nobody, mosquitto_process.url, spare.url])
+        async with (
+            MqttTransport(config(urls, "aggregator", **fast_reconnect)) as aggregator,
+            MqttTransport(config(spare.url, "dev-1", **fast_reconnect)) as device,
+        ):
+            # Nothing listens on the first: it connected to the second.
+            assert f"{mosquitto_process.url} connected=True" in repr(aggregator)
+            await aggregator.subscribe(topics.update_filter(federation))
+            mosquitto_process.kill()
+            await until(lambda: f"{spare.url} connected=True" in repr(aggregator))
+            # Its subscription came along to the spare broker.
+            await device.publish(topics.update(federation, "dev-1"), make_update())
+            delivered = await receive_message(aggregator)
+            assert delivered.topic == topics.update(federation, "dev-1")
+            assert aggregator.stats.connections == 2
 
 
 @pytest.mark.broker

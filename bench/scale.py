@@ -85,8 +85,10 @@ class _AgentProcess:
         self.proc = proc
 
     @classmethod
-    async def start(cls, config: ScaleConfig, *, url: str, progress: bool) -> _AgentProcess:
-        argv = ["-m", "bench.scale_agents", "--url", url]
+    async def start(
+        cls, config: ScaleConfig, share: int, *, url: str, progress: bool
+    ) -> _AgentProcess:
+        argv = ["-m", "bench.scale_agents", "--url", url, "--share", str(share)]
         argv += ["--config", json.dumps(config.to_json())]
         if not progress:
             argv.append("--no-progress")
@@ -171,17 +173,23 @@ async def _observe(
         async with agg_transport:
             service = AggregatorService(_aggregator_config(config, audit), agg_transport)
             serving = asyncio.create_task(service.run(), name="scale-aggregator")
-            agents = await _AgentProcess.start(config, url=url, progress=progress)
+            # One bar, the first process's: the others' would overwrite it on the terminal.
+            fleet = [
+                await _AgentProcess.start(config, share, url=url, progress=progress and not share)
+                for share in range(len(config.shares()))
+            ]
             try:
                 await service.ready.wait()
                 with broker.running():
-                    connected = await agents.expect("connected")
+                    connected = _joined([await agents.expect("connected") for agents in fleet])
                     connected_mb = broker.now()
-                    agents_mb = rss_mb(agents.proc.pid)
-                    await agents.go()
-                    done = await agents.expect("done")
+                    agents_mb = _total([rss_mb(agents.proc.pid) for agents in fleet])
+                    for agents in fleet:
+                        await agents.go()
+                    done = _joined([await agents.expect("done") for agents in fleet])
             finally:
-                await agents.close()
+                for agents in fleet:
+                    await agents.close()
                 serving.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
@@ -198,6 +206,23 @@ async def _observe(
         versions=service.version,
         merge_times=_merge_times(entries),
     )
+
+
+def _joined(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The agents' processes' reports as one: the slowest one's times, everyone's records."""
+    joined = dict(messages[0])
+    for key in ("connect_s", "send_s"):
+        if key in joined:
+            joined[key] = max(message[key] for message in messages)
+    if "records" in joined:
+        joined["records"] = [record for message in messages for record in message["records"]]
+    return joined
+
+
+def _total(values: list[float | None]) -> float | None:
+    """The sum of readings, or None when one is missing."""
+    known = [value for value in values if value is not None]
+    return sum(known) if len(known) == len(values) else None
 
 
 def _merge_times(entries: Iterable[UpdateEntry | MergeEntry]) -> dict[str, float]:

@@ -1,9 +1,10 @@
-"""The agent side of a scale run: many lightweight devices in one process of their own.
+"""The agent side of a scale run: many lightweight devices in processes of their own.
 
 Every agent is a real MQTT connection (an :class:`~edgefed.transport.mqtt.MqttTransport`) that
 replays real LoRA deltas recorded once from the ``tiny`` model, so a thousand of them fit
-in one process. They run apart from the aggregator, as devices do, so the aggregator's lag
-is its own and not the cost of hosting the fleet. ``python -m bench.scale_agents``
+in one process (larger fleets are shared among several). They run apart from the
+aggregator, as devices do, so the aggregator's lag is its own and not the cost of hosting
+the fleet. ``python -m bench.scale_agents``
 speaks JSON lines on stdin/stdout with :mod:`bench.scale`: it connects everyone, says
 ``connected``, waits for ``go``, sends, and reports every update it sent and its answer.
 """
@@ -51,7 +52,9 @@ class ScaleConfig:
     buffer_size: int = 20
     """FedBuff K: updates per merge."""
     connect_concurrency: int = 64
-    """Connections being opened at once."""
+    """Connections being opened at once, per agents' process."""
+    agents_per_process: int = 2500
+    """Agents one process hosts (about 0.45 MB each); more agents start more processes."""
     recorded_updates: int = 8
     """Distinct real deltas recorded from the tiny model and replayed by the fleet."""
     ack_timeout_s: float = 60.0
@@ -64,6 +67,13 @@ class ScaleConfig:
     def total_updates(self) -> int:
         """Updates the whole fleet sends."""
         return self.agents * self.updates_per_agent
+
+    def shares(self) -> list[range]:
+        """The agents' indexes each process hosts."""
+        step = self.agents_per_process
+        return [
+            range(first, min(first + step, self.agents)) for first in range(0, self.agents, step)
+        ]
 
     def to_json(self) -> dict[str, object]:
         """Plain JSON-able form (what the agent process is started with)."""
@@ -110,7 +120,7 @@ class _LightAgent:
     """A device that only publishes recorded updates and waits for their acks."""
 
     def __init__(self, config: ScaleConfig, index: int, *, url: str) -> None:
-        self.client_id = f"dev{index:04d}"
+        self.client_id = f"dev{index:05d}"
         self._config = config
         self.transport = MqttTransport(
             TransportConfig(
@@ -215,9 +225,8 @@ async def _send_all(
     progress: bool,
 ) -> None:
     """Let every agent send its updates; a bar counts the answered ones."""
-    with tqdm(
-        total=config.total_updates, desc="updates acked", unit="upd", disable=not progress
-    ) as bar:
+    total = len(agents) * config.updates_per_agent
+    with tqdm(total=total, desc="updates acked", unit="upd", disable=not progress) as bar:
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(agent.run(deltas, random.Random(rng.random())))
@@ -241,17 +250,18 @@ def _say(event: str, **fields: object) -> None:
     sys.stdout.flush()
 
 
-async def serve(config: ScaleConfig, *, url: str, progress: bool) -> None:
-    """Connect, report, wait for ``go`` on stdin, send, report the records, disconnect."""
+async def serve(config: ScaleConfig, share: range, *, url: str, progress: bool) -> None:
+    """Run the agents of ``share``: connect, report, wait for ``go``, send, report, disconnect."""
     deltas = await asyncio.to_thread(record_updates, config.recorded_updates, seed=config.seed)
-    agents = [_LightAgent(config, index, url=url) for index in range(config.agents)]
+    agents = [_LightAgent(config, index, url=url) for index in share]
     try:
         connect_s = await _connect_all(agents, config, progress=progress)
         _say("connected", connect_s=connect_s, update_bytes=update_bytes(deltas[0]))
         if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
             return
         started = time.perf_counter()
-        await _send_all(agents, deltas, random.Random(config.seed), config, progress=progress)
+        rng = random.Random(config.seed * 1_000_003 + share.start)
+        await _send_all(agents, deltas, rng, config, progress=progress)
         send_s = time.perf_counter() - started
         records = [record.to_json() for agent in agents for record in agent.sent]
         _say("done", send_s=send_s, records=records)
@@ -272,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale_agents")
     parser.add_argument("--url", required=True)
     parser.add_argument("--config", required=True, help="ScaleConfig fields as JSON")
+    parser.add_argument("--share", type=int, default=0, help="which of ScaleConfig.shares()")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = ScaleConfig(**json.loads(args.config))
     torch.set_num_threads(1)  # many agents share two cores with the broker and aggregator
-    asyncio.run(serve(config, url=args.url, progress=not args.no_progress))
+    share = config.shares()[args.share]
+    asyncio.run(serve(config, share, url=args.url, progress=not args.no_progress))
     return 0
 
 

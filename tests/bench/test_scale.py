@@ -13,9 +13,16 @@ from edgefed.transport.broker import MosquittoProcess
 async def test_scale_fifty_agents_lose_no_acked_update(
     mosquitto_process: MosquittoProcess,
 ) -> None:
+    # Two agents' processes of 25 agents each, as a larger fleet is spread.
     config = ScaleConfig(
-        agents=50, updates_per_agent=2, spread_s=1.0, buffer_size=10, recorded_updates=2
+        agents=50,
+        updates_per_agent=2,
+        spread_s=1.0,
+        buffer_size=10,
+        recorded_updates=2,
+        agents_per_process=25,
     )
+    assert [len(share) for share in config.shares()] == [25, 25]
     result = await run_scale(
         config, url=mosquitto_process.url, broker_pid=mosquitto_process.pid, progress=False
     )

@@ -141,6 +141,9 @@ class ThroughputResult:
             "ratio": round(self.ratio, 3),
             **{f"ratio_{v}": round(self.mbps(v) / raw, 3) for v in VARIANTS[2:]},
             "ratio_cpu_bound": self.cpu_bound_ratio,
+            # The aggregator's CPU per chunked update beside a bare subscriber's, same run.
+            "receiver_cpu_ms": self.cpu_ms("e2e"),
+            "bare_cpu_ms": self.cpu_ms("raw"),
             **{
                 f"{v}_{process}_cpu_ms": self.cpu_ms(v, process)
                 for v in VARIANTS

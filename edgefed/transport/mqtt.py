@@ -34,13 +34,13 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from edgefed.library_internals import close_mqtt_socket, mqtt_socket
-from edgefed.transport.backoff import Backoff
 from edgefed.transport.config import (
     MIN_MAX_PAYLOAD,
     BrokerURL,
     TransportConfig,
     resolve_credentials,
 )
+from edgefed.transport.failover import BrokerRotation, subscribe_until_granted
 from edgefed.transport.frames import (
     BadDelivery,
     Delivery,
@@ -133,9 +133,6 @@ class MqttTransport:
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
         self.stats = TransportStats()
-        self._brokers = config.brokers.urls
-        self._at = 0
-        """Index in ``_brokers`` of the broker connected to, or tried next."""
         self._username, self._password = resolve_credentials(config)
         self._will_payload: bytes | None = None
         if config.will is not None:
@@ -161,18 +158,15 @@ class MqttTransport:
         self._closing = False
         self._last_error: BaseException | None = None
         self._rng = random.Random()
+        self._rotation = BrokerRotation(config.brokers, min_s=config.reconnect_min_s,
+                                        max_s=config.reconnect_max_s, rng=self._rng)  # fmt: skip
         # aiomqtt's own limit on waiting for CONNACK and for the DISCONNECT to go out.
         self._op_timeout_s = min(10.0, config.connect_timeout_s)
 
     @property
     def _url(self) -> BrokerURL:
-        """The broker connected to, or tried next."""
-        return self._brokers[self._at]
-
-    def _move_on(self) -> bool:
-        """Make the next broker of the list the one to try; whether a round of them ended."""
-        self._at = (self._at + 1) % len(self._brokers)
-        return self._at == 0
+        """The broker connected to, or dialled next."""
+        return self._rotation.current
 
     def __repr__(self) -> str:
         return f"<MqttTransport {self.config.client_id} {self._url} connected={self.connected}>"
@@ -385,7 +379,6 @@ class MqttTransport:
 
     async def _supervise(self) -> None:
         """Own the connection: connect, re-subscribe, receive; on loss, back off and repeat."""
-        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s, rng=self._rng)
         ever_connected = False
         while True:
             client, inbox = self._new_client()
@@ -396,9 +389,7 @@ class MqttTransport:
                 self._last_error = exc.__cause__ or exc
                 if not ever_connected and not _retryable(exc.__cause__):
                     raise
-                # Every broker of the list is tried once before the pauses grow.
-                round_ended = self._move_on()
-                delay = backoff.next() if round_ended else self.config.reconnect_min_s
+                delay = self._rotation.after_failure()
                 # Before the first connection nothing else says what the process waits for.
                 level = logging.INFO if ever_connected else logging.WARNING
                 log.log(level, "%s; trying %s in %.2f s", exc, self._url, delay)
@@ -418,9 +409,7 @@ class MqttTransport:
                 self._connected.clear()
                 conn.mark_lost()
                 await self._disconnect(client)
-            backoff.connection_ended(time.monotonic() - connected_at)
-            delay = backoff.next()
-            self._move_on()  # a node that dropped us is the last one to try again
+            delay = self._rotation.after_loss(time.monotonic() - connected_at)
             log.info("%s: reconnecting to %s in %.2f s", self.config.client_id, self._url, delay)
             await asyncio.sleep(delay)
 
@@ -490,10 +479,8 @@ class MqttTransport:
         async with self._subscribe_lock:
             wanted = list(self._subscriptions.items())
             patience_s = self.config.publish_timeout_s
-            for topic_filter in await self._granted(conn.client, wanted, patience_s):
-                log.error(
-                    "the broker refused the subscription %r for %g s", topic_filter, patience_s
-                )
+            for refused in await self._granted(conn.client, wanted, patience_s):
+                log.error("the broker refused the subscription %r for %g s", refused, patience_s)
             self._conn = conn
             self.stats.connections += 1
             self._connected.set()
@@ -502,30 +489,16 @@ class MqttTransport:
     async def _granted(
         self, client: aiomqtt.Client, wanted: list[tuple[str, int]], patience_s: float
     ) -> list[str]:
-        """Subscribe to ``wanted``, asking again for refused filters; those still refused.
+        """Subscribe to ``wanted``; the filters still refused after ``patience_s``."""
 
-        A clustered broker refuses subscriptions for a while after losing a node (NATS,
-        until JetStream has elected new leaders), so a refusal is asked again with growing
-        pauses for up to ``patience_s`` before it is believed.
-        """
-        pause = self.config.reconnect_min_s
-        deadline = time.monotonic() + patience_s
-        while wanted:
-            granted = await client.subscribe(wanted, timeout=self.config.publish_timeout_s)
-            wanted = [
-                want
-                for want, code in zip(wanted, granted, strict=False)
-                if _reason_value(code) >= _SUBACK_FAILURE
-            ]
-            if not wanted or time.monotonic() + pause > deadline:
-                break
-            log.warning(
-                "%s: %s refused %d subscription(s) (%s); asking again in %.1f s",
-                self.config.client_id, self._url, len(wanted), wanted[0][0], pause,
-            )  # fmt: skip
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, 5.0)
-        return [topic_filter for topic_filter, _ in wanted]
+        async def subscribe(filters: list[tuple[str, int]]) -> list[bool]:
+            codes = await client.subscribe(filters, timeout=self.config.publish_timeout_s)
+            return [_reason_value(code) < _SUBACK_FAILURE for code in codes]
+
+        return await subscribe_until_granted(
+            subscribe, wanted, patience_s=patience_s, first_pause_s=self.config.reconnect_min_s,
+            who=f"{self.config.client_id} on {self._url}",
+        )  # fmt: skip
 
     async def _receive(self, conn: _Connection) -> None:
         """Hand every received message to the inbound path until the connection drops."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from edgefed.transport.broker_choice import first_answering
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.raw import (
     QUIET_S,
@@ -40,12 +41,13 @@ async def clear_federation(
     What the broker still holds afterwards is reported as ``left``: an ACL may refuse the
     connecting identity the deletion of another's topics, without telling it (MQTT 3.1.1).
     """
-    async with raw_client_as(config) as client:
+    broker = await first_answering(config.brokers)  # a cluster's node that is up
+    async with raw_client_as(config, broker) as client:
         found = await _retained(client, federation, quiet_s)
         if dry_run or not found:
             return Cleared(tuple(sorted(found)), tuple(sorted(found)))
         await delete_retained(client, sorted(found))
-    async with raw_client_as(config) as client:  # a new subscription sees what is left
+    async with raw_client_as(config, broker) as client:  # a new subscription sees what is left
         left = await _retained(client, federation, quiet_s)
     return Cleared(tuple(sorted(found)), tuple(sorted(left)))
 

@@ -34,6 +34,14 @@ async def port_answers(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
     return True
 
 
+async def first_answering(brokers: BrokerList) -> BrokerURL:
+    """The first of ``brokers`` that accepts TCP connections; the first when none does."""
+    for url in brokers.urls:
+        if await port_answers(url.host, url.port, timeout_s=2.0):
+            return url
+    return brokers.first
+
+
 @contextlib.asynccontextmanager
 async def broker_for(
     url: BrokerAddress | None, *, embedded: bool = True

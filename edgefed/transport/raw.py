@@ -12,7 +12,12 @@ from typing import Final
 
 import aiomqtt
 
-from edgefed.transport.config import BrokerAddress, TransportConfig, resolve_credentials
+from edgefed.transport.config import (
+    BrokerAddress,
+    BrokerURL,
+    TransportConfig,
+    resolve_credentials,
+)
 
 RawClient = aiomqtt.Client
 """An MQTT client without edgefed's codec; enter it with ``async with``."""
@@ -39,13 +44,14 @@ def raw_client(url: BrokerAddress, client_id: str) -> RawClient:
     return raw_client_as(TransportConfig(url=url, client_id=client_id))
 
 
-def raw_client_as(config: TransportConfig) -> RawClient:
+def raw_client_as(config: TransportConfig, broker: BrokerURL | None = None) -> RawClient:
     """:func:`raw_client` connecting as ``config`` says: TLS and credentials, clean session.
 
-    It reads and clears retained messages byte for byte (``edgefed clear``).
+    It dials ``broker`` (one of ``config.brokers``), else the first of them. It reads and
+    clears retained messages byte for byte (``edgefed clear``).
     """
     username, password = resolve_credentials(config)
-    broker = config.broker
+    broker = broker or config.broker
     return aiomqtt.Client(
         broker.host,
         broker.port,

@@ -29,7 +29,7 @@ AGGREGATOR: dict[str, object] = {
     "train": {"local_steps": 3, "batch_size": 4, "seq_len": 16},
 }
 AGENT: dict[str, object] = {"ack_timeout_s": 3.0, "max_resends": 100, "slowdown": 3.0}
-UPDATES_EACH = 8
+UPDATES_EACH = 6
 
 
 def _order(cluster: NatsCluster, *first: NatsNode) -> str:

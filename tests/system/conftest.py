@@ -26,6 +26,18 @@ from edgefed.transport.broker import DURABLE_CONFIG, MosquittoProcess, mosquitto
 REQUIRE_MOSQUITTO = "EDGEFED_REQUIRE_MOSQUITTO"
 
 
+FEDASYNC_AGGREGATOR: dict[str, object] = {
+    "eval_data": "synthetic:n=16,seed=9",
+    "eval_every": 1000,
+    "max_staleness": 50,
+    "strategy": {"name": "fedasync"},
+    "train": {"local_steps": 3, "batch_size": 4, "seq_len": 16},
+}
+"""An aggregator of the tiny model merging every update (the failover and bridge tests)."""
+PATIENT_AGENT: dict[str, object] = {"ack_timeout_s": 3.0, "max_resends": 100, "slowdown": 3.0}
+"""A device that re-sends for as long as a broker is away."""
+
+
 @pytest.fixture
 def durable_broker() -> Iterator[MosquittoProcess]:
     """A private Mosquitto with persistence on (broker_config/durable.conf), on a free port."""

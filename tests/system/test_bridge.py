@@ -17,25 +17,13 @@ from typing import Any
 import pytest
 
 from edgefed.transport.broker import CONFIG_DIR, MosquittoProcess
-from tests.system.conftest import Federation
+from tests.system.conftest import FEDASYNC_AGGREGATOR, PATIENT_AGENT, Federation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-AGGREGATOR: dict[str, object] = {
-    "eval_data": "synthetic:n=16,seed=9",
-    "eval_every": 1000,
-    "max_staleness": 50,
-    "max_payload": 4096,
-    "strategy": {"name": "fedasync"},
-    "train": {"local_steps": 3, "batch_size": 4, "seq_len": 16},
-}
-AGENT: dict[str, object] = {
-    "ack_timeout_s": 3.0,
-    "max_resends": 100,
-    "slowdown": 3.0,
-    "max_payload": 4096,
-    "ask_after_s": 2.0,
-}
+# Globals and updates travel in 4 KB chunks through the bridge.
+AGGREGATOR = FEDASYNC_AGGREGATOR | {"max_payload": 4096}
+AGENT = PATIENT_AGENT | {"max_payload": 4096, "ask_after_s": 2.0}
 UPDATES_EACH = 4
 
 

@@ -17,18 +17,15 @@ from typing import Any
 import pytest
 
 from tests.nats_broker import NatsCluster, NatsNode, nats_binary, nats_cluster
-from tests.system.conftest import REQUIRE_MOSQUITTO, Federation
+from tests.system.conftest import (
+    FEDASYNC_AGGREGATOR,
+    PATIENT_AGENT,
+    REQUIRE_MOSQUITTO,
+    Federation,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-AGGREGATOR: dict[str, object] = {
-    "eval_data": "synthetic:n=16,seed=9",
-    "eval_every": 1000,
-    "max_staleness": 50,
-    "strategy": {"name": "fedasync"},
-    "train": {"local_steps": 3, "batch_size": 4, "seq_len": 16},
-}
-AGENT: dict[str, object] = {"ack_timeout_s": 3.0, "max_resends": 100, "slowdown": 3.0}
 UPDATES_EACH = 6
 
 
@@ -47,7 +44,7 @@ async def test_a_run_outlives_two_of_three_nats_nodes_killed_in_turn(
         pytest.skip("nats-server is not installed")
     async with nats_cluster(tmp_path) as cluster:
         n1, n2, _ = cluster.nodes
-        fed: Federation = federation_of(cluster, AGGREGATOR, AGENT)
+        fed: Federation = federation_of(cluster, FEDASYNC_AGGREGATOR, PATIENT_AGENT)
         clients = ["dev0", "dev1"]
         total = UPDATES_EACH * len(clients)
         fed.aggregator(max_versions=total, url=_order(cluster, n1)).start()

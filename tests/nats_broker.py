@@ -102,20 +102,20 @@ class NatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     async def restart(self, node: NatsNode, timeout_s: float = 120.0) -> None:
-        """Start a killed node again; wait until every node has been healthy for a while.
+        """Start a killed node again; wait until it has been healthy for ``SETTLE_S``.
 
-        Only then does the restarted node count toward a quorum: a node is killed next
-        in a rolling restart once the one before it has caught up.
+        Only then does the restarted node count toward a quorum: in a rolling restart the
+        next node is taken down once the one before it has caught up.
         """
         node.start(self.binary)
         await _until_ready(node, timeout_s)
         deadline = time.monotonic() + timeout_s
         healthy_since = time.monotonic()
         while time.monotonic() - healthy_since < SETTLE_S:
-            if not all([await asyncio.to_thread(_healthy, other) for other in self.nodes]):
+            if not await asyncio.to_thread(_healthy, node):
                 healthy_since = time.monotonic()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster did not settle within {timeout_s} s")
+                raise RuntimeError(f"{node.name} did not stay healthy within {timeout_s} s")
             await asyncio.sleep(0.5)
 
     def logs(self) -> str:

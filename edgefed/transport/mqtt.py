@@ -333,6 +333,10 @@ class MqttTransport:
             except TimeoutError as exc:
                 raise TransportError(f"no SUBACK for {topic_filter!r}") from exc
             except aiomqtt.MqttError as exc:
+                # Usually the link died before the supervisor noticed; it re-subscribes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await conn.lost.wait()
                 if conn.lost.is_set():
                     return
                 raise TransportError(f"subscribe to {topic_filter!r} failed: {exc}") from exc

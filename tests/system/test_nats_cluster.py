@@ -26,7 +26,7 @@ from tests.system.conftest import (
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-UPDATES_EACH = 6
+UPDATES_EACH = 10
 
 
 def _order(cluster: NatsCluster, *first: NatsNode) -> str:
@@ -68,6 +68,7 @@ async def test_a_run_outlives_two_of_three_nats_nodes_killed_in_turn(
         agents = [proc for proc in fed.procs if proc.name in clients]
         for agent in agents:
             agent.pause()
+        assert fed.accepted_in_audit() < total - 2, "the run is nearly over before n2's kill"
         await cluster.restart(n1)
         for agent in agents:
             agent.resume()
@@ -81,8 +82,9 @@ async def test_a_run_outlives_two_of_three_nats_nodes_killed_in_turn(
     assert result.versions == tuple(range(1, total + 1))
     for name, node in [("aggregator", n1), ("dev0", n1), ("dev1", n2)]:
         log = next(proc for proc in fed.procs if proc.name == name).text()
-        moved = [f"connected to {other.url}" in log for other in cluster.nodes if other is not node]
-        assert any(moved), f"{name} never moved off {node.name}:\n{log[-4000:]}"
+        # Its node was killed under it, and it connected again (to whichever node answered).
+        assert f"connection to {node.url} lost" in log, f"{name}:\n{log[-4000:]}"
+        assert log.count(": connected to mqtt://") >= 2, f"{name}:\n{log[-4000:]}"
     print(
         f"NATS cluster: {at_first_kill} accepted by the first kill's recovery, acked "
         f"{len(result.acked)}, merged {len(result.merged)}, re-acked duplicates "

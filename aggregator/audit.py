@@ -104,6 +104,8 @@ class MergeEntry(_Entry):
     update_ids: tuple[str, ...]
     time: float = Field(default_factory=time.time)
     commit: int | None = None
+    sent_as: str | None = None
+    """A site aggregator's: the id of the update that carries this merge to the root."""
 
 
 AuditEntry = Annotated[UpdateEntry | MergeEntry, Field(discriminator="event")]

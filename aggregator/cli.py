@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 
 from aggregator.config import AggregatorConfig
-from aggregator.connections import aggregator_transport, split_transport
+from aggregator.connections import aggregator_transport, split_transport, upstream_transport
 from aggregator.prometheus import metrics_endpoint
 from aggregator.rounds import service_for
 from aggregator.service import AggregatorService
 from edgefed.process import run_until_stopped
 from edgefed.settings import load_settings
 from edgefed.transport.broker_choice import broker_for
-from edgefed.transport.config import TransportConfig
+from edgefed.transport.config import BrokerAddress, TransportConfig
 from edgefed.transport.mqtt import MqttTransport
 
 
@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         json_out=args.json_out,
     )
+
+    if config.role == "site":
+        run_until_stopped(_run_site(config, args.broker))
+        return 0
 
     async def main() -> None:
         async with broker_for(config.mqtt.broker_url(args.broker), embedded=False) as url:
@@ -51,6 +55,21 @@ def run(args: argparse.Namespace) -> int:
 
     run_until_stopped(main())
     return 0
+
+
+async def _run_site(config: AggregatorConfig, broker: BrokerAddress | None) -> None:
+    """Serve a site: its devices on the site broker, its updates to the root upstream."""
+    from aggregator.site import SiteAggregator  # noqa: PLC0415  # sites only
+
+    async with (
+        broker_for(config.mqtt.broker_url(broker), embedded=False) as url,
+        MqttTransport(aggregator_transport(config, url=url)) as down,
+        MqttTransport(upstream_transport(config)) as up,
+    ):
+        site = SiteAggregator(config, down=down, up=up)
+        await site.run()
+    sent = f"{site.merged} device updates in {site.uplink.accepted} site updates"
+    print(f"root version {site.version}: {sent} accepted by the root")
 
 
 def _metrics_endpoint(

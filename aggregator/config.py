@@ -266,6 +266,18 @@ class AggregatorConfig(CommandSettings):
     run resumed from ``checkpoint_dir`` goes on from its checkpoint instead."""
     sync: SyncSettings | None = None
     """Synchronous FedAvg rounds instead of asynchronous merging; None: asynchronous."""
+    role: Literal["root", "site"] = "root"
+    """``site``: merge this site's devices and send one update to the root at ``[upstream]``,
+    relaying the root's task and globals to the devices (docs/scaling-out.md)."""
+    upstream: MqttSettings | None = None
+    """A site's connection to the root broker (the ``[upstream]`` table)."""
+    site_id: str | None = None
+    """A site's client id at the root: its updates go to ``update/<site_id>`` there."""
+    site_resend_s: float = Field(default=15.0, gt=0)
+    """How long a site waits for the root's answer before it sends an update again."""
+    sites: frozenset[str] = frozenset()
+    """The root's site aggregators: their updates may claim every sample their devices
+    trained on, where a device's are capped (``max_samples_per_update``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -294,6 +306,20 @@ class AggregatorConfig(CommandSettings):
             )
         if self.max_staleness != 0:
             raise ValueError("[sync] rounds need max_staleness 0 (leave it out to get it)")
+        return self
+
+    @model_validator(mode="after")
+    def _site_is_complete(self) -> AggregatorConfig:
+        if self.role != "site":
+            return self
+        if self.upstream is None or self.upstream.url is None or not self.site_id:
+            raise ValueError('role = "site" needs site_id and an [upstream] table with a url')
+        methods = {self.method, *self.accept_methods}
+        if not methods <= {"lora", "fwdgrad"} or self.sync is not None:
+            raise ValueError(
+                "a site merges delta updates (lora, fwdgrad) asynchronously; "
+                f"{sorted(methods)}{' with [sync]' if self.sync else ''} needs the root itself"
+            )
         return self
 
     @model_validator(mode="before")
@@ -340,6 +366,7 @@ def _lora_merge_step(data: dict[str, Any], *, pretrained: bool) -> dict[str, Any
     if (
         not pretrained
         or not lora_only
+        or data.get("role") == "site"  # a site's sum is scaled once, by the root
         or data.get("sync") is not None
         or not isinstance(strategy, dict)
         or strategy.get("name", "fedbuff") != "fedbuff"

@@ -17,6 +17,7 @@ import dataclasses
 from aggregator.config import AggregatorConfig
 from edgefed.transport.config import BrokerAddress, TransportConfig
 from edgefed.transport.connection import MqttSettings
+from schemas.errors import ConfigError
 
 
 def aggregator_client_id(federation: str) -> str:
@@ -59,4 +60,26 @@ def split_transport(
         max_payload=aggregator.max_payload,
         max_message_bytes=aggregator.max_message_bytes,
         connect_timeout_s=aggregator.connect_timeout_s,
+    )
+
+
+def upstream_transport(config: AggregatorConfig) -> TransportConfig:
+    """A site's connection to the root broker (``[upstream]``), as client ``site_id``.
+
+    Its session is persistent, so the root's answers to site updates wait for a site that
+    is restarting.
+
+    Raises:
+        ConfigError: ``config`` is not a site's, or a connection setting cannot work.
+    """
+    upstream, site_id = config.upstream, config.site_id
+    url = None if upstream is None else upstream.broker_url(None)
+    if upstream is None or url is None or site_id is None:
+        raise ConfigError('role = "site" needs site_id and an [upstream] table with a url')
+    return upstream.transport_config(
+        url=url,
+        client_id=site_id,
+        max_payload=config.max_payload,
+        max_message_bytes=config.max_message_bytes,
+        clean_session=False,
     )

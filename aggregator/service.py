@@ -86,6 +86,7 @@ class AggregatorService:
             known_clients=config.known_clients,
             allowed_methods=frozenset({config.method, *config.accept_methods}),
             max_samples=samples_cap(config.train, config.max_samples_per_update),
+            sites=config.sites,
         )
         self._perturbations = perturbation_controller(config)  # None: the task's K stays
         self.version = 0

@@ -54,6 +54,7 @@ class ValidationPolicy:
         max_samples: Largest ``num_samples`` an update may claim. It is the update's weight
             in FedBuff and FedAsync, so without a bound one client could outweigh the rest
             by claiming more; :func:`samples_cap` derives it from the task. None: no bound.
+        sites: Site aggregators, whose updates carry all their devices' samples uncapped.
     """
 
     max_staleness: int = 10
@@ -63,6 +64,7 @@ class ValidationPolicy:
     known_clients: frozenset[str] | None = None
     allowed_methods: frozenset[Method] | None = None
     max_samples: int | None = None
+    sites: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         """Refuse a policy that cannot work, before any update meets it."""
@@ -201,7 +203,8 @@ def check_metadata(
             f"update was trained with {update.method!r}, the current task uses {method!r}"
             + (f" and also accepts {sorted(allowed - {method})}" if len(allowed) > 1 else ""),
         )
-    if policy.max_samples is not None and update.num_samples > policy.max_samples:
+    capped = update.client_id not in policy.sites
+    if capped and policy.max_samples is not None and update.num_samples > policy.max_samples:
         raise UpdateRejected(
             "too_many_samples",
             f"num_samples {update.num_samples} exceeds the {policy.max_samples} one update "

@@ -22,7 +22,6 @@ from edge_agent.config import AgentConfig
 from edge_agent.device import fit_device, resolve_device
 from edge_agent.emulation import DeviceEmulation
 from edge_agent.fit_stop import stoppable
-from edge_agent.global_topics import GlobalTopics, Wait
 from edge_agent.outbox import OUTBOX_FILE, Outbox
 from edge_agent.planner import CannotFit, DeviceSizer, Plan
 from edge_agent.privacy import DevicePrivacy
@@ -37,6 +36,7 @@ from edgefed.security.signing import GlobalVerifier
 from edgefed.transport.base import Transport
 from edgefed.transport.config import BrokerAddress, Will
 from edgefed.transport.frames import BadDelivery
+from edgefed.transport.global_topics import GlobalTopics, Wait
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.errors import ConfigError, SignatureError, TransportError

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from edge_agent.global_topics import Wait
+from edgefed.transport.global_topics import Wait
 from schemas.messages import Ack, Ask
 
 log = logging.getLogger(__name__)

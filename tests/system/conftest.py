@@ -214,6 +214,18 @@ class Federation:
         args += ["--checkpoint-dir", str(self.checkpoint_dir)]
         return self._proc("aggregator", args)
 
+    def site(
+        self, site_id: str, *, url: str, max_versions: int, settings: dict[str, object]
+    ) -> Proc:
+        """A site aggregator serving the broker at ``url``, the federation's broker upstream."""
+        config = self.root / f"{site_id}.toml"
+        site = {"role": "site", "site_id": site_id, "upstream": {"url": self.url}}
+        config.write_text(_toml(site | settings))
+        args = ["aggregator", "--broker", url, "--federation", self.name]
+        args += ["--config", str(config), "--max-versions", str(max_versions)]
+        args += ["--checkpoint-dir", str(self.root / site_id)]
+        return self._proc(site_id, args)
+
     def agent(
         self, client_id: str, *, max_updates: int, seed: int = 0, url: str | None = None
     ) -> Proc:
@@ -239,8 +251,9 @@ class Federation:
 
     # -- what each side recorded
 
-    def audit(self) -> list[UpdateEntry | MergeEntry]:
-        return read_audit(self.checkpoint_dir / "audit.jsonl")
+    def audit(self, folder: Path | None = None) -> list[UpdateEntry | MergeEntry]:
+        """The audit log of the aggregator, or of the one checkpointing into ``folder``."""
+        return read_audit((folder or self.checkpoint_dir) / "audit.jsonl")
 
     def accepted_in_audit(self) -> int:
         return sum(

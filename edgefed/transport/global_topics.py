@@ -1,4 +1,4 @@
-"""The exact topics of the global an agent waits for, subscribed to one task at a time.
+"""The exact topics of the global an agent (or a site aggregator) waits for, one task at a time.
 
 Wildcard subscriptions would be simpler, but some brokers (RabbitMQ's MQTT plugin) hand a
 retained message only to a subscription that names its topic, so an agent that joins after

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         from bench import split  # noqa: PLC0415
 
         return split.run(args)
+    if args.which == "hierarchy":
+        from bench import hierarchy  # noqa: PLC0415
+
+        return hierarchy.run(args)
     if args.which == "kd":
         from bench import kd  # noqa: PLC0415
 

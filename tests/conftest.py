@@ -31,10 +31,15 @@ def mosquitto_url() -> str:
 
 
 @pytest.fixture
-def mosquitto_process() -> Iterator[MosquittoProcess]:
-    """A private Mosquitto (broker_config/dev.conf) on a free port, for tests that kill it."""
+def mosquitto_installed() -> None:
+    """For tests that start Mosquittos of their own: skip (or fail) where it is missing."""
     if mosquitto_binary() is None:
         _missing("the mosquitto binary is not installed")
+
+
+@pytest.fixture
+def mosquitto_process(mosquitto_installed: None) -> Iterator[MosquittoProcess]:
+    """A private Mosquitto (broker_config/dev.conf) on a free port, for tests that kill it."""
     with MosquittoProcess() as broker:
         yield broker
 

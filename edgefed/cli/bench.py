@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "which",
         choices=[
             "codec", "memory", "bytes", "fwdgrad", "estimate", "scale", "throughput", "merge",
-            "all", "split", "seed", "kd",
+            "all", "split", "seed", "kd", "hierarchy",
         ],
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")

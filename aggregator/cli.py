@@ -69,7 +69,7 @@ async def _run_site(config: AggregatorConfig, broker: BrokerAddress | None) -> N
         site = SiteAggregator(config, down=down, up=up)
         await site.run()
     sent = f"{site.merged} device updates in {site.uplink.accepted} site updates"
-    print(f"root version {site.version}: {sent} accepted by the root")
+    print(f"root version {site.root.version}: {sent} accepted by the root")
 
 
 def _metrics_endpoint(

@@ -30,17 +30,16 @@ from aggregator.checkpoint import Checkpoint, Stateful
 from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
 from aggregator.fleet import Fleet, Missing
+from aggregator.following import RootFollower
 from aggregator.publisher import Publisher
 from aggregator.strategies import Strategy
-from aggregator.update_checks import CheckedDelta, UpdateChecks
+from aggregator.update_checks import CheckedDelta
 from aggregator.uplink import Uplink
-from aggregator.validation import ValidationPolicy, samples_cap
 from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery
-from edgefed.transport.global_topics import GlobalTopics
 from schemas import topics
 from schemas.errors import ConfigError, RejectReason, TopicError, UpdateRejected
-from schemas.messages import Ack, GlobalModel, Task, TensorMap, Update
+from schemas.messages import Ack, TensorMap, Update
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class SiteAggregator:
         self._acks = AckSender(down, fed)
         self.fleet = Fleet(down, fed, self._publish_again)
         self.uplink = Uplink(up, fed, config.site_id, resend_after_s=config.site_resend_s)
-        self._root_topics = GlobalTopics(up, fed)
+        self.root = RootFollower(config, up, config.site_id)
         audit = config.audit_log
         if audit is None and config.checkpoint_dir is not None:
             audit = str(Path(config.checkpoint_dir) / AUDIT_FILE)
@@ -78,14 +77,6 @@ class SiteAggregator:
             "uplink": self.uplink,
             "site": self,
         }
-        self.task: Task | None = None
-        """The root's task, as last received."""
-        self._global: GlobalModel | None = None
-        self.version = -1
-        """The root version whose global the site holds (-1 before the first)."""
-        self.run_id = ""
-        self._globals: OrderedDict[int, TensorMap] = OrderedDict()
-        self._checks: UpdateChecks | None = None
         self._answered: OrderedDict[str, Ack] = OrderedDict()
         self._samples: dict[str, int] = {}
         """Samples of accepted device updates not yet carried by a site update."""
@@ -102,7 +93,7 @@ class SiteAggregator:
         """Follow the root, serve the devices, and send site updates, until done."""
         self._resume()
         fed, site_id = self.config.federation, self.uplink.site_id
-        await self._up.subscribe(topics.task(fed))
+        await self.root.subscribe()
         await self._up.subscribe(topics.ack(fed, site_id))
         log.info("site %s of %s: following the root's task", site_id, fed)
         parts = [
@@ -128,7 +119,7 @@ class SiteAggregator:
         cfg = self.config
         if cfg.max_seconds and time.monotonic() - self._started >= cfg.max_seconds:
             return True
-        return 0 < cfg.max_versions <= self.version and not self.uplink.pending
+        return 0 < cfg.max_versions <= self.root.version and not self.uplink.pending
 
     async def _send_updates(self) -> None:
         """Send what is due every second (new site updates go out at their commit)."""
@@ -147,7 +138,7 @@ class SiteAggregator:
                 async with asyncio.timeout(None if self.root_ready.is_set() else _WAIT_LOG_S):
                     delivery = await anext(deliveries)
             except TimeoutError:
-                await self._say_waiting()
+                await self.root.say_waiting()
                 continue
             except StopAsyncIteration:
                 return
@@ -155,75 +146,22 @@ class SiteAggregator:
                 async with self._lock:
                     await self._from_root(delivery.message)
 
-    async def _say_waiting(self) -> None:
-        wait = self._root_topics.waiting_on(self.uplink.site_id, self.task, self._global)
-        log.log(wait.level, "site %s", wait.line)
-        if wait.ask is not None:
-            await self._root_topics.ask(wait.ask)
-
     async def _from_root(self, message: object) -> None:
         if isinstance(message, Ack):
             self.uplink.answer(message)
-        elif isinstance(message, Task) and message.federation == self.config.federation:
-            self.task = message
-            await self._root_topics.follow(message)
-            await self._relay_if_complete()
-        elif isinstance(message, GlobalModel) and (
-            self._global is None or message.version > self.version
-        ):
-            self._adopt(message)
-            await self._relay_if_complete()
-
-    def _adopt(self, message: GlobalModel) -> None:
-        """Hold the root's new global; the previous ones stay as bases of stale updates."""
-        self._global = message
-        self.version = message.version
-        self._globals[message.version] = dict(message.tensors)
-        keep = (self.task.max_staleness if self.task else self.config.max_staleness) + 1
-        while len(self._globals) > keep:
-            self._globals.popitem(last=False)
-        log.info("site %s: root version %d", self.uplink.site_id, self.version)
-
-    async def _relay_if_complete(self) -> None:
-        """Once task and global agree on a version: new checks, then relay both downstream."""
-        task, message = self.task, self._global
-        if task is None or message is None or task.version != message.version:
-            return
-        if task.run_id != self.run_id and self.run_id:
-            log.warning("the root started run %s (was %s)", task.run_id, self.run_id)
-        self.run_id = task.run_id
-        self._checks = UpdateChecks(
-            task_id=task.task_id,
-            method=task.method,
-            policy=self._policy(task),
-            shapes={name: tuple(t.shape) for name, t in message.tensors.items()},
-            max_perturbations=self.config.fwdgrad.max_update_perturbations,
-            run_id=task.run_id,
-        )
-        await self._publish_again("global")
-        await self._publish_again("task")
-        await self._relay.clear_before(self.version)
-        self.root_ready.set()
-
-    def _policy(self, task: Task) -> ValidationPolicy:
-        """The root task's limits, with this site's own norm and client settings."""
-        cfg = self.config
-        return ValidationPolicy(
-            max_staleness=task.max_staleness,
-            max_update_norm=cfg.max_update_norm,
-            norm_action=cfg.norm_action,
-            known_clients=cfg.known_clients,
-            allowed_methods=frozenset(task.methods or (task.method,)),
-            max_samples=samples_cap(task.train, cfg.max_samples_per_update),
-        )
+        elif await self.root.take(message):  # a new version: relay it to the devices
+            await self._publish_again("global")
+            await self._publish_again("task")
+            await self._relay.clear_before(self.root.version)
+            self.root_ready.set()
 
     async def _publish_again(self, what: Missing) -> None:
         """Relay the held root global or task onto the site broker (retained)."""
-        if what == "global" and self._global is not None:
-            await self._relay.publish_global(self._global)
-        elif what == "task" and self.task is not None:
-            chunks = self._relay.chunks.get(self.task.version, self.task.global_chunks)
-            task = self.task
+        task = self.root.task
+        if what == "global" and self.root.global_ is not None:
+            await self._relay.publish_global(self.root.global_)
+        elif what == "task" and task is not None:
+            chunks = self._relay.chunks.get(task.version, task.global_chunks)
             if chunks != task.global_chunks and task.signature is None:
                 task = task.model_copy(update={"global_chunks": chunks})
             elif chunks != task.global_chunks:
@@ -242,7 +180,7 @@ class SiteAggregator:
         await self.root_ready.wait()
         await self._down.subscribe(topics.update_filter(self.config.federation))
         await self.fleet.subscribe()
-        log.info("site %s ready at root version %d", self.uplink.site_id, self.version)
+        log.info("site %s ready at root version %d", self.uplink.site_id, self.root.version)
         deliveries = aiter(self._down.deliveries())
         while not self._finished():
             try:
@@ -282,16 +220,17 @@ class SiteAggregator:
                 ack = previous.model_copy(update={"duplicate": True})
                 await self._answer(ack, update, "duplicate", size)
             return
-        assert self._checks is not None  # set before devices are served
+        root = self.root
+        assert root.checks is not None  # set before devices are served
         try:
-            checked = await self._checks.run(update, version=self.version, kept=self._globals)
+            checked = await root.checks.run(update, version=root.version, kept=root.globals)
         except UpdateRejected as exc:
             log.warning("rejected update %s from %s: %s", update.update_id, update.client_id, exc)
             await self._reject(exc, update.client_id, update, size)
             return
         assert isinstance(checked, CheckedDelta)  # a site takes delta methods only
         result = self._strategy.submit(
-            current=self._globals[self.version],
+            current=root.current,
             base=checked.base,
             delta=checked.delta.delta,
             staleness=checked.staleness,
@@ -304,7 +243,7 @@ class SiteAggregator:
             merge = self._site_update(result.new_global, result.merged_update_ids)
         ack = Ack(
             update_id=update.update_id, client_id=update.client_id, accepted=True,
-            version=self.version, staleness=checked.staleness,
+            version=root.version, staleness=checked.staleness,
         )  # fmt: skip
         self._answered[update.update_id] = ack
         entry = UpdateEntry.from_ack(
@@ -315,22 +254,23 @@ class SiteAggregator:
 
     def _site_update(self, merged: TensorMap, update_ids: tuple[str, ...]) -> MergeEntry:
         """Make the site update that carries ``merged``'s step to the root."""
-        assert self.task is not None
+        root = self.root
+        assert root.task is not None
         samples = sum(self._samples.pop(update_id, 0) for update_id in update_ids)
         update = self.uplink.make(
-            task_id=self.task.task_id,
-            run_id=self.run_id,
-            method=self.task.method,
-            base_version=self.version,
-            delta=ops.sub(merged, self._globals[self.version]),
+            task_id=root.task.task_id,
+            run_id=root.run_id,
+            method=root.task.method,
+            base_version=root.version,
+            delta=ops.sub(merged, root.current),
             num_samples=max(samples, 1),
         )
         self.merged += len(update_ids)
         log.info(
             "site update %s: %d device updates, %d samples, on root version %d",
-            update.update_id, len(update_ids), samples, self.version,
+            update.update_id, len(update_ids), samples, root.version,
         )  # fmt: skip
-        return MergeEntry(version=self.version, update_ids=update_ids, sent_as=update.update_id)
+        return MergeEntry(version=root.version, update_ids=update_ids, sent_as=update.update_id)
 
     async def _commit(self) -> None:
         """Checkpoint, then ack the devices, then send the site updates the commit holds."""
@@ -347,7 +287,7 @@ class SiteAggregator:
             accepted=False,
             reason=rejection.reason,
             detail=rejection.detail,
-            version=max(self.version, 0),
+            version=max(self.root.version, 0),
         )
         await self._answer(ack, update, "rejected", size)
 
@@ -363,23 +303,20 @@ class SiteAggregator:
     # -- durability
 
     def _checkpoint(self, commit: int, audit: tuple[UpdateEntry | MergeEntry, ...]) -> Checkpoint:
-        window = self._ledger.window(self.version - self._max_staleness())
+        root = self.root
         return Checkpoint(
             commit=commit,
             federation=self.config.federation,
             task_id=self.config.task_id,
-            version=self.version,
-            globals=dict(self._globals),
+            version=root.version,
+            globals=dict(root.globals),
             states={key: part.state_dict() for key, part in self._stateful.items()},
-            answered=window,
+            answered=self._ledger.window(root.version - root.max_staleness),
             audit=audit,
             counters={"merged": self.merged},
             published_chunks=dict(self._relay.chunks),
-            run_id=self.run_id,
+            run_id=root.run_id,
         )
-
-    def _max_staleness(self) -> int:
-        return self.task.max_staleness if self.task is not None else self.config.max_staleness
 
     def _resume(self) -> None:
         """Continue from the latest checkpoint: held globals, buffer, unsent site updates."""
@@ -393,8 +330,7 @@ class SiteAggregator:
             if key not in self._stateful:
                 raise ConfigError(f"the site checkpoint holds state of {key!r}, not a site's")
             self._stateful[key].load_state_dict(state)
-        self.version, self.run_id = checkpoint.version, checkpoint.run_id
-        self._globals = OrderedDict(sorted(checkpoint.globals.items()))
+        self.root.restore(checkpoint.version, checkpoint.run_id, dict(checkpoint.globals))
         self._relay.chunks = dict(checkpoint.published_chunks)
         self.merged = checkpoint.counters.get("merged", 0)
         self._answered = answers_to_keep(entries, _ANSWERED_IDS_KEPT)
@@ -403,7 +339,7 @@ class SiteAggregator:
                 self._answered[entry.update_id] = entry.to_ack()
         log.info(
             "site %s resumed at root version %d, %d site updates to send",
-            self.uplink.site_id, self.version, len(self.uplink.pending),
+            self.uplink.site_id, self.root.version, len(self.uplink.pending),
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, object]:

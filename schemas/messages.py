@@ -204,6 +204,17 @@ class SeedDelta(WireModel):
     steps: tuple[SeedStep, ...] = ()
 
 
+class Part(WireModel):
+    """One device update inside an intake replica's pre-sum; the merger answers its device."""
+
+    update_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    base_version: NonNegative
+    num_samples: Positive
+    staleness: NonNegative
+    """Versions its base was behind the global the replica held when it took it."""
+
+
 class Update(Message):
     """One device's contribution: a delta of the adapter against ``base_version``.
 
@@ -233,6 +244,9 @@ class Update(Message):
     train_loss: float | None = None
     compute_s: float = Field(default=0.0, ge=0)
     sent_at: float = Field(default_factory=time.time)
+    parts: tuple[Part, ...] = ()
+    """An intake replica's pre-sum: the device updates its delta sums, each answered by the
+    merger; empty for a device's (or a site's) own update."""
 
     @model_validator(mode="after")
     def _dense_or_seeds(self) -> Update:
@@ -242,6 +256,10 @@ class Update(Message):
             raise ValueError("a kd update carries logits instead of a delta, not both")
         if bool(self.logits) != (self.proxy_slice is not None):
             raise ValueError("logits and proxy_slice come together")
+        if self.parts and (self.seeds is not None or self.logits):
+            raise ValueError("a pre-sum carries a dense delta")
+        if len({part.update_id for part in self.parts}) != len(self.parts):
+            raise ValueError("a pre-sum names each device update once")
         return self
 
 
@@ -260,6 +278,8 @@ class Ack(Message):
     duplicate: bool = False
     perturbations: Positive | None = None
     """Forward gradient: the perturbations per step this device should use from now on."""
+    merged_before: tuple[str, ...] = ()
+    """A pre-sum refused as a ``duplicate``: its parts the merger had already taken."""
 
     @model_validator(mode="after")
     def _rejection_has_reason(self) -> Ack:

@@ -15,7 +15,8 @@ from schemas.errors import TopicError
 
 ROOT = "edgefed"
 TopicKind = Literal[
-    "task", "global", "update", "ack", "status", "ask", "split_fwd", "split_bwd", "metrics"
+    "task", "global", "update", "intake", "ack", "status", "ask", "split_fwd", "split_bwd",
+    "metrics",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -63,6 +64,16 @@ def update_filter(federation: str, *, shared_group: str | None = None) -> str:
     """All clients' updates; with ``shared_group``, an MQTT v5 shared subscription."""
     topic = f"{_base(federation)}/update/+"
     return f"$share/{check_name(shared_group, 'group')}/{topic}" if shared_group else topic
+
+
+def intake(federation: str, replica_id: str) -> str:
+    """Where an intake replica sends its pre-sums to the merger (docs/scaling-out.md)."""
+    return f"{_base(federation)}/intake/{check_name(replica_id, 'replica id')}"
+
+
+def intake_filter(federation: str) -> str:
+    """Every intake replica's pre-sums: what a merger behind replicas subscribes to."""
+    return f"{_base(federation)}/intake/+"
 
 
 def ack(federation: str, client_id: str) -> str:
@@ -143,7 +154,7 @@ def parse(topic: str) -> ParsedTopic:
             return ParsedTopic(federation, rest[0])  # type: ignore[arg-type]
         case ["global", version, chunk] if version.isdigit() and chunk.isdigit():
             return ParsedTopic(federation, "global", version=int(version), chunk=int(chunk))
-        case ["update" | "ack" | "status" | "ask" as per_client, client_id]:
+        case ["update" | "intake" | "ack" | "status" | "ask" as per_client, client_id]:
             return ParsedTopic(federation, per_client, client_id=check_name(client_id, "client id"))
         case ["split", client_id, "fwd" | "bwd" as direction]:
             split_kind: TopicKind = "split_fwd" if direction == "fwd" else "split_bwd"

@@ -7,7 +7,12 @@ import asyncio
 import contextlib
 
 from aggregator.config import AggregatorConfig
-from aggregator.connections import aggregator_transport, split_transport, upstream_transport
+from aggregator.connections import (
+    aggregator_transport,
+    intake_transport,
+    split_transport,
+    upstream_transport,
+)
 from aggregator.prometheus import metrics_endpoint
 from aggregator.rounds import service_for
 from aggregator.service import AggregatorService
@@ -32,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
 
     if config.role == "site":
         run_until_stopped(_run_site(config, args.broker))
+        return 0
+    if config.role == "intake":
+        run_until_stopped(_run_intake(config, args.broker))
         return 0
 
     async def main() -> None:
@@ -70,6 +78,19 @@ async def _run_site(config: AggregatorConfig, broker: BrokerAddress | None) -> N
         await site.run()
     sent = f"{site.merged} device updates in {site.uplink.accepted} site updates"
     print(f"root version {site.root.version}: {sent} accepted by the root")
+
+
+async def _run_intake(config: AggregatorConfig, broker: BrokerAddress | None) -> None:
+    """Serve as an intake replica: a share of the devices' updates, summed for the merger."""
+    from aggregator.intake_replica import IntakeReplica  # noqa: PLC0415  # replicas only
+
+    async with (
+        broker_for(config.mqtt.broker_url(broker), embedded=False) as url,
+        MqttTransport(intake_transport(config, url=url)) as transport,
+    ):
+        replica = IntakeReplica(config, transport)
+        await replica.run()
+    print(f"intake {replica.replica_id}: {replica.taken} updates taken, {replica.merged} merged")
 
 
 def _metrics_endpoint(

@@ -16,7 +16,7 @@ from edgefed.ml.privacy import PrivacySettings
 from edgefed.settings import CommandSettings, Settings
 from edgefed.transport.connection import MqttSettings
 from schemas.errors import ConfigError
-from schemas.messages import LoraSpec, Method, ModelRef, TrainSpec
+from schemas.messages import LoraSpec, Method, ModelRef, ProxySpec, Task, TrainSpec
 
 __all__ = [
     "PRETRAINED_ENCODER_KD_TRAIN",
@@ -31,6 +31,7 @@ __all__ = [
     "StrategySettings",
     "SyncSettings",
     "default_train",
+    "task_message",
 ]
 
 
@@ -266,15 +267,26 @@ class AggregatorConfig(CommandSettings):
     run resumed from ``checkpoint_dir`` goes on from its checkpoint instead."""
     sync: SyncSettings | None = None
     """Synchronous FedAvg rounds instead of asynchronous merging; None: asynchronous."""
-    role: Literal["root", "site"] = "root"
+    role: Literal["root", "site", "intake"] = "root"
     """``site``: merge this site's devices and send one update to the root at ``[upstream]``,
-    relaying the root's task and globals to the devices (docs/scaling-out.md)."""
+    relaying the root's task and globals to the devices. ``intake``: one of several intake
+    replicas beside a root with ``intake = "replicas"`` (docs/scaling-out.md)."""
     upstream: MqttSettings | None = None
     """A site's connection to the root broker (the ``[upstream]`` table)."""
     site_id: str | None = None
-    """A site's client id at the root: its updates go to ``update/<site_id>`` there."""
+    """A site's (or intake replica's) client id at the root: a site's updates go to
+    ``update/<site_id>`` there, a replica's pre-sums to ``intake/<site_id>``."""
     site_resend_s: float = Field(default=15.0, gt=0)
     """How long a site waits for the root's answer before it sends an update again."""
+    intake: Literal["direct", "replicas"] = "direct"
+    """A root's intake: ``replicas`` leaves the devices' updates to intake replicas sharing
+    them (``$share/<intake_group>/...``) and merges the replicas' pre-sums."""
+    intake_group: str = "edgefed"
+    """The shared subscription group of a federation's intake replicas."""
+    presum_size: int = Field(default=4, ge=1)
+    """Device updates an intake replica sums into one pre-sum (fewer after ``presum_delay_s``)."""
+    presum_delay_s: float = Field(default=0.5, gt=0)
+    """Longest a device update waits in an intake replica before its pre-sum goes out."""
     sites: frozenset[str] = frozenset()
     """The root's site aggregators: their updates may claim every sample their devices
     trained on, where a device's are capped (``max_samples_per_update``)."""
@@ -310,14 +322,18 @@ class AggregatorConfig(CommandSettings):
 
     @model_validator(mode="after")
     def _site_is_complete(self) -> AggregatorConfig:
-        if self.role != "site":
+        if self.role == "root":
             return self
-        if self.upstream is None or self.upstream.url is None or not self.site_id:
+        if self.role == "intake" and not self.site_id:
+            raise ValueError('role = "intake" needs a site_id, the replica\'s client id')
+        if self.role == "site" and (
+            self.upstream is None or self.upstream.url is None or not self.site_id
+        ):
             raise ValueError('role = "site" needs site_id and an [upstream] table with a url')
         methods = {self.method, *self.accept_methods}
         if not methods <= {"lora", "fwdgrad"} or self.sync is not None:
             raise ValueError(
-                "a site merges delta updates (lora, fwdgrad) asynchronously; "
+                f"a {self.role} merges delta updates (lora, fwdgrad) asynchronously; "
                 f"{sorted(methods)}{' with [sync]' if self.sync else ''} needs the root itself"
             )
         return self
@@ -355,6 +371,39 @@ class AggregatorConfig(CommandSettings):
         return data | {"lora": lora.model_copy(update={"head_tokens": tokens})}
 
 
+def task_message(
+    config: AggregatorConfig,
+    *,
+    version: int,
+    run_id: str,
+    session: str,
+    global_chunks: int,
+    perturbations: int | None,
+    proxy: ProxySpec | None,
+) -> Task:
+    """The task ``config`` describes at ``version``, as the aggregator publishes it."""
+    train = config.train
+    if perturbations is not None:
+        train = train.model_copy(update={"perturbations": perturbations})
+    return Task(
+        task_id=config.task_id,
+        federation=config.federation,
+        version=version,
+        run_id=run_id,
+        session=session,
+        global_chunks=global_chunks,
+        method=config.method,
+        methods=(config.method, *config.accept_methods),
+        model=config.model,
+        lora=config.lora,
+        train=train,
+        max_staleness=config.max_staleness,
+        dataset=config.dataset,
+        seed=config.seed,
+        proxy=proxy,
+    )
+
+
 def _lora_merge_step(data: dict[str, Any], *, pretrained: bool) -> dict[str, Any]:
     """The merge step of a pretrained model's asynchronous LoRA-only FedBuff, filled in.
 
@@ -366,7 +415,7 @@ def _lora_merge_step(data: dict[str, Any], *, pretrained: bool) -> dict[str, Any
     if (
         not pretrained
         or not lora_only
-        or data.get("role") == "site"  # a site's sum is scaled once, by the root
+        or data.get("role", "root") != "root"  # a site's sum is scaled once, by the root
         or data.get("sync") is not None
         or not isinstance(strategy, dict)
         or strategy.get("name", "fedbuff") != "fedbuff"

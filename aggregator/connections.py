@@ -83,3 +83,23 @@ def upstream_transport(config: AggregatorConfig) -> TransportConfig:
         max_message_bytes=config.max_message_bytes,
         clean_session=False,
     )
+
+
+def intake_transport(config: AggregatorConfig, *, url: BrokerAddress) -> TransportConfig:
+    """An intake replica's connection, with a clean session.
+
+    While a replica is away, the broker hands its share of the updates to the others
+    instead of queueing them for it.
+
+    Raises:
+        ConfigError: ``config`` is not a replica's, or a connection setting cannot work.
+    """
+    if config.site_id is None:
+        raise ConfigError('role = "intake" needs a site_id, the replica\'s client id')
+    return config.mqtt.transport_config(
+        url=url,
+        client_id=f"edgefed-{config.federation}-intake-{config.site_id}",
+        max_payload=config.max_payload,
+        max_message_bytes=config.max_message_bytes,
+        clean_session=True,
+    )

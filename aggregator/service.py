@@ -25,11 +25,12 @@ from aggregator.acks import AckSender
 from aggregator.adapter_folder import FederationModel, initial_adapter, keep_latest
 from aggregator.audit import AUDIT_FILE, MergeEntry, UpdateEntry
 from aggregator.checkpoint import Checkpoint, Stateful
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, task_message
 from aggregator.durability import Ledger, answers_to_keep
 from aggregator.fleet import Fleet, Missing
 from aggregator.fwdgrad import perturbation_controller, perturbations_per_step
 from aggregator.kd_handler import KdContribution, KdHandler, make_kd_handler
+from aggregator.presums import Presums
 from aggregator.privacy import PrivateFedBuff
 from aggregator.prometheus import merge_histogram
 from aggregator.publisher import Publisher
@@ -37,8 +38,7 @@ from aggregator.results import Results, UpdateRecord, VersionRecord, series_path
 from aggregator.schedule import lr_factor, run_progress
 from aggregator.scoring import Scoring
 from aggregator.strategies import MergeResult, Strategy
-from aggregator.update_checks import CheckedDelta, UpdateChecks
-from aggregator.validation import ValidationPolicy, samples_cap
+from aggregator.update_checks import CheckedDelta, UpdateChecks, merger_policy
 from edgefed.data.loading import load_data
 from edgefed.ml.models import adapter_shapes
 from edgefed.security.signing import GlobalSigner
@@ -69,25 +69,13 @@ class AggregatorService:
         self.config = config
         self._transport = transport
         self._strategy: Strategy = config.strategy.build()
-        max_update_norm = config.max_update_norm
-        if config.privacy is not None:  # DP's sensitivity bound needs every update clipped
+        if config.privacy is not None:
             self._strategy = PrivateFedBuff(self._strategy, config.privacy)
-            max_update_norm = min(
-                max_update_norm or config.privacy.clip_norm, config.privacy.clip_norm
-            )
         signer = (
             GlobalSigner.from_file(config.signing_key) if config.signing_key is not None else None
         )
         self._publisher = Publisher(transport, config.federation, signer)
-        self._policy = ValidationPolicy(
-            max_staleness=config.max_staleness,
-            max_update_norm=max_update_norm,
-            norm_action=config.norm_action,
-            known_clients=config.known_clients,
-            allowed_methods=frozenset({config.method, *config.accept_methods}),
-            max_samples=samples_cap(config.train, config.max_samples_per_update),
-            sites=config.sites,
-        )
+        self._policy = merger_policy(config)
         self._perturbations = perturbation_controller(config)  # None: the task's K stays
         self.version = 0
         self.run_id = ""  # Task.run_id: new at a fresh start, kept when resuming
@@ -106,7 +94,8 @@ class AggregatorService:
         self.ready = asyncio.Event()
         """Set once the task and the first global are published."""
         self._rejections: Counter[str] = Counter()
-        self._stateful: dict[str, Stateful] = {"strategy": self._strategy}
+        self._presums = Presums()
+        self._stateful: dict[str, Stateful] = {"strategy": self._strategy, "presums": self._presums}
         if self._perturbations is not None:
             self._stateful["perturbations"] = self._perturbations
         self._lock = asyncio.Lock()
@@ -206,7 +195,10 @@ class AggregatorService:
             )
             self.results.start_series(resumed=self.version > 0)
             self._started = time.monotonic()
-            await self._transport.subscribe(topics.update_filter(fed))
+            replicas = self.config.intake == "replicas"
+            await self._transport.subscribe(
+                topics.intake_filter(fed) if replicas else topics.update_filter(fed)
+            )
             await self.fleet.subscribe()
             await self._publish_version()
         except BaseException:
@@ -253,26 +245,12 @@ class AggregatorService:
         return FederationModel.of(self.config).build()
 
     def _task(self) -> Task:
-        cfg, train = self.config, self.config.train
-        if self._perturbations is not None:
-            train = train.model_copy(update={"perturbations": self._perturbations.perturbations})
-        return Task(
-            task_id=cfg.task_id,
-            federation=cfg.federation,
-            version=self.version,
-            run_id=self.run_id,
-            session=self.session,
+        return task_message(
+            self.config, version=self.version, run_id=self.run_id, session=self.session,
             global_chunks=self._publisher.chunks.get(self.version, 1),
-            method=cfg.method,
-            methods=(cfg.method, *cfg.accept_methods),
-            model=cfg.model,
-            lora=cfg.lora,
-            train=train,
-            max_staleness=cfg.max_staleness,
-            dataset=cfg.dataset,
-            seed=cfg.seed,
+            perturbations=None if self._perturbations is None else self._perturbations.perturbations,
             proxy=None if self._kd is None else self._kd.proxy_spec(self.version),
-        )
+        )  # fmt: skip
 
     async def _publish_version(self) -> None:
         """Publish the global at the current version (retained), the task, and metrics."""
@@ -331,7 +309,7 @@ class AggregatorService:
             return
         if await self.fleet.handle(parsed, delivery):
             return
-        if parsed.kind != "update" or parsed.client_id is None:
+        if parsed.kind not in ("update", "intake") or parsed.client_id is None:
             return
         if isinstance(delivery, BadDelivery):
             reason: RejectReason = (
@@ -342,13 +320,13 @@ class AggregatorService:
             )
             return
         message = delivery.message
-        if not isinstance(message, Update) or message.client_id != parsed.client_id:
-            await self._nack_unreadable(
-                parsed.client_id,
-                "malformed",
-                "expected an update whose client_id matches the topic",
-                size=delivery.size,
-            )
+        if (
+            not isinstance(message, Update)
+            or message.client_id != parsed.client_id
+            or bool(message.parts) != (parsed.kind == "intake")
+        ):
+            detail = "expected an update whose client_id matches the topic (pre-sums on intake/)"
+            await self._nack_unreadable(parsed.client_id, "malformed", detail, size=delivery.size)
             return
         await self._handle_update(message, delivery.size)
 
@@ -357,6 +335,10 @@ class AggregatorService:
         previous = self._answered.get(update.update_id)
         if previous is not None:
             await self._answer_repeat(update, previous, size)
+            return
+        taken = self._presums.merged_before(update, self._answered)
+        if taken:
+            await self._refuse_presum(update, taken, size)
             return
         try:
             checked = await self._checks.run(update, version=self.version, kept=self._globals)
@@ -421,13 +403,18 @@ class AggregatorService:
             perturbations=perturbations,
         )
         self._record(update, size, staleness, ack)
+        parts = self._presums.take(update, version=self.version)
         merge = None
         if merged.new_global is not None:
-            merge = MergeEntry(version=self.version, update_ids=merged.merged_update_ids)
+            ids = self._presums.expand(merged.merged_update_ids)
+            merge = MergeEntry(version=self.version, update_ids=ids)
         entry = UpdateEntry.from_ack(
             ack, decision="accepted", base_version=update.base_version, size=size
         )
         self._ledger.hold(ack, entry, merge=merge)
+        for part_ack, part_entry in parts:  # a pre-sum's devices are answered with it
+            self._answered[part_ack.update_id] = part_ack
+            self._ledger.hold(part_ack, part_entry)
         if self._ledger.due():
             await self._commit()
 
@@ -449,6 +436,18 @@ class AggregatorService:
         )
         await self._send_now(ack, entry)
 
+    async def _refuse_presum(self, update: Update, taken: tuple[str, ...], size: int) -> None:
+        """Refuse a pre-sum holding device updates taken before; re-ack their devices."""
+        for update_id in taken:
+            if not self._ledger.holds(update_id):  # else its ack goes out with the commit
+                await self._acks.send(
+                    self._answered[update_id].model_copy(update={"duplicate": True})
+                )
+        detail = f"{len(taken)} of its device updates were merged before: send the rest"
+        refusal = UpdateRejected("duplicate", detail)
+        await self._reject(refusal, client_id=update.client_id, size=size, update=update,
+                           merged_before=taken)  # fmt: skip
+
     async def _reject(
         self,
         rejection: UpdateRejected,
@@ -457,6 +456,7 @@ class AggregatorService:
         size: int,
         update: Update | None = None,
         staleness: int | None = None,
+        merged_before: tuple[str, ...] = (),
     ) -> None:
         """Count a refused message, then audit and send its nack at once (it changes no state).
 
@@ -474,6 +474,7 @@ class AggregatorService:
             detail=rejection.detail,
             version=self.version,
             staleness=staleness,
+            merged_before=merged_before,
         )
         if update is not None and staleness is not None:
             self._record(update, size, staleness, ack)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from aggregator.config import AggregatorConfig
 from aggregator.fwdgrad import expand_seeds
 from aggregator.kd_handler import KdContribution, KdHandler
-from aggregator.validation import ValidatedDelta, ValidationPolicy, check_delta, check_metadata
+from aggregator.validation import (
+    ValidatedDelta,
+    ValidationPolicy,
+    check_delta,
+    check_metadata,
+    samples_cap,
+)
 from schemas.errors import UpdateRejected
 from schemas.messages import Method, TensorMap, Update
 
@@ -106,6 +112,27 @@ class UpdateChecks:
             )
         delta = check_delta(update, staleness=staleness, shapes=self.shapes, policy=self.policy)
         return CheckedDelta(delta, base=_kept_global(kept, update.base_version))
+
+
+def merger_policy(config: AggregatorConfig) -> ValidationPolicy:
+    """The limits every update to the aggregator ``config`` describes must respect."""
+    max_update_norm = config.max_update_norm
+    if config.privacy is not None:  # DP's sensitivity bound needs every update clipped
+        clip = config.privacy.clip_norm
+        max_update_norm = min(max_update_norm or clip, clip)
+    return ValidationPolicy(
+        max_staleness=config.max_staleness,
+        max_update_norm=max_update_norm,
+        norm_action=config.norm_action,
+        known_clients=config.known_clients,
+        allowed_methods=frozenset({config.method, *config.accept_methods}),
+        max_samples=(  # behind replicas, each device's samples were capped by its replica
+            None
+            if config.intake == "replicas"
+            else samples_cap(config.train, config.max_samples_per_update)
+        ),
+        sites=config.sites,
+    )
 
 
 def _kept_global(kept: Mapping[int, TensorMap], version: int) -> TensorMap:

@@ -72,7 +72,6 @@ class Uplink:
             sent = self._sent_at.get(update_id)
             if sent is not None and now - sent < self.resend_after_s:
                 continue
-            self._sent_at[update_id] = now
             if sent is not None:
                 log.info(
                     "site update %s unanswered for %.0f s: sending it again", update_id, now - sent
@@ -82,6 +81,7 @@ class Uplink:
             except TransportError as exc:
                 log.warning("site update %s not published (%s); it stays pending", update_id, exc)
                 return
+            self._sent_at[update_id] = now
 
     def answer(self, ack: Ack) -> bool:
         """Take the root's answer to a site update; False when it answers none pending."""
@@ -114,10 +114,8 @@ class Uplink:
         items = state.get("pending", [])
         if not isinstance(items, list):
             raise ConfigError("the checkpoint's site updates are not a list")
-        self.pending = OrderedDict()
-        for item in items:
-            update = _update_from_state(item, self.site_id)
-            self.pending[update.update_id] = update
+        pending = [_update_from_state(item, self.site_id) for item in items]
+        self.pending = OrderedDict((update.update_id, update) for update in pending)
         self._sent_at.clear()
         self.accepted = _int(state, "accepted")
         self.refused = _int(state, "refused")

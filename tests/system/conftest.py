@@ -104,6 +104,11 @@ class Proc:
         """Exited with an error of its own (not by our SIGKILL)."""
         return self.popen is not None and self.popen.poll() not in (None, 0) and not self.killed
 
+    def stop(self) -> None:
+        """SIGTERM: the clean stop a service manager asks for."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGTERM)
+
     def pause(self) -> None:
         assert self.popen is not None
         self.popen.send_signal(signal.SIGSTOP)
@@ -225,6 +230,14 @@ class Federation:
         args += ["--config", str(config), "--max-versions", str(max_versions)]
         args += ["--checkpoint-dir", str(self.root / site_id)]
         return self._proc(site_id, args)
+
+    def intake(self, replica_id: str, *, settings: dict[str, object]) -> Proc:
+        """An intake replica on the federation's broker, taking its share of the updates."""
+        config = self.root / f"{replica_id}.toml"
+        config.write_text(_toml({"role": "intake", "site_id": replica_id} | settings))
+        args = ["aggregator", "--broker", self.url, "--federation", self.name]
+        args += ["--config", str(config)]
+        return self._proc(replica_id, args)
 
     def agent(
         self, client_id: str, *, max_updates: int, seed: int = 0, url: str | None = None

@@ -11,9 +11,11 @@ so that the replica sends the rest again: nothing is merged twice.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from aggregator.audit import UpdateEntry
+from aggregator.strategies import MergeResult
 from schemas.errors import ConfigError
 from schemas.messages import Ack, Update
 
@@ -34,11 +36,20 @@ class Presums:
             if (ack := answered.get(part.update_id)) is not None and ack.accepted
         )
 
-    def take(self, update: Update, *, version: int) -> list[tuple[Ack, UpdateEntry]]:
-        """Remember an accepted pre-sum's parts; the acks (and audit lines) of its devices."""
-        if not update.parts:
-            return []
-        self.parts[update.update_id] = [part.update_id for part in update.parts]
+    def merged(self, update: Update, result: MergeResult) -> MergeResult:
+        """``result`` with each merged pre-sum replaced by its parts; keeps ``update``'s."""
+        if update.parts:
+            self.parts[update.update_id] = [part.update_id for part in update.parts]
+        if not result.merged_update_ids:
+            return result
+        expanded: list[str] = []
+        for update_id in result.merged_update_ids:
+            expanded.extend(self.parts.pop(update_id, [update_id]))
+        return dataclasses.replace(result, merged_update_ids=tuple(expanded))
+
+    @staticmethod
+    def answers(update: Update, *, version: int) -> list[tuple[Ack, UpdateEntry]]:
+        """The acks (and audit lines) of an accepted pre-sum's devices; none for an update."""
         answers = []
         for part in update.parts:
             ack = Ack(
@@ -50,13 +61,6 @@ class Presums:
             )
             answers.append((ack, entry))
         return answers
-
-    def expand(self, update_ids: tuple[str, ...]) -> tuple[str, ...]:
-        """The device updates a merge of ``update_ids`` took in (a pre-sum stands for its parts)."""
-        expanded: list[str] = []
-        for update_id in update_ids:
-            expanded.extend(self.parts.pop(update_id, [update_id]))
-        return tuple(expanded)
 
     def state_dict(self) -> dict[str, object]:
         """The buffered pre-sums' parts, for the checkpoint."""

@@ -351,6 +351,7 @@ class AggregatorService:
             return
         with self.merge_seconds.labels(self.config.federation).time():
             result = await self._merge(update, checked)
+        result = self._presums.merged(update, result)  # a pre-sum's merge is its devices'
         self._apply_merge(result)
         perturbations = self._next_perturbations(update, perturbations_per_step(update))
         await self._accept(
@@ -403,16 +404,14 @@ class AggregatorService:
             perturbations=perturbations,
         )
         self._record(update, size, staleness, ack)
-        parts = self._presums.take(update, version=self.version)
         merge = None
         if merged.new_global is not None:
-            ids = self._presums.expand(merged.merged_update_ids)
-            merge = MergeEntry(version=self.version, update_ids=ids)
+            merge = MergeEntry(version=self.version, update_ids=merged.merged_update_ids)
         entry = UpdateEntry.from_ack(
             ack, decision="accepted", base_version=update.base_version, size=size
         )
         self._ledger.hold(ack, entry, merge=merge)
-        for part_ack, part_entry in parts:  # a pre-sum's devices are answered with it
+        for part_ack, part_entry in self._presums.answers(update, version=self.version):
             self._answered[part_ack.update_id] = part_ack
             self._ledger.hold(part_ack, part_entry)
         if self._ledger.due():

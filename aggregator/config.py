@@ -392,6 +392,7 @@ def task_message(
         run_id=run_id,
         session=session,
         global_chunks=global_chunks,
+        whole_updates=config.intake == "replicas",
         method=config.method,
         methods=(config.method, *config.accept_methods),
         model=config.model,

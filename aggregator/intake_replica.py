@@ -6,8 +6,8 @@ share the devices' update topics through an MQTT shared subscription
 (``$share/<intake_group>/edgefed/<fed>/update/+``): the broker hands each update to one of
 them. A replica checks it as the merger would, against the root's task and latest global
 (:class:`~aggregator.following.RootFollower`), and sums up to ``presum_size`` checked updates
-into one pre-sum, weighted by samples and staleness as FedBuff weighs them (the merge step
-is the merger's), sent to the merger on ``intake/<replica>``.
+into one pre-sum, the mean weighted by samples and staleness as FedBuff weighs them (robust
+reductions and the merge step are the merger's), sent to the merger on ``intake/<replica>``.
 
 The merger merges a pre-sum as one update and answers each device in it itself, after the
 checkpoint that holds it, so a replica keeps nothing that must survive it: a replica that
@@ -29,6 +29,8 @@ from aggregator import ops
 from aggregator.acks import AckSender
 from aggregator.config import AggregatorConfig
 from aggregator.following import RootFollower
+from aggregator.staleness import StalenessRule
+from aggregator.strategies.fedbuff import FedBuff
 from aggregator.update_checks import CheckedDelta
 from edgefed.transport.base import Transport
 from edgefed.transport.frames import BadDelivery, Delivery
@@ -73,6 +75,8 @@ class IntakeReplica:
         self._transport = transport
         self.root = RootFollower(config, transport, config.site_id)
         self._acks = AckSender(transport, config.federation)
+        self._rule = _fedbuff_rule(config)
+        """FedBuff's staleness discount: a pre-sum weighs its updates as FedBuff would."""
         self._waiting: list[_Taken] = []
         self._waiting_since = 0.0
         self._pending: OrderedDict[str, _Presum] = OrderedDict()
@@ -137,16 +141,19 @@ class IntakeReplica:
 
     _sharing = False
 
+    @property
+    def taking(self) -> bool:
+        """Whether it takes its share of the updates (once the root's task and global came)."""
+        return self._sharing
+
     async def _take(
         self, message: object, client_id: str, delivery: Delivery | BadDelivery
     ) -> None:
         """Check one device update; keep it for the next pre-sum, or answer its refusal."""
         if not isinstance(message, Update) or message.client_id != client_id:
-            detail = (
-                str(delivery.error)
-                if isinstance(delivery, BadDelivery)
-                else "expected an update whose client_id matches the topic"
-            )
+            detail = "expected an update whose client_id matches the topic"
+            if isinstance(delivery, BadDelivery):  # chunks split among replicas expire
+                detail = f"{delivery.error} (intake replicas take updates in one message)"
             await self._refuse(client_id, "unreadable", UpdateRejected("malformed", detail))
             return
         if message.update_id in self._held:
@@ -204,20 +211,15 @@ class IntakeReplica:
         """Sum ``taken`` into one pre-sum on the latest root global and send it."""
         root = self.root
         assert root.task is not None
-        settings = self.config.strategy.model_copy(
-            update={"name": "fedbuff", "buffer_size": len(taken), "server_lr": 1.0}
-        )
-        strategy = settings.build()
-        parts = []
-        result = None
-        for item in taken:
-            part = item.part.model_copy(update={"staleness": root.version - item.part.base_version})
-            parts.append(part)
-            result = strategy.submit(
-                current=root.current, base=item.base, delta=item.delta,
-                staleness=part.staleness, num_samples=part.num_samples, update_id=part.update_id,
-            )  # fmt: skip
-        assert result is not None and result.new_global is not None
+        parts = [
+            item.part.model_copy(update={"staleness": root.version - item.part.base_version})
+            for item in taken
+        ]
+        weights = [self._rule(part.staleness) * part.num_samples for part in parts]
+        total = sum(weights)
+        delta = ops.scale(taken[0].delta, weights[0] / total)
+        for item, weight in zip(taken[1:], weights[1:], strict=True):
+            delta = ops.add(delta, item.delta, scale=weight / total)
         update = Update(
             client_id=self.replica_id,
             task_id=root.task.task_id,
@@ -225,7 +227,7 @@ class IntakeReplica:
             base_version=root.version,
             num_samples=sum(part.num_samples for part in parts),
             method=root.task.method,
-            delta=ops.sub(result.new_global, root.current),
+            delta=delta,
             parts=tuple(parts),
         )
         presum = _Presum(update, taken)
@@ -268,3 +270,10 @@ class IntakeReplica:
         rejection = UpdateRejected(ack.reason or "internal", f"merger: {ack.detail}")
         for item in presum.taken:
             await self._refuse(item.part.client_id, item.part.update_id, rejection)
+
+
+def _fedbuff_rule(config: AggregatorConfig) -> StalenessRule:
+    """The staleness discount FedBuff would apply with ``config``'s strategy settings."""
+    strategy = config.strategy.model_copy(update={"name": "fedbuff"}).build()
+    assert isinstance(strategy, FedBuff)
+    return strategy.rule

@@ -50,7 +50,7 @@ def _scale(agents: int, updates: int, spread_s: float) -> dict[str, Any]:
 
 
 def _throughput(count: int, trials: int) -> dict[str, Any]:
-    from bench.throughput import throughput_run  # noqa: PLC0415
+    from bench.throughput_run import throughput_run  # noqa: PLC0415
 
     return throughput_run(count=count, trials=trials).to_json()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import multiprocessing
 import os
 import statistics
@@ -26,12 +25,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from aggregator.config import AggregatorConfig, StrategySettings
 from aggregator.results import Results
 from aggregator.service import AggregatorService
-from edgefed.transport.broker import MosquittoProcess
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.frames import encode_frames
 from edgefed.transport.mqtt import MqttTransport
@@ -77,18 +74,22 @@ class Trial:
     broker_cpu_ms: float | None
     """The broker's CPU time per message over the receiver's window; None where the
     broker's process cannot be read (not ours, or no ``/proc``)."""
+    replicas_cpu_ms: float | None = None
+    """The intake replicas' CPU time per message (the replica variant only)."""
 
     @property
     def total_cpu_ms(self) -> float | None:
         """CPU per message of every process involved: what a shared host must supply."""
         if self.broker_cpu_ms is None:
             return None
-        return self.receiver_cpu_ms + self.publishers_cpu_ms + self.broker_cpu_ms
+        replicas = self.replicas_cpu_ms or 0.0
+        return self.receiver_cpu_ms + self.publishers_cpu_ms + self.broker_cpu_ms + replicas
 
 
-VARIANTS = ("raw", "e2e", "e2e_encode_first", "e2e_whole")
+VARIANTS = ("raw", "e2e", "e2e_encode_first", "e2e_whole", "e2e_replicas")
 """raw broker; end to end with 256 KiB chunks; the same with encoding before the clock
-(:attr:`PublishJob.encode_first`); end to end with ``max_payload`` above the update size."""
+(:attr:`PublishJob.encode_first`); end to end with ``max_payload`` above the update size;
+encoded first, taken in by two intake replicas (:mod:`bench.throughput_replicas`)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class ThroughputResult:
             # The aggregator's CPU per chunked update beside a bare subscriber's, same run.
             "receiver_cpu_ms": self.cpu_ms("e2e"),
             "bare_cpu_ms": self.cpu_ms("raw"),
+            # Behind two intake replicas: the merger's CPU per device update, and theirs.
+            "merger_cpu_ms": self.cpu_ms("e2e_replicas"),
+            "replicas_cpu_ms": self.cpu_ms("e2e_replicas", "replicas"),
             **{
                 f"{v}_{process}_cpu_ms": self.cpu_ms(v, process)
                 for v in VARIANTS
@@ -311,7 +315,7 @@ class _Run:
 
 
 @contextlib.asynccontextmanager
-async def _publishers(job: PublishJob, broker_pid: int | None) -> AsyncIterator[_Run]:
+async def publishers_process(job: PublishJob, broker_pid: int | None) -> AsyncIterator[_Run]:
     """Start the publishers' process; yield the run's clock once they are connected.
 
     A separate process, as devices are: the clock then measures what the receiving side
@@ -347,7 +351,7 @@ async def raw_trial(
     job = PublishJob(url=url, topic_prefix=topic, count=count, publishers=publishers)
     async with (
         raw_client(url, f"{run_id}-reader") as reader,
-        _publishers(job, broker_pid) as run,
+        publishers_process(job, broker_pid) as run,
     ):
         await reader.subscribe(topic, qos=1)
         received = 0
@@ -377,7 +381,7 @@ async def e2e_trial(
     :class:`PublishJob`). ``broker_pid`` as in :func:`raw_trial`.
     """
     federation = f"bench-{uuid.uuid4().hex[:8]}"
-    config = _e2e_config(federation, count=count, buffer_size=buffer_size, max_payload=max_payload)
+    config = e2e_config(federation, count=count, buffer_size=buffer_size, max_payload=max_payload)
     agg = MqttTransport(
         TransportConfig(url=url, client_id=f"{federation}-aggregator", max_payload=max_payload)
     )
@@ -385,7 +389,7 @@ async def e2e_trial(
         service = AggregatorService(config, agg)
         serving = asyncio.create_task(service.run())
         await service.ready.wait()
-        delta = _delta(service.current)
+        delta = random_delta(service.current)
         if sum(t.numel() * 4 for t in delta.values()) != PAYLOAD_BYTES:
             raise AssertionError("the benchmark adapter is not 1 MiB")
         job = PublishJob(
@@ -398,9 +402,9 @@ async def e2e_trial(
             task_id=config.task_id,
             encode_first=encode_first,
         )
-        async with _publishers(job, broker_pid) as run:
+        async with publishers_process(job, broker_pid) as run:
             run.go()
-            await _merged(service, serving, count)
+            await merged(service, serving, count)
             run.stop()
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -410,7 +414,7 @@ async def e2e_trial(
     return run.trial(count)
 
 
-def _e2e_config(
+def e2e_config(
     federation: str, *, count: int, buffer_size: int, max_payload: int
 ) -> AggregatorConfig:
     """FedBuff on the 1 MiB tiny adapter, lenient enough that every update merges."""
@@ -427,7 +431,7 @@ def _e2e_config(
     )
 
 
-async def _merged(service: AggregatorService, serving: asyncio.Task[Results], count: int) -> None:
+async def merged(service: AggregatorService, serving: asyncio.Task[Results], count: int) -> None:
     """Return once ``count`` updates are merged; fail as soon as the aggregator stops.
 
     Raises:
@@ -440,49 +444,7 @@ async def _merged(service: AggregatorService, serving: asyncio.Task[Results], co
         await asyncio.sleep(0.002)
 
 
-def _delta(shapes: TensorMap) -> TensorMap:
+def random_delta(shapes: TensorMap) -> TensorMap:
+    """A fixed small random delta shaped like ``shapes``: every trial sends the same bytes."""
     generator = torch.Generator().manual_seed(0)
     return {name: torch.randn(t.shape, generator=generator) * 1e-3 for name, t in shapes.items()}
-
-
-async def bench_throughput(
-    url: str,
-    *,
-    count: int = 64,
-    publishers: int = 4,
-    buffer_size: int = 8,
-    trials: int = 3,
-    broker_pid: int | None = None,
-) -> ThroughputResult:
-    """Alternate the raw and end-to-end variants, trial by trial, against ``url``."""
-    runs: dict[str, list[Trial]] = {v: [] for v in VARIANTS}
-    e2e = functools.partial(
-        e2e_trial, url, count=count, publishers=publishers, broker_pid=broker_pid
-    )
-    for _ in tqdm(range(trials), desc="raw vs end-to-end trials", unit="trial"):
-        runs["raw"].append(
-            await raw_trial(url, count=count, publishers=publishers, broker_pid=broker_pid)
-        )
-        runs["e2e"].append(await e2e(buffer_size=buffer_size))
-        runs["e2e_encode_first"].append(await e2e(buffer_size=buffer_size, encode_first=True))
-        runs["e2e_whole"].append(await e2e(buffer_size=buffer_size, max_payload=2 * PAYLOAD_BYTES))
-    return ThroughputResult(
-        payload_bytes=PAYLOAD_BYTES,
-        updates=count,
-        publishers=publishers,
-        buffer_size=buffer_size,
-        trials=runs,
-    )
-
-
-def throughput_run(*, count: int = 64, trials: int = 3) -> ThroughputResult:
-    """Run against a private Mosquitto (``broker_config/dev.conf``) on one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with MosquittoProcess() as broker:
-            return asyncio.run(
-                bench_throughput(broker.url, count=count, trials=trials, broker_pid=broker.pid)
-            )
-    finally:
-        torch.set_num_threads(threads)

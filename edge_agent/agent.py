@@ -39,6 +39,7 @@ from edgefed.transport.frames import BadDelivery
 from edgefed.transport.global_topics import GlobalTopics, Wait
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
+from schemas.codec import DEFAULT_MAX_MESSAGE_BYTES as WHOLE_BYTES
 from schemas.errors import ConfigError, SignatureError, TransportError
 from schemas.messages import (
     Ack,
@@ -228,6 +229,8 @@ class EdgeAgent:
                     continue  # keep following the last genuine, current task
                 if self._task is not None and _back(self._task, message):
                     self._due_again.set()
+                if message.whole_updates:  # behind intake replicas: never in chunks
+                    self._transport.max_payload = max(self._transport.max_payload, WHOLE_BYTES)
                 if self._global is None or _order(self._global) < _order(message):
                     await self._global_topics.follow(message)
                 self._task = message

@@ -130,6 +130,9 @@ class Task(Message):
     """The topics this version's global is published on, ``global/<version>/0`` to
     ``global/<version>/<n-1>``: devices subscribe to exactly these, since some brokers
     (RabbitMQ) hand retained messages only to subscriptions without wildcards."""
+    whole_updates: bool = False
+    """Send each update as one MQTT message, never in chunks: intake replicas share the
+    updates message by message, so one update's chunks would be split between them."""
     method: Method = "lora"
     methods: tuple[Method, ...] = ()
     """Methods a device may choose from to fit its memory budget, preferred first;

@@ -15,7 +15,15 @@ from schemas.errors import TopicError
 
 ROOT = "edgefed"
 TopicKind = Literal[
-    "task", "global", "update", "intake", "ack", "status", "ask", "split_fwd", "split_bwd",
+    "task",
+    "global",
+    "update",
+    "intake",
+    "ack",
+    "status",
+    "ask",
+    "split_fwd",
+    "split_bwd",
     "metrics",
 ]
 

@@ -20,6 +20,8 @@ class Transport(Protocol):
 
     stats: TransportStats
     """Bytes and messages so far, both ways (metrics and benchmarks read them)."""
+    max_payload: int
+    """Largest MQTT payload sent; a larger message goes out in chunks."""
 
     async def publish(
         self,

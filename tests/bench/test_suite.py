@@ -13,6 +13,7 @@ from bench import suite
 from bench.merge import bench_merges, lora_shapes
 from bench.suite import END, START, markdown, write_results
 from bench.throughput import PAYLOAD_BYTES, e2e_trial, process_cpu_s, raw_trial
+from bench.throughput_replicas import replicas_trial
 from edgefed.ml.models import model_folder
 from edgefed.transport.broker import MosquittoProcess
 from schemas.errors import AssetMissing, ConfigError
@@ -66,6 +67,19 @@ async def test_raw_and_end_to_end_trials_move_every_update(
     assert e2e.total_cpu_ms > e2e.receiver_cpu_ms + e2e.publishers_cpu_ms - 1e-9
     assert first.broker_cpu_ms is None and first.total_cpu_ms is None
     assert PAYLOAD_BYTES == 1024 * 1024
+
+
+@pytest.mark.broker
+async def test_replica_trial_merges_every_device_update_once_behind_two_replicas(
+    mosquitto_process: MosquittoProcess,
+) -> None:
+    # replicas_trial checks every device update was merged exactly once before returning.
+    trial = await replicas_trial(
+        mosquitto_process.url, count=8, publishers=2, broker_pid=mosquitto_process.pid
+    )
+    assert trial.mbps > 0 and 0 < trial.receiver_cpu_ms < 1000
+    assert trial.replicas_cpu_ms is not None and trial.replicas_cpu_ms > 0
+    assert trial.total_cpu_ms is not None and trial.total_cpu_ms > trial.replicas_cpu_ms
 
 
 def _results() -> dict[str, object]:

@@ -304,6 +304,13 @@ def _throughput_rows(tput: dict[str, Any]) -> list[str]:
         f" vs {raw:.0f} MB/s; receiver CPU {tput['e2e_whole_receiver_cpu_ms']:.1f}"
         f" ms/update | {tput['ratio_e2e_whole']:.2f}x | same |",
     ]
+    if tput.get("merger_cpu_ms") is not None:
+        rows.append(
+            f"| same, whole updates through 2 intake replicas (pre-sums of 4) | "
+            f"{tput['e2e_replicas_mbps']:.0f} vs {raw:.0f} MB/s; merger CPU "
+            f"{tput['merger_cpu_ms']:.1f} ms/update (bare subscriber {tput['bare_cpu_ms']:.1f}),"
+            f" replicas {tput['replicas_cpu_ms']:.1f} | {tput['ratio_e2e_replicas']:.2f}x | same |"
+        )
     if tput.get("ratio_cpu_bound") is not None:
         rows.append(
             "| same, CPU per update of every process (receiver + publishers + broker),"

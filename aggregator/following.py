@@ -115,4 +115,5 @@ class RootFollower:
             known_clients=cfg.known_clients,
             allowed_methods=frozenset(task.methods or (task.method,)),
             max_samples=samples_cap(task.train, cfg.max_samples_per_update),
+            sites=cfg.sites,  # a replica in front of a root with sites takes their updates
         )

@@ -65,18 +65,19 @@ async def _serve(config: AggregatorConfig, url: str, ready: EventLike) -> None:
 async def _replicas(merger: AggregatorConfig, url: str) -> AsyncIterator[list[int]]:
     """Start the replicas' processes; yield their pids once each takes its share."""
     spawn = multiprocessing.get_context("spawn")
-    processes = []
+    processes, readies = [], []
     try:
-        for index in range(REPLICAS):
+        for index in range(REPLICAS):  # started together: each imports torch on its own
             config = merger.model_copy(
                 update={"role": "intake", "site_id": f"intake-{index}", "intake": "direct",
                         "presum_size": PRESUM_SIZE},
             )  # fmt: skip
-            ready = spawn.Event()
+            readies.append(ready := spawn.Event())
             args = (config.model_dump(mode="json"), url, ready)
             process = spawn.Process(target=_replica_process, args=args, daemon=True)
             process.start()
             processes.append(process)
+        for ready in readies:
             if not await asyncio.to_thread(ready.wait, 120.0):
                 raise AssertionError("an intake replica did not start taking updates in 120 s")
         yield [process.pid for process in processes if process.pid is not None]

@@ -75,7 +75,7 @@ async def test_replica_trial_merges_every_device_update_once_behind_two_replicas
 ) -> None:
     # replicas_trial checks every device update was merged exactly once before returning.
     trial = await replicas_trial(
-        mosquitto_process.url, count=8, publishers=2, broker_pid=mosquitto_process.pid
+        mosquitto_process.url, count=4, publishers=2, broker_pid=mosquitto_process.pid
     )
     assert trial.mbps > 0 and 0 < trial.receiver_cpu_ms < 1000
     assert trial.replicas_cpu_ms is not None and trial.replicas_cpu_ms > 0

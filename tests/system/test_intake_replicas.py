@@ -3,7 +3,7 @@
 ``edgefed aggregator`` runs as the merger (``intake = "replicas"``) and twice as an intake
 replica (``role = "intake"``) on one Mosquitto: the replicas share ``update/+`` through an
 MQTT shared subscription, check their share and send pre-sums of two device updates each;
-the merger merges the pre-sums and acks every device itself. Three devices that re-send
+the merger merges the pre-sums and acks every device itself. Two devices that re-send
 quickly (their acks wait for a pre-sum) often reach the other replica with a repeat, which
 the merger refuses in any pre-sum once taken. Every update a device saw acked is merged
 exactly once, and both replicas took a share.
@@ -26,13 +26,13 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MERGER = FEDASYNC_AGGREGATOR | {"intake": "replicas"}
 REPLICA: dict[str, object] = {"presum_size": 2, "presum_delay_s": 1.5, "site_resend_s": 5.0}
 AGENT = PATIENT_AGENT | {"ack_timeout_s": 1.0}
-UPDATES_EACH = 4
+UPDATES_EACH = 3
 
 
 async def test_two_intake_replicas_share_the_updates_and_merge_each_once(
     durable_broker: MosquittoProcess, federation_of: Callable[..., Any]
 ) -> None:
-    clients = ["dev0", "dev1", "dev2"]
+    clients = ["dev0", "dev1"]
     fed: Federation = federation_of(durable_broker, MERGER, AGENT)
     merger = fed.aggregator(max_versions=0).start()
     replicas = [fed.intake(f"intake-{i}", settings=REPLICA).start() for i in (1, 2)]
@@ -42,6 +42,7 @@ async def test_two_intake_replicas_share_the_updates_and_merge_each_once(
     assert codes == dict.fromkeys(clients, 0), fed.logs()
     for proc in (*replicas, merger):
         proc.stop()
+    for proc in (*replicas, merger):
         assert await proc.exited(30) == 0, fed.logs()
 
     entries = fed.audit()

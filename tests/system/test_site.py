@@ -27,7 +27,7 @@ SITE = "site-a"
 ROOT = FEDASYNC_AGGREGATOR | {"sites": [SITE]}
 SITE_SETTINGS: dict[str, object] = {"strategy": {"name": "fedbuff", "buffer_size": 2}}
 AGENT = PATIENT_AGENT | {"ask_after_s": 2.0}
-UPDATES_EACH = 4
+UPDATES_EACH = 3
 
 
 def accepted(entries: list[UpdateEntry | MergeEntry]) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from aggregator.audit import AUDIT_FILE, MergeEntry, UpdateEntry, read_audit
-from aggregator.config import AggregatorConfig, StrategySettings
+from aggregator.config import AggregatorConfig
 from aggregator.connections import intake_transport
 from aggregator.intake_replica import IntakeReplica
 from aggregator.service import AggregatorService
@@ -26,6 +26,7 @@ from edgefed.transport.frames import Delivery
 from edgefed.transport.mqtt import MqttTransport
 from schemas import topics
 from schemas.messages import Ack, Part, TensorMap, Update
+from tests.aggregator.test_presums import running_service
 
 WAIT_S = 10.0
 """Longest a test waits for one answer."""
@@ -36,28 +37,10 @@ REPLICA = "intake-1"
 DEVICES = ["dev1", "dev2", "dev3", "dev4", "dev5"]
 
 
-@contextlib.asynccontextmanager
-async def running_merger(
+def running_merger(
     url: str, federation: str, checkpoint_dir: Path
-) -> AsyncIterator[AggregatorService]:
-    config = AggregatorConfig(
-        federation=federation,
-        intake="replicas",
-        strategy=StrategySettings(name="fedasync"),
-        eval_every=0,
-        checkpoint_dir=str(checkpoint_dir),
-    )
-    transport_config = TransportConfig(url=url, client_id=f"{federation}-aggregator")
-    async with MqttTransport(transport_config) as transport:
-        service = AggregatorService(config, transport)
-        task = asyncio.create_task(service.run())
-        try:
-            await asyncio.wait_for(service.ready.wait(), 60)
-            yield service
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+) -> contextlib.AbstractAsyncContextManager[AggregatorService]:
+    return running_service(url, federation, intake="replicas", checkpoint_dir=str(checkpoint_dir))
 
 
 @contextlib.asynccontextmanager

@@ -163,6 +163,7 @@ def test_production_conf_is_tls_only_authenticated_and_fenced() -> None:
     assert "pattern write edgefed/+/update/%u" in patterns
     assert "pattern read edgefed/+/ack/%u" in patterns
     assert not any("task" in line or "global" in line for line in patterns if "write" in line)
+    assert not any("intake" in line for line in patterns if "write" in line)  # replicas only
 
 
 # --------------------------------------------------------------------------- federating

@@ -20,6 +20,7 @@ rest as a new pre-sum. So every acked update is merged once, whichever replica t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -41,6 +42,8 @@ from schemas.messages import Ack, Part, TensorMap, Update
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.1
+_WAIT_LOG_TICKS = 100
+"""Ticks between two reports of what a replica still waits for (10 s)."""
 
 
 @dataclass(frozen=True)
@@ -93,24 +96,26 @@ class IntakeReplica:
         fed = self.config.federation
         await self.root.subscribe()
         await self._transport.subscribe(topics.ack(fed, self.replica_id))
-        ticking = asyncio.create_task(self._tick(), name="intake-tick")
-        deliveries = aiter(self._transport.deliveries())
+        parts = [
+            asyncio.create_task(self._receive_all(), name="intake-receive"),
+            asyncio.create_task(self._tick(), name="intake-tick"),
+        ]
         try:
-            while not self._finished():
-                if ticking.done():
-                    ticking.result()
-                try:
-                    async with asyncio.timeout(None if self.root.checks else 10.0):
-                        delivery = await anext(deliveries)
-                except TimeoutError:
-                    await self.root.say_waiting()
-                    continue
-                except StopAsyncIteration:
-                    return
-                await self._receive(delivery)
+            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+            for part in done:
+                part.result()  # a part that failed stops the replica with its error
         finally:
-            ticking.cancel()
+            for part in parts:
+                part.cancel()
+            for part in parts:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await part
             await self._acks.close()
+
+    async def _receive_all(self) -> None:
+        """Handle deliveries as they come (never under a timeout: that would close the stream)."""
+        async for delivery in self._transport.deliveries():
+            await self._receive(delivery)
 
     def _finished(self) -> bool:
         cfg = self.config
@@ -192,9 +197,18 @@ class IntakeReplica:
         )  # fmt: skip
 
     async def _tick(self) -> None:
-        """Send pre-sums that waited ``presum_delay_s``; re-send the unanswered."""
-        while True:
+        """Send and re-send pre-sums when due, report waiting; return when the run is done.
+
+        Pre-sums go out once their first update waited ``presum_delay_s``; unanswered ones go
+        again after ``site_resend_s``; while the root's task or global is missing, that is
+        logged (and asked for) every 10 s.
+        """
+        ticks = 0
+        while not self._finished():
             await asyncio.sleep(_TICK_S)
+            ticks += 1
+            if self.root.checks is None and ticks % _WAIT_LOG_TICKS == 0:
+                await self.root.say_waiting()
             now = time.monotonic()
             if self._waiting and now - self._waiting_since >= self.config.presum_delay_s:
                 await self._send_waiting()

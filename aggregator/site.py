@@ -44,7 +44,7 @@ from schemas.messages import Ack, TensorMap, Update
 log = logging.getLogger(__name__)
 
 _ANSWERED_IDS_KEPT = 100_000
-_WAIT_LOG_S = 10.0
+_WAIT_LOG_S = 10
 """How often a site still waiting for the root's task or global says so (and asks)."""
 
 
@@ -99,7 +99,7 @@ class SiteAggregator:
         parts = [
             asyncio.create_task(self._follow_root(), name="site-root"),
             asyncio.create_task(self._serve_devices(), name="site-devices"),
-            asyncio.create_task(self._send_updates(), name="site-uplink"),
+            asyncio.create_task(self._tick(), name="site-tick"),
         ]
         try:
             done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
@@ -121,27 +121,30 @@ class SiteAggregator:
             return True
         return 0 < cfg.max_versions <= self.root.version and not self.uplink.pending
 
-    async def _send_updates(self) -> None:
-        """Send what is due every second (new site updates go out at their commit)."""
+    async def _tick(self) -> None:
+        """Every second, send what is due and report waiting; return when the run is done.
+
+        New site updates go out at their commit, unanswered ones again when due; while the
+        root's task or global is missing, that is logged (and asked for) every 10 s.
+        """
+        ticks = 0
         while not self._finished():
             await asyncio.sleep(1.0)
+            ticks += 1
             async with self._lock:
+                if not self.root_ready.is_set() and ticks % _WAIT_LOG_S == 0:
+                    await self.root.say_waiting()
                 await self.uplink.send_due()
 
     # -- the root side
 
     async def _follow_root(self) -> None:
-        """Take the root's tasks, globals and answers; say what is missing while waiting."""
-        deliveries = aiter(self._up.deliveries())
-        while True:
-            try:
-                async with asyncio.timeout(None if self.root_ready.is_set() else _WAIT_LOG_S):
-                    delivery = await anext(deliveries)
-            except TimeoutError:
-                await self.root.say_waiting()
-                continue
-            except StopAsyncIteration:
-                return
+        """Take the root's tasks, globals and answers.
+
+        No timeout around a delivery: cancelling a pending ``anext`` of the stream would
+        close it. Waiting is reported by :meth:`_tick`.
+        """
+        async for delivery in self._up.deliveries():
             if isinstance(delivery, Delivery):
                 async with self._lock:
                     await self._from_root(delivery.message)
@@ -181,15 +184,7 @@ class SiteAggregator:
         await self._down.subscribe(topics.update_filter(self.config.federation))
         await self.fleet.subscribe()
         log.info("site %s ready at root version %d", self.uplink.site_id, self.root.version)
-        deliveries = aiter(self._down.deliveries())
-        while not self._finished():
-            try:
-                async with asyncio.timeout(1.0):
-                    delivery = await anext(deliveries)
-            except TimeoutError:
-                continue
-            except StopAsyncIteration:
-                return
+        async for delivery in self._down.deliveries():  # :meth:`_tick` ends the run
             async with self._lock:
                 await self._from_device(delivery)
 

@@ -211,11 +211,15 @@ class EdgeAgent:
             log.warning("%s: could not publish the offline status: %r", self.config.client_id, exc)
 
     async def _announce(self, state: AgentState) -> None:
+        """Publish the status; one lost while no broker answers is replaced by the next."""
         self._state = state
         base_version = self._global.version if self._global else None
         status = self.report.status(state, self.config.profile, base_version)
         topic = topics.status(self.config.federation, self.config.client_id)
-        await self._transport.publish(topic, status, retain=True)
+        try:
+            await self._transport.publish(topic, status, retain=True)
+        except TransportError as exc:
+            log.warning("%s: status %s not published: %s", self.config.client_id, state, exc)
 
     async def _receive(self) -> None:
         async for delivery in self._transport.deliveries():
@@ -256,11 +260,7 @@ class EdgeAgent:
                     )
 
     def _trusted(self, message: GlobalModel | Task) -> bool:
-        """Whether ``message`` may be acted on: signed by a trusted key, when keys are set.
-
-        A refused global or task is logged and skipped; the agent keeps the one it has and
-        moves on with the next one that verifies.
-        """
+        """Whether ``message`` may be acted on: signed by a trusted key, when keys are set."""
         if self._verifier is None:
             return True
         try:
@@ -275,11 +275,7 @@ class EdgeAgent:
         return True
 
     def _stale(self, task: Task) -> bool:
-        """Whether ``task`` is an older version of the task followed: a replay, ignored.
-
-        A signature proves who wrote a task, not when; without this, anyone able to publish
-        could send a device back to an earlier round's task.
-        """
+        """Whether ``task`` is an older version of the task followed: a replay, ignored."""
         current = self._task
         if current is None or task.task_id != current.task_id or _order(task) >= _order(current):
             return False

@@ -66,6 +66,14 @@ async def test_a_site_aggregator_and_its_broker_killed_mid_run_lose_and_double_n
         await asyncio.sleep(1.0)
         site_broker.start()
         site.start()
+        # A quiet spell once the site is back: it must wait for its devices, not stop.
+        await fed.until("the site back", lambda: site.text().count("ready at root") == 2, 120)
+        devices = [proc for proc in fed.procs if proc.name in clients]
+        for proc in devices:
+            proc.pause()
+        await asyncio.sleep(2.5)
+        for proc in devices:
+            proc.resume()
         codes = {proc.name: await proc.exited(180) for proc in fed.procs}
         assert codes == dict.fromkeys(["aggregator", SITE, *clients], 0), fed.logs()
 

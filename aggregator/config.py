@@ -283,7 +283,7 @@ class AggregatorConfig(CommandSettings):
     them (``$share/<intake_group>/...``) and merges the replicas' pre-sums."""
     intake_group: str = "edgefed"
     """The shared subscription group of a federation's intake replicas."""
-    presum_size: int = Field(default=4, ge=1)
+    presum_size: int = Field(default=8, ge=1)
     """Device updates an intake replica sums into one pre-sum (fewer after ``presum_delay_s``)."""
     presum_delay_s: float = Field(default=0.5, gt=0)
     """Longest a device update waits in an intake replica before its pre-sum goes out."""

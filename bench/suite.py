@@ -306,7 +306,7 @@ def _throughput_rows(tput: dict[str, Any]) -> list[str]:
     ]
     if tput.get("merger_cpu_ms") is not None:
         rows.append(
-            f"| same, whole updates through 2 intake replicas (pre-sums of 4) | "
+            f"| same, whole updates through 2 intake replicas (pre-sums of {tput['replicas_presum_size']}) | "
             f"{tput['e2e_replicas_mbps']:.0f} vs {raw:.0f} MB/s; merger CPU "
             f"{tput['merger_cpu_ms']:.1f} ms/update (bare subscriber {tput['bare_cpu_ms']:.1f}),"
             f" replicas {tput['replicas_cpu_ms']:.1f} | {tput['ratio_e2e_replicas']:.2f}x | same |"

@@ -56,6 +56,8 @@ class ValueLike(Protocol):
 
 
 PAYLOAD_BYTES = 1024 * 1024
+REPLICA_PRESUM_SIZE = 8
+"""Device updates per pre-sum in the replica variant (:mod:`bench.throughput_replicas`)."""
 LORA_RANK = 512
 """The tiny model's q,v adapter at this rank is exactly 1 MiB of float32 (2 layers x 2
 modules x (r x 64 + 64 x r) x 4 bytes)."""
@@ -147,6 +149,7 @@ class ThroughputResult:
             "bare_cpu_ms": self.cpu_ms("raw"),
             # Behind two intake replicas: the merger's CPU per device update, and theirs.
             "merger_cpu_ms": self.cpu_ms("e2e_replicas"),
+            "replicas_presum_size": REPLICA_PRESUM_SIZE,
             "replicas_cpu_ms": self.cpu_ms("e2e_replicas", "replicas"),
             **{
                 f"{v}_{process}_cpu_ms": self.cpu_ms(v, process)

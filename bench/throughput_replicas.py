@@ -3,7 +3,7 @@
 The same 1 MiB updates as the end-to-end variant, published by the same process of devices
 (encoded before the clock starts) whole, as devices behind replicas send them (a shared
 subscription hands out messages, not updates), now taken in by two intake replicas in processes
-of their own (:mod:`aggregator.intake_replica`), each sending pre-sums of four device updates
+of their own (:mod:`aggregator.intake_replica`), each sending pre-sums of eight device updates
 to the merger in this process. The clock stops when the merger has merged every device
 update. The merger's CPU per device update is what one event loop must sustain; the
 replicas' CPU is reported beside it, since a host must supply it too.
@@ -26,6 +26,7 @@ from aggregator.intake_replica import IntakeReplica
 from aggregator.service import AggregatorService
 from bench.throughput import (
     PAYLOAD_BYTES,
+    REPLICA_PRESUM_SIZE,
     EventLike,
     PublishJob,
     Trial,
@@ -39,7 +40,7 @@ from edgefed.transport.config import TransportConfig
 from edgefed.transport.mqtt import MqttTransport
 
 REPLICAS = 2
-PRESUM_SIZE = 4
+PRESUM_SIZE = REPLICA_PRESUM_SIZE
 
 
 def _replica_process(config: dict[str, Any], url: str, ready: EventLike) -> None:

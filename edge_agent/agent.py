@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.answers import answer_or_due, wait_for_news
+from edge_agent.answers import answer_or_due, renew_ack_subscription, wait_for_news
 from edge_agent.config import AgentConfig
 from edge_agent.device import fit_device, resolve_device
 from edge_agent.emulation import DeviceEmulation
@@ -557,6 +557,7 @@ class EdgeAgent:
                     log.warning(
                         "%s: no ack for %s, re-sending", self.config.client_id, update.update_id
                     )
+                    await renew_ack_subscription(self._transport, self.config, attempt)
                 self._due_again.clear()
                 try:
                     await self._transport.publish(topic, update, before_send=uplink)

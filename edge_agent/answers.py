@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from edge_agent.config import AgentConfig
+from edgefed.transport.base import Transport
 from edgefed.transport.global_topics import Wait
+from schemas import topics
+from schemas.errors import TransportError
 from schemas.messages import Ack, Ask
 
 log = logging.getLogger(__name__)
@@ -68,3 +73,22 @@ async def answer_or_due(
     finally:
         again.cancel()
     return waiter.result() if waiter.done() and not waiter.cancelled() else None
+
+
+RENEW_ACKS_EVERY: Final = 4
+"""Unanswered sends of one update after which the ack subscription is renewed."""
+
+
+async def renew_ack_subscription(transport: Transport, config: AgentConfig, attempt: int) -> None:
+    """Subscribe to the device's acks anew every :data:`RENEW_ACKS_EVERY` unanswered sends.
+
+    A broker may keep a subscription that delivers nothing (a NATS node that took over the
+    session) while the aggregator acks every re-send; a new subscription gets them through.
+    """
+    if attempt % RENEW_ACKS_EVERY:
+        return
+    topic = topics.ack(config.federation, config.client_id)
+    log.warning("%s: no ack for a while; renewing the subscription to %s", config.client_id, topic)
+    with contextlib.suppress(TransportError):  # the next renewal tries again
+        await transport.unsubscribe(topic)
+        await transport.subscribe(topic)

@@ -20,7 +20,6 @@ rest as a new pre-sum. So every acked update is merged once, whichever replica t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from aggregator import ops
 from aggregator.acks import AckSender
 from aggregator.config import AggregatorConfig
 from aggregator.following import RootFollower
+from aggregator.parts import until_first_ends
 from aggregator.staleness import StalenessRule
 from aggregator.strategies.fedbuff import FedBuff
 from aggregator.update_checks import CheckedDelta
@@ -96,20 +96,9 @@ class IntakeReplica:
         fed = self.config.federation
         await self.root.subscribe()
         await self._transport.subscribe(topics.ack(fed, self.replica_id))
-        parts = [
-            asyncio.create_task(self._receive_all(), name="intake-receive"),
-            asyncio.create_task(self._tick(), name="intake-tick"),
-        ]
         try:
-            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
-            for part in done:
-                part.result()  # a part that failed stops the replica with its error
+            await until_first_ends(self._receive_all(), self._tick())
         finally:
-            for part in parts:
-                part.cancel()
-            for part in parts:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await part
             await self._acks.close()
 
     async def _receive_all(self) -> None:

@@ -17,7 +17,6 @@ only after that checkpoint; the root merges a repeated site update id once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.durability import Ledger, answers_to_keep
 from aggregator.fleet import Fleet, Missing
 from aggregator.following import RootFollower
+from aggregator.parts import until_first_ends
 from aggregator.publisher import Publisher
 from aggregator.strategies import Strategy
 from aggregator.update_checks import CheckedDelta
@@ -96,21 +96,9 @@ class SiteAggregator:
         await self.root.subscribe()
         await self._up.subscribe(topics.ack(fed, site_id))
         log.info("site %s of %s: following the root's task", site_id, fed)
-        parts = [
-            asyncio.create_task(self._follow_root(), name="site-root"),
-            asyncio.create_task(self._serve_devices(), name="site-devices"),
-            asyncio.create_task(self._tick(), name="site-tick"),
-        ]
         try:
-            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
-            for part in done:
-                part.result()  # a part that failed stops the site with its error
+            await until_first_ends(self._follow_root(), self._serve_devices(), self._tick())
         finally:
-            for part in parts:
-                part.cancel()
-            for part in parts:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await part
             await self._acks.close()
             self._ledger.close()
 
